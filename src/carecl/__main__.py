@@ -1,0 +1,5 @@
+import sys
+
+from carecl.cli import main
+
+sys.exit(main())

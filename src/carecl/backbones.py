@@ -1,0 +1,112 @@
+"""Frozen timm Vision Transformers, by name, with weights from the hub or a local file."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from carecl.config import BackboneConfig
+
+# Names used by the CaRE/PILOT release that timm has since renamed.
+LEGACY_NAMES = {
+    "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
+    "vit_base_patch16_224_in1k": "vit_base_patch16_224.augreg_in1k",
+    "vit_large_patch16_224_in21k": "vit_large_patch16_224.augreg_in21k",
+}
+
+
+class BackboneError(ValueError):
+    """The backbone name or weights file cannot be used; the message names it."""
+
+
+def resolve_name(name: str) -> str:
+    name = LEGACY_NAMES.get(name, name)
+    architecture = name.split(".")[0]
+    if not timm.is_model(architecture):
+        candidates = timm.list_models("vit_*")
+        close = difflib.get_close_matches(architecture, candidates, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(f"backbone.name: timm has no model {name!r}{hint}")
+    return name
+
+
+def create_backbone(config: BackboneConfig) -> VisionTransformer:
+    """Build the ViT named in `config` without a classification head, frozen and in eval mode."""
+    name = resolve_name(config.name)
+    use_hub = config.pretrained and config.weights is None
+    try:
+        model = timm.create_model(name, pretrained=use_hub, num_classes=0, **config.model_kwargs)
+    except TypeError as error:
+        raise BackboneError(f"backbone.model_kwargs {config.model_kwargs} rejected by {name}: {error}") from None
+    except (OSError, RuntimeError) as error:
+        if not use_hub:
+            raise
+        raise BackboneError(
+            f"could not fetch pretrained weights for {name!r} ({error}); set backbone.weights to a "
+            "local file, or backbone.pretrained=false for random weights"
+        ) from None
+    if not isinstance(model, VisionTransformer):
+        raise BackboneError(f"backbone.name: {name!r} is a {type(model).__name__}, carecl needs a timm VisionTransformer")
+    if config.weights is not None:
+        load_weights_file(model, config.weights)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors or a torch file (never unpickling arbitrary objects)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        raise BackboneError(f"backbone.weights: cannot read {path}: {error}") from None
+    for container in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(container), dict):
+            state = state[container]
+    if not isinstance(state, dict):
+        raise BackboneError(f"backbone.weights: {path} holds no state dict")
+    return state
+
+
+def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:
+    """Load a local weights file into `model`, listing every key that does not fit."""
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"backbone.weights: file not found: {path}")
+    if path.suffix == ".npz":
+        from timm.models.vision_transformer import _load_weights
+
+        try:
+            _load_weights(model, str(path))
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise BackboneError(f"backbone.weights: {path} does not fit the architecture: {error}") from None
+        return
+    state = checkpoint_filter_fn(read_state_dict(path), model)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    check_state_fits(model, state, path)
+    model.load_state_dict(state, strict=False)
+
+
+def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k])
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"backbone.weights: {source} does not fit the architecture"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise BackboneError("\n".join(lines))

@@ -1,0 +1,117 @@
+"""The `carecl` command line: train, demo, eval."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from carecl.config import ConfigError, load_config
+
+log = logging.getLogger("carecl")
+
+DESCRIPTION = """\
+carecl: class-incremental learning on frozen Vision Transformers (CaRE and baselines).
+
+examples:
+  carecl demo                                   a whole run on scikit-learn's digits (< 3 min on CPU)
+  carecl train --config configs/care/imagenet-r_b0inc10.yaml --set data.root=/data
+  carecl train --config exps/care_inr.json      a release (PILOT-style) JSON file, keys reported
+  carecl eval --run runs/demo                   re-evaluate a finished run
+"""
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("carecl") / "configs" / "demo.yaml"))
+
+
+def default_output(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--output", type=Path, help="run directory to create (default: runs/<name>-<time>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carecl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="run a class-incremental experiment from a config file")
+    train.add_argument("--config", type=Path, required=True, help="YAML config, or a release JSON experiment file")
+    add_config_arguments(train)
+    train.set_defaults(handler=command_train)
+
+    demo = commands.add_parser("demo", help="the embedded demo: CaRE-ready pipeline on scikit-learn digits")
+    add_config_arguments(demo)
+    demo.set_defaults(handler=command_demo)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a finished run on all its seen classes")
+    evaluate.add_argument("--run", type=Path, required=True, help="run directory written by carecl train/demo")
+    evaluate.set_defaults(handler=command_eval)
+    return parser
+
+
+def command_train(args: argparse.Namespace) -> int:
+    if args.config.suffix == ".json":
+        from carecl.release_config import load_release_json
+
+        _, report = load_release_json(args.config)
+        print(report.format())
+    config = load_config(args.config, args.overrides)
+    return run_and_report(config, args.output or default_output(config.method.name))
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    config = load_config(demo_config_path(), args.overrides)
+    return run_and_report(config, args.output or default_output("demo"))
+
+
+def run_and_report(config, output: Path) -> int:
+    from carecl.engine import run_experiment
+    from carecl.report_text import accuracy_table
+
+    summary = run_experiment(config, output)
+    print(accuracy_table(summary))
+    print(f"run directory: {output}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from carecl.engine import load_learner
+    from carecl.evaluation import evaluate
+    from carecl.rundir import RunDirectory
+
+    run = RunDirectory.open(args.run)
+    learner = load_learner(run)
+    task = learner.scenario.task(learner.method.n_learned_tasks - 1)
+    result = evaluate(learner.method, learner.test_loader(task.high), learner.device, task.index, learner.config.eval.topk)
+    recorded = run.metrics()["tasks"][task.index]["top1"]
+    print(f"after task {task.index + 1}/{learner.scenario.n_tasks}: top1 {result.top1:.2f} (recorded {recorded:.2f}), "
+          f"top{result.k} {result.topk:.2f}, old {result.old_accuracy:.2f}, new {result.new_accuracy:.2f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
+    from carecl.backbones import BackboneError
+    from carecl.data import DatasetError
+    from carecl.rundir import RunDirectoryError
+    from carecl.scenario import ScenarioError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DatasetError, BackboneError, ScenarioError, RunDirectoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""SimpleCIL: a prototype classifier on frozen features (Zhou et al., "Revisiting CIL with PTMs")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carecl.config import METHOD_CONFIGS, ExperimentConfig, MethodConfig
+from carecl.methods.base import METHODS, Method, Phase, TaskContext
+from carecl.scenario import Scenario, Task
+
+
+@METHOD_CONFIGS.register("simplecil")
+@dataclass
+class SimpleCILConfig(MethodConfig):
+    name: str = "simplecil"
+
+
+@METHODS.register("simplecil")
+class SimpleCIL(Method):
+    """Each class is the mean of its training features; predict by cosine similarity."""
+
+    config_class = SimpleCILConfig
+
+    def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
+        super().__init__(config, backbone, scenario)
+        self.backbone = backbone
+        self.register_buffer("prototypes", torch.zeros(0, backbone.num_features))
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def begin_task(self, task: Task) -> None:
+        grown = torch.zeros(task.high, self.prototypes.shape[1], device=self.prototypes.device)
+        grown[: self.prototypes.shape[0]] = self.prototypes
+        self.prototypes = grown
+
+    def training_phases(self, task: Task) -> list[Phase]:
+        return []
+
+    @torch.no_grad()
+    def end_task(self, context: TaskContext) -> None:
+        self.eval()
+        task = context.task
+        sums = torch.zeros(task.size, self.prototypes.shape[1], device=context.device)
+        counts = torch.zeros(task.size, device=context.device)
+        for images, targets in context.statistics_loader():
+            features = self.features(images.to(context.device))
+            local = targets.to(context.device) - task.low
+            sums.index_add_(0, local, features)
+            counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
+        self.prototypes[task.low : task.high] = sums / counts.clamp_min(1).unsqueeze(1)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(self.features(images), dim=-1)
+        return features @ F.normalize(self.prototypes[: self.n_seen_classes], dim=-1).T

@@ -1,0 +1,91 @@
+"""Class-incremental metrics (pure NumPy): accuracy matrix, A_last, average accuracy, forgetting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def topk_correct(scores: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """Per-sample booleans: is the target among the k highest scores?"""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+    return (top == targets[:, None]).any(axis=1)
+
+
+def accuracy(correct: np.ndarray) -> float:
+    return float(100.0 * correct.mean()) if len(correct) else float("nan")
+
+
+@dataclass
+class TaskEvaluation:
+    """What one evaluation after task t measured on the test data of all seen classes."""
+
+    task: int
+    top1: float
+    topk: float
+    k: int
+    group_accuracy: list[float]  # accuracy on each task's classes (length t+1)
+    old_accuracy: float  # classes of tasks < t (nan at t=0)
+    new_accuracy: float  # classes of task t
+    n_samples: int
+
+    @classmethod
+    def from_predictions(
+        cls, task: int, scores: np.ndarray, targets: np.ndarray, boundaries: np.ndarray, k: int
+    ) -> "TaskEvaluation":
+        """scores: (n, n_seen) class scores; targets: positions in the class order."""
+        top1 = scores.argmax(axis=1) == targets
+        group_of_sample = np.searchsorted(boundaries, targets, side="right") - 1
+        groups = [accuracy(top1[group_of_sample == g]) for g in range(task + 1)]
+        old = group_of_sample < task
+        return cls(
+            task=task,
+            top1=accuracy(top1),
+            topk=accuracy(topk_correct(scores, targets, k)),
+            k=k,
+            group_accuracy=groups,
+            old_accuracy=accuracy(top1[old]),
+            new_accuracy=accuracy(top1[~old]),
+            n_samples=int(len(targets)),
+        )
+
+
+def accuracy_matrix(evaluations: list[TaskEvaluation]) -> np.ndarray:
+    """M[i, j] = accuracy on task j's classes after learning task i (nan above the diagonal)."""
+    n = len(evaluations)
+    matrix = np.full((n, n), np.nan)
+    for i, evaluation in enumerate(evaluations):
+        matrix[i, : len(evaluation.group_accuracy)] = evaluation.group_accuracy
+    return matrix
+
+
+def forgetting(matrix: np.ndarray) -> float:
+    """Mean over old groups j < T-1 of (best accuracy before the last task - final accuracy)."""
+    n = matrix.shape[0]
+    if n < 2:
+        return float("nan")
+    drops = [np.nanmax(matrix[j : n - 1, j]) - matrix[n - 1, j] for j in range(n - 1)]
+    return float(np.mean(drops))
+
+
+@dataclass
+class RunSummary:
+    top1_curve: list[float]
+    a_last: float
+    average_accuracy: float  # Ā: mean of the top-1 accuracy after each task
+    forgetting: float
+    matrix: list[list[float]] = field(default_factory=list)
+
+    @classmethod
+    def from_evaluations(cls, evaluations: list[TaskEvaluation]) -> "RunSummary":
+        curve = [e.top1 for e in evaluations]
+        matrix = accuracy_matrix(evaluations)
+        return cls(
+            top1_curve=curve,
+            a_last=curve[-1] if curve else float("nan"),
+            average_accuracy=float(np.mean(curve)) if curve else float("nan"),
+            forgetting=forgetting(matrix),
+            matrix=matrix.tolist(),
+        )

@@ -1,0 +1,113 @@
+"""Class order and task splits, compatible with LAMDA-PILOT (pure NumPy, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+class ScenarioError(ValueError):
+    """The class order or task split cannot be built from the given settings."""
+
+
+def class_order(n_classes: int, seed: int, shuffle: bool = True, explicit: Sequence[int] | None = None) -> np.ndarray:
+    """The order in which original class ids are learned.
+
+    With `shuffle`, exactly PILOT's `np.random.seed(seed); np.random.permutation(n)`, computed on
+    a private legacy RandomState so the global NumPy RNG is left untouched.
+    """
+    if explicit is not None:
+        order = np.asarray(explicit, dtype=np.int64)
+        if sorted(order.tolist()) != list(range(n_classes)):
+            raise ScenarioError(
+                f"data.class_order must be a permutation of 0..{n_classes - 1}, "
+                f"got {len(order)} entries"
+            )
+        return order
+    if not shuffle:
+        return np.arange(n_classes, dtype=np.int64)
+    # RandomState(seed) draws the same stream as np.random.seed(seed) on the legacy global RNG.
+    return np.random.RandomState(seed).permutation(n_classes).astype(np.int64)
+
+
+def label_map_for(order: np.ndarray) -> np.ndarray:
+    """label_map[original_id] = position of that class in `order` (PILOT's `order.index(y)`)."""
+    label_map = np.empty_like(order)
+    label_map[order] = np.arange(len(order))
+    return label_map
+
+
+def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
+    """`init_cls` classes, then tasks of `increment` while they fit; a remainder is a last task."""
+    if increment <= 0:
+        raise ScenarioError(f"data.increment must be positive, got {increment}")
+    if not 0 < init_cls <= n_classes:
+        raise ScenarioError(f"data.init_cls={init_cls} must be in 1..{n_classes} (the dataset's class count)")
+    sizes = [init_cls]
+    remaining = n_classes - init_cls
+    while remaining > 0:
+        sizes.append(min(increment, remaining))
+        remaining -= increment
+    return sizes
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    low: int  # first class (position in the class order) of this task
+    high: int  # one past its last class
+
+    @property
+    def size(self) -> int:
+        return self.high - self.low
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A class-incremental protocol: class order plus consecutive tasks over it."""
+
+    order: np.ndarray
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls,
+        n_classes: int,
+        init_cls: int,
+        increment: int,
+        seed: int,
+        shuffle: bool = True,
+        explicit_order: Sequence[int] | None = None,
+    ) -> "Scenario":
+        order = class_order(n_classes, seed, shuffle, explicit_order)
+        return cls(order=order, sizes=tuple(task_sizes(n_classes, init_cls, increment)))
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_classes(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def label_map(self) -> np.ndarray:
+        return label_map_for(self.order)
+
+    @property
+    def boundaries(self) -> np.ndarray:
+        """K_0 = 0, K_1, ..., K_T: task t holds classes [K_t, K_{t+1})."""
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    def task(self, index: int) -> Task:
+        bounds = self.boundaries
+        return Task(index=index, low=int(bounds[index]), high=int(bounds[index + 1]))
+
+    def tasks(self) -> list[Task]:
+        return [self.task(i) for i in range(self.n_tasks)]
+
+    def task_of_class(self) -> np.ndarray:
+        """Task index of every class position 0..n_classes-1."""
+        return np.repeat(np.arange(self.n_tasks), self.sizes)
