@@ -184,7 +184,8 @@ def method_config_class(name: str, where: str = "method") -> type:
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at top level, got {type(data).__name__}")
-    config = _build(ExperimentConfig, data, "")
+    # The method section is always built so its registered dataclass is used (even by default).
+    config = _build(ExperimentConfig, {**data, "method": data.get("method") or {}}, "")
     validate_experiment(config)
     return config
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from carecl.backbones import create_backbone
 from carecl.config import ExperimentConfig, TrainConfig
@@ -130,6 +131,7 @@ def learn_task(learner: Learner, task: Task) -> None:
     phases = method.training_phases(task)
     loader = learner.train_loader(task) if phases else None
     for phase in phases:
+        method.begin_phase(phase, context)
         fit_phase(learner, phase, task, loader)
         method.end_phase(phase, context)
     method.end_task(context)
@@ -141,21 +143,31 @@ def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
     seed_everything(config.seed)
     learner = Learner.build(config)
     run = RunDirectory.create(output, config)
-    attach_log_file(run.path)
     scenario = learner.scenario
-    log.info("%s on %s: %d classes in %d tasks %s, device %s", config.method.name, config.data.dataset,
-             scenario.n_classes, scenario.n_tasks, list(scenario.sizes)[:8], learner.device)
+    handler = attach_log_file(run.path)
+    try:
+        log.info("%s on %s: %d classes in %d tasks %s, device %s", config.method.name, config.data.dataset,
+                 scenario.n_classes, scenario.n_tasks, list(scenario.sizes)[:8], learner.device)
+        with logging_redirect_tqdm():
+            return learn_all_tasks(learner, run)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def learn_all_tasks(learner: Learner, run: RunDirectory) -> RunSummary:
+    config, scenario = learner.config, learner.scenario
     evaluations: list[TaskEvaluation] = []
     wall_times: list[float] = []
-    for task in tqdm(scenario.tasks(), desc="tasks", disable=not config.train.progress):
+    for task in tqdm(scenario.tasks(), desc="tasks", unit="task", disable=not config.train.progress):
         started = time.perf_counter()
         learn_task(learner, task)
         evaluation = evaluate(learner.method, learner.test_loader(task.high), learner.device, task.index, config.eval.topk)
         wall_times.append(time.perf_counter() - started)
         evaluations.append(evaluation)
-        log.info("task %d/%d  classes %d  top1 %.2f  top%d %.2f  old %.2f  new %.2f  (%.1fs)",
+        log.info("task %d/%d  classes %d  top1 %.2f  top%d %.2f  old %s  new %.2f  (%.1fs)",
                  task.index + 1, scenario.n_tasks, task.high, evaluation.top1, evaluation.k, evaluation.topk,
-                 evaluation.old_accuracy, evaluation.new_accuracy, wall_times[-1])
+                 "-" if task.index == 0 else f"{evaluation.old_accuracy:.2f}", evaluation.new_accuracy, wall_times[-1])
         save_learner(run, learner)
         summary = run.write_metrics(evaluations, {"class_order": scenario.order.tolist(), "task_sizes": list(scenario.sizes), "wall_time_s": wall_times})
     return summary
@@ -182,7 +194,10 @@ def load_learner(run: RunDirectory) -> Learner:
     return learner
 
 
-def attach_log_file(directory: Path) -> None:
+def attach_log_file(directory: Path) -> logging.Handler:
     handler = logging.FileHandler(directory / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler

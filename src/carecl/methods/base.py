@@ -66,7 +66,7 @@ class TaskContext:
 class Method(nn.Module):
     """Base class of continual learners; subclasses override the hooks they need.
 
-    Call order for each task: begin_task -> for each phase: [training_loss ...] -> end_phase
+    Call order for each task: begin_task -> for each phase: begin_phase, [training_loss ...], end_phase
     -> end_task -> predict (evaluation). `begin_task` must be deterministic given the task,
     so that a saved run can be rebuilt by replaying it before loading weights.
     """
@@ -115,6 +115,9 @@ class Method(nn.Module):
 
     def training_loss(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} does not train by gradient descent")
+
+    def begin_phase(self, phase: Phase, context: TaskContext) -> None:
+        """Called before each training phase (CaRE: snapshot the shared-adapter anchor)."""
 
     def end_phase(self, phase: Phase, context: TaskContext) -> None:
         """Called after each training phase (CaRE: class statistics and alignment)."""

@@ -1,0 +1,60 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from carecl.backbones import BackboneError, create_backbone, resolve_name
+from carecl.config import BackboneConfig
+
+from conftest import TINY_VIT
+
+
+def tiny(**kwargs):
+    return BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, model_kwargs=dict(TINY_VIT), **kwargs)
+
+
+def test_legacy_release_name_resolves():
+    assert resolve_name("vit_base_patch16_224_in21k") == "vit_base_patch16_224.augreg_in21k"
+
+
+def test_unknown_name_is_clear():
+    with pytest.raises(BackboneError, match="no model 'vit_tiny_patch16_2244'.*did you mean"):
+        resolve_name("vit_tiny_patch16_2244")
+
+
+def test_backbone_is_frozen_and_headless():
+    model = create_backbone(tiny())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_loads(tmp_path, suffix):
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"model": state}, path)
+    model = create_backbone(tiny(weights=str(path)))
+    assert torch.equal(model.pos_embed, source.pos_embed)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+def test_mismatched_weights_list_the_keys(tmp_path):
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **{**TINY_VIT, "depth": 3})
+    state = {k: v.contiguous() for k, v in other.state_dict().items()}
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(7, 32)
+    del state["norm.weight"]
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(BackboneError) as info:
+        create_backbone(tiny(weights=str(path)))
+    message = str(info.value)
+    assert "bad.safetensors" in message
+    assert "missing (1): norm.weight" in message
+    assert "unexpected" in message and "blocks.2." in message
+    assert "blocks.0.mlp.fc1.weight: file (7, 32)" in message
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(BackboneError, match="file not found"):
+        create_backbone(tiny(weights=str(tmp_path / "none.safetensors")))
