@@ -1,0 +1,501 @@
+"""Gaussian class statistics and classifier alignment (CaRE §6; SLCA-style baselines, NoRGa).
+
+After a task, each new class is summarised by the mean and covariance of its features.
+Alignment then retrains the classifier alone on features sampled from every seen class's
+Gaussian, which rebalances old and new heads without storing any exemplar.
+
+Sampling follows `torch.distributions.MultivariateNormal(mean, cov).sample`, i.e.
+`mean + L @ eps` with `L = cholesky(cov)`, but the factors are computed once per class (in
+float64, batched) and all classes are sampled together with one batched matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from carecl.classifiers import CosineClassifier
+from carecl.config import ConfigError
+
+STORAGE_MODES = ("covariance", "variance")
+DECAY_FORMULAS = ("intended", "release")
+# Added to every covariance (or variance) so a class with few samples still has a density.
+COVARIANCE_RIDGE = 1e-4
+# Jitter tried, relative to the mean diagonal, when a float64 Cholesky still fails.
+_JITTER_STEPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Classes per batched Cholesky call: bounds the float64 temporaries (64 x 768 x 768 ~ 300 MB).
+_CHOLESKY_CHUNK = 64
+# Classes per batched sampling matmul: bounds the noise tensor drawn at once.
+_SAMPLE_CHUNK = 128
+
+
+@dataclass
+class AlignmentConfig:
+    """Classifier alignment options; field comments give the release's name for each."""
+
+    # Release `crct_epochs`; 0 disables alignment.
+    epochs: int = 30
+    # Release `ca_lr`.
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # The release uses CosineAnnealingLR(T_max=5) whatever `epochs` is, so the lr falls to 0
+    # and rises again every 10 epochs; kept to reproduce published numbers.
+    scheduler_t_max: int = 5
+    # None -> 5 x the training batch size, as in the release.
+    samples_per_class: int | None = None
+    # Release `ca_storage_efficient_method`: "covariance" (full) or "variance" (diagonal).
+    storage: str = "covariance"
+    # Shrink older classes' means before sampling (see `decay_scales`).
+    decay: bool = False
+    # "intended" task index per class, or "release": its negative-task-size bug, bit for bit.
+    decay_formula: str = "intended"
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"alignment.epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"alignment.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"alignment.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"alignment.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.scheduler_t_max <= 0:
+            raise ConfigError(f"alignment.scheduler_t_max must be positive, got {self.scheduler_t_max}")
+        if self.samples_per_class is not None and self.samples_per_class <= 0:
+            raise ConfigError(
+                f"alignment.samples_per_class must be positive or null, got {self.samples_per_class}"
+            )
+        if self.storage not in STORAGE_MODES:
+            raise ConfigError(f"alignment.storage must be one of {STORAGE_MODES}, got {self.storage!r}")
+        if self.decay_formula not in DECAY_FORMULAS:
+            raise ConfigError(
+                f"alignment.decay_formula must be one of {DECAY_FORMULAS}, got {self.decay_formula!r}"
+            )
+
+    def resolved_samples_per_class(self, batch_size: int) -> int:
+        if self.samples_per_class is not None:
+            return self.samples_per_class
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive to derive alignment.samples_per_class, got {batch_size}")
+        return 5 * batch_size
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def class_feature_sums(features: torch.Tensor, storage: str = "covariance") -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, sum x, sum x x^T) in float64 (sum x^2 for "variance"): all-reduce these across
+    ranks, then `GaussianClassStatistics.add_from_sums`, to get exactly the global statistics."""
+    features = features.detach().to(torch.float64)
+    second = features.T @ features if storage == "covariance" else (features * features).sum(0)
+    return features.shape[0], features.sum(0), second
+
+
+def _standard_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """N(0, 1) noise from `generator` (drawn on its device, then moved), never reseeding anything."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source).to(device)
+
+
+@dataclass
+class StackedGaussians:
+    """Means and sampling factors of several classes stacked on one device, ready to sample.
+
+    `factors` is (K, C, C) lower-triangular Cholesky factors, or (K, C) standard deviations
+    when only variances are stored.
+    """
+
+    class_ids: torch.Tensor
+    means: torch.Tensor
+    factors: torch.Tensor
+
+    def sample(
+        self,
+        n_per_class: int,
+        mean_scale: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K * n, C) samples, class-major (class k fills rows k*n .. (k+1)*n-1), and labels."""
+        n_classes, dim = self.means.shape
+        means = self.means if mean_scale is None else self.means * mean_scale.to(self.means).unsqueeze(1)
+        out = torch.empty(n_classes, n_per_class, dim, dtype=self.means.dtype, device=self.means.device)
+        for start in range(0, n_classes, _SAMPLE_CHUNK):
+            chunk = slice(start, start + _SAMPLE_CHUNK)
+            eps = _standard_normal(tuple(out[chunk].shape), generator, self.means.device).to(out.dtype)
+            if self.factors.dim() == 3:
+                # mean + eps @ L^T == mean + L @ eps per sample, as MultivariateNormal does.
+                torch.baddbmm(means[chunk].unsqueeze(1), eps, self.factors[chunk].transpose(1, 2), out=out[chunk])
+            else:
+                out[chunk] = means[chunk].unsqueeze(1) + eps * self.factors[chunk].unsqueeze(1)
+        labels = self.class_ids.repeat_interleave(n_per_class)
+        return out.reshape(n_classes * n_per_class, dim), labels
+
+
+class GaussianClassStatistics:
+    """Per-class feature mean and covariance (+1e-4*I) or variance (+1e-4); one Cholesky
+    factor per class, computed once (float64, batched) on first use and reused.
+
+    Statistics are kept in float32 on `device` (CPU by default: 1000 classes of width 768 hold
+    2.4 GB of covariances). Adding a class id again replaces its statistics (CaRE recomputes
+    the current task's classes after each half of its training).
+    """
+
+    def __init__(self, storage: str = "covariance", device: torch.device | str = "cpu") -> None:
+        if storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        self.storage = storage
+        self.device = torch.device(device)
+        self._counts: dict[int, int] = {}
+        self._means: dict[int, torch.Tensor] = {}
+        # Covariance (C, C) or variance (C,), ridge included.
+        self._seconds: dict[int, torch.Tensor] = {}
+        # Cholesky factor (C, C) or standard deviation (C,); derived, so not in state_dict.
+        self._factors: dict[int, torch.Tensor] = {}
+
+    # -- adding classes
+
+    def add_class(self, class_id: int, features: torch.Tensor) -> None:
+        """Statistics of one class from its (n, C) features, n >= 1 (n == 1: covariance 1e-4*I)."""
+        if features.dim() != 2 or features.shape[0] < 1:
+            raise ValueError(f"class {class_id}: features must be (n >= 1, C), got shape {tuple(features.shape)}")
+        features = features.detach().to(torch.float64)
+        count = features.shape[0]
+        mean = features.mean(0)
+        centered = features - mean
+        # Unbiased (n - 1), as torch.cov / np.cov; a single sample has zero scatter.
+        divisor = max(count - 1, 1)
+        if self.storage == "covariance":
+            second = centered.T @ centered / divisor
+        else:
+            second = (centered * centered).sum(0) / divisor
+        self._store(class_id, count, mean, second)
+
+    def add_from_sums(
+        self, class_id: int, count: int, feature_sum: torch.Tensor, second_moment_sum: torch.Tensor
+    ) -> None:
+        """Statistics from `class_feature_sums` output (possibly summed over ranks).
+
+        `second_moment_sum` is sum x x^T (C, C); in "variance" mode sum x^2 (C,) is enough.
+        """
+        count = int(count)
+        if count < 1:
+            raise ValueError(f"class {class_id}: count must be >= 1, got {count}")
+        mean = feature_sum.detach().to(torch.float64) / count
+        second_sum = second_moment_sum.detach().to(torch.float64)
+        if self.storage == "covariance":
+            if second_sum.dim() != 2:
+                raise ValueError(f"class {class_id}: covariance storage needs sum x x^T of shape (C, C)")
+            scatter = second_sum - count * torch.outer(mean, mean)
+        else:
+            diagonal = second_sum.diagonal() if second_sum.dim() == 2 else second_sum
+            # Cancellation can leave tiny negatives where the true variance is 0.
+            scatter = (diagonal - count * mean * mean).clamp_min(0.0)
+        if count == 1:
+            scatter = torch.zeros_like(scatter)
+        self._store(class_id, count, mean, scatter / max(count - 1, 1))
+
+    def _store(self, class_id: int, count: int, mean: torch.Tensor, second: torch.Tensor) -> None:
+        class_id = int(class_id)
+        widths = {m.shape[0] for c, m in self._means.items() if c != class_id}
+        if widths and mean.shape[0] not in widths:
+            raise ValueError(f"class {class_id}: feature width {mean.shape[0]} != {widths.pop()} of stored classes")
+        if not (torch.isfinite(mean).all() and torch.isfinite(second).all()):
+            raise ValueError(f"class {class_id}: features contain NaN or inf")
+        if self.storage == "covariance":
+            second = second + COVARIANCE_RIDGE * torch.eye(mean.shape[0], dtype=second.dtype, device=second.device)
+        else:
+            second = second + COVARIANCE_RIDGE
+        self._counts[class_id] = count
+        self._means[class_id] = mean.to(self.device, torch.float32)
+        self._seconds[class_id] = second.to(self.device, torch.float32)
+        self._factors.pop(class_id, None)
+
+    # -- reading
+
+    @property
+    def class_ids(self) -> list[int]:
+        return sorted(self._means)
+
+    @property
+    def feature_dim(self) -> int | None:
+        first = next(iter(self._means.values()), None)
+        return None if first is None else first.shape[0]
+
+    def __len__(self) -> int:
+        return len(self._means)
+
+    def __contains__(self, class_id: int) -> bool:
+        return int(class_id) in self._means
+
+    def _require(self, class_id: int) -> int:
+        class_id = int(class_id)
+        if class_id not in self._means:
+            raise KeyError(f"no statistics for class {class_id} (stored: {len(self)} classes)")
+        return class_id
+
+    def count(self, class_id: int) -> int:
+        return self._counts[self._require(class_id)]
+
+    def mean(self, class_id: int) -> torch.Tensor:
+        return self._means[self._require(class_id)]
+
+    def covariance(self, class_id: int) -> torch.Tensor:
+        """(C, C) covariance, ridge included; diagonal in "variance" mode."""
+        second = self._seconds[self._require(class_id)]
+        return second if self.storage == "covariance" else torch.diag(second)
+
+    def factor(self, class_id: int) -> torch.Tensor:
+        """Lower Cholesky factor of the covariance (standard deviations in "variance" mode)."""
+        class_id = self._require(class_id)
+        self._ensure_factors([class_id])
+        return self._factors[class_id]
+
+    # -- sampling
+
+    def _ensure_factors(self, class_ids: Sequence[int]) -> None:
+        missing = [c for c in class_ids if c not in self._factors]
+        if self.storage == "variance":
+            for c in missing:
+                self._factors[c] = self._seconds[c].sqrt()
+            return
+        for start in range(0, len(missing), _CHOLESKY_CHUNK):
+            chunk = missing[start : start + _CHOLESKY_CHUNK]
+            covariances = torch.stack([self._seconds[c] for c in chunk]).to(torch.float64)
+            factors, info = torch.linalg.cholesky_ex(covariances)
+            for c, factor, failed, covariance in zip(chunk, factors, info.tolist(), covariances):
+                if failed or not torch.isfinite(factor).all():
+                    factor = _jittered_cholesky(c, covariance)
+                self._factors[c] = factor.to(torch.float32)
+
+    def stacked(self, class_ids: Sequence[int], device: torch.device | str | None = None) -> StackedGaussians:
+        """Means and factors of `class_ids` stacked on `device` (one copy, reused across epochs)."""
+        ids = [self._require(c) for c in class_ids]
+        if not ids:
+            raise ValueError("no class ids to sample from")
+        self._ensure_factors(ids)
+        device = self.device if device is None else torch.device(device)
+        return StackedGaussians(
+            class_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            means=torch.stack([self._means[c] for c in ids]).to(device),
+            factors=torch.stack([self._factors[c] for c in ids]).to(device),
+        )
+
+    def sample(
+        self,
+        class_ids: Sequence[int],
+        n_per_class: int,
+        mean_scale: Mapping[int, float] | torch.Tensor | Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n_per_class` draws from N(mean_c * mean_scale_c, cov_c) per class, class-major, with labels."""
+        ids = [int(c) for c in class_ids]
+        stacked = self.stacked(ids, device)
+        return stacked.sample(n_per_class, _scale_vector(mean_scale, ids), generator)
+
+    # -- persistence
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-friendly); the storage mode is the name of the last key."""
+        ids = self.class_ids
+        second_key = "covariances" if self.storage == "covariance" else "variances"
+        if not ids:
+            shape = (0, 0, 0) if self.storage == "covariance" else (0, 0)
+            return {"class_ids": torch.zeros(0, dtype=torch.long), "counts": torch.zeros(0, dtype=torch.long),
+                    "means": torch.zeros(0, 0), second_key: torch.zeros(shape)}
+        return {
+            "class_ids": torch.tensor(ids, dtype=torch.long),
+            "counts": torch.tensor([self._counts[c] for c in ids], dtype=torch.long),
+            "means": torch.stack([self._means[c] for c in ids]).cpu(),
+            second_key: torch.stack([self._seconds[c] for c in ids]).cpu(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        second_key = "covariances" if self.storage == "covariance" else "variances"
+        expected = {"class_ids", "counts", "means", second_key}
+        if set(state) != expected:
+            raise ValueError(
+                f"class statistics state for storage {self.storage!r} needs keys {sorted(expected)}, got {sorted(state)}"
+            )
+        ids = state["class_ids"].tolist()
+        for name in ("counts", "means", second_key):
+            if state[name].shape[0] != len(ids):
+                raise ValueError(f"class statistics state: {name!r} has {state[name].shape[0]} rows for {len(ids)} classes")
+        self._counts, self._means, self._seconds, self._factors = {}, {}, {}, {}
+        for row, c in enumerate(ids):
+            self._counts[c] = int(state["counts"][row])
+            self._means[c] = state["means"][row].to(self.device).clone()
+            self._seconds[c] = state[second_key][row].to(self.device).clone()
+
+
+def _jittered_cholesky(class_id: int, covariance: torch.Tensor) -> torch.Tensor:
+    """float64 Cholesky with growing diagonal jitter; warns naming the class, or raises."""
+    scale = covariance.diagonal().abs().mean().clamp_min(1e-12).item()
+    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
+    for relative in _JITTER_STEPS:
+        jitter = relative * scale
+        factor, info = torch.linalg.cholesky_ex(covariance + jitter * eye)
+        if int(info) == 0 and torch.isfinite(factor).all():
+            warnings.warn(
+                f"class {class_id}: covariance is not positive definite even in float64; "
+                f"sampling from covariance + {jitter:.3g}*I instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return factor
+    raise ValueError(
+        f"class {class_id}: covariance is not positive definite even with jitter "
+        f"{_JITTER_STEPS[-1] * scale:.3g}*I; check that class's features"
+    )
+
+
+def _scale_vector(
+    mean_scale: Mapping[int, float] | torch.Tensor | Sequence[float] | None, class_ids: list[int]
+) -> torch.Tensor | None:
+    """Per-class mean scales aligned with `class_ids` (a mapping is looked up by class id)."""
+    if mean_scale is None:
+        return None
+    if isinstance(mean_scale, Mapping):
+        return torch.tensor([float(mean_scale[c]) for c in class_ids], dtype=torch.float32)
+    scales = torch.as_tensor(mean_scale, dtype=torch.float32).flatten()
+    if scales.shape[0] != len(class_ids):
+        raise ValueError(f"mean_scale has {scales.shape[0]} entries for {len(class_ids)} classes")
+    return scales
+
+
+# ---------------------------------------------------------------- decay
+
+
+def decay_scales(
+    task_of_class: Sequence[int] | np.ndarray,
+    current_task: int,
+    formula: str,
+    current_task_size: int,
+) -> torch.Tensor:
+    """Mean scale per class: 0.9 + 0.1 * (task_c + 1) / (current_task + 1).
+
+    "intended": task_c = task_of_class[c], so the current task's classes keep scale 1 and
+    older tasks shrink towards 0.9.
+
+    "release": task_c = c // (-current_task_size), Python floor division by a negative task
+    size (only the length of `task_of_class` is used). Class 0 gets task 0, classes 1..size get
+    -1 (scale exactly 0.9), classes size+1..2*size get -2 (below 0.9), and so on: every mean
+    shrinks more than intended, and the *newest* classes shrink the most. E.g. 3 tasks of 2
+    classes, current_task 2: intended [.933, .933, .967, .967, 1, 1], release
+    [.933, .9, .9, .867, .867, .833].
+    """
+    if formula not in DECAY_FORMULAS:
+        raise ValueError(f"decay formula must be one of {DECAY_FORMULAS}, got {formula!r}")
+    if current_task < 0:
+        raise ValueError(f"current_task must be >= 0, got {current_task}")
+    n_classes = len(task_of_class)
+    if formula == "intended":
+        tasks = torch.as_tensor(np.asarray(task_of_class), dtype=torch.float64)
+    else:
+        if current_task_size <= 0:
+            raise ValueError(f"current_task_size must be positive for the release formula, got {current_task_size}")
+        # The release's bug, kept bit for bit: floor division by the negated task size.
+        tasks = torch.tensor([c // (-current_task_size) for c in range(n_classes)], dtype=torch.float64)
+    return (0.9 + 0.1 * (tasks + 1) / (current_task + 1)).to(torch.float32)
+
+
+# ---------------------------------------------------------------- alignment
+
+
+def align_classifier(
+    classifier: CosineClassifier,
+    stats: GaussianClassStatistics,
+    config: AlignmentConfig,
+    *,
+    n_seen_classes: int,
+    scale: float,
+    batch_size: int,
+    task_of_class: Sequence[int] | np.ndarray | None = None,
+    current_task: int = 0,
+    current_task_size: int = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    on_epoch_end: Callable[[int, float, float], None] | None = None,
+) -> list[float]:
+    """Retrain `classifier` alone on features sampled from the class Gaussians.
+
+    Each epoch: `samples_per_class` draws per seen class (means scaled by `decay_scales` when
+    `config.decay`), shuffled, then `n_seen_classes` SGD steps of CE(scale * cos, y) on
+    mini-batches of `samples_per_class`. CosineAnnealingLR(T_max=config.scheduler_t_max) steps
+    once per epoch. `on_epoch_end(epoch, mean_loss, lr_after_step)` is called after each epoch.
+    Returns the mean loss of each epoch ([] when `config.epochs == 0`).
+    """
+    config.validate()
+    if config.epochs == 0:
+        return []
+    if classifier.n_classes < n_seen_classes:
+        raise ValueError(f"classifier has {classifier.n_classes} classes, fewer than n_seen_classes={n_seen_classes}")
+    class_ids = list(range(n_seen_classes))
+    missing = [c for c in class_ids if c not in stats]
+    if missing:
+        raise ValueError(f"no class statistics for seen classes {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    mean_scale = None
+    if config.decay:
+        if task_of_class is None:
+            raise ValueError("alignment.decay needs task_of_class")
+        mean_scale = decay_scales(task_of_class, current_task, config.decay_formula, current_task_size)[:n_seen_classes]
+    device = torch.device(device) if device is not None else next(classifier.parameters()).device
+    samples_per_class = config.resolved_samples_per_class(batch_size)
+    gaussians = stats.stacked(class_ids, device)
+
+    parameters = [p for p in classifier.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.scheduler_t_max)
+    was_training = classifier.training
+    classifier.train()
+    losses: list[float] = []
+    epochs = tqdm(range(config.epochs), desc="alignment", disable=not progress, leave=False)
+    for epoch in epochs:
+        loss = _align_epoch(classifier, gaussians, optimizer, samples_per_class, n_seen_classes, scale, mean_scale, generator)
+        scheduler.step()
+        losses.append(loss)
+        epochs.set_postfix(loss=f"{loss:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, loss, optimizer.param_groups[0]["lr"])
+    classifier.train(was_training)
+    return losses
+
+
+def _align_epoch(
+    classifier: CosineClassifier,
+    gaussians: StackedGaussians,
+    optimizer: torch.optim.Optimizer,
+    samples_per_class: int,
+    n_seen_classes: int,
+    scale: float,
+    mean_scale: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> float:
+    with torch.no_grad():
+        features, labels = gaussians.sample(samples_per_class, mean_scale, generator)
+    device = features.device
+    source = generator.device if generator is not None else device
+    order = torch.randperm(features.shape[0], generator=generator, device=source).to(device)
+    total = torch.zeros((), device=device)
+    for step in range(n_seen_classes):
+        # Gather one shuffled mini-batch at a time rather than permuting the whole sample set.
+        batch = order[step * samples_per_class : (step + 1) * samples_per_class]
+        logits = classifier(features[batch])[:, :n_seen_classes]
+        loss = F.cross_entropy(scale * logits, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    mean_loss = (total / n_seen_classes).item()
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"classifier alignment loss is {mean_loss}")
+    return mean_loss
