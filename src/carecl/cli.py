@@ -9,7 +9,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from carecl.config import ConfigError, load_config
+from carecl.config import ConfigError, load_config, load_config_with_report
 
 log = logging.getLogger("carecl")
 
@@ -59,12 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    if args.config.suffix == ".json":
-        from carecl.release_config import load_release_json
-
-        _, report = load_release_json(args.config)
+    config, report = load_config_with_report(args.config, args.overrides)
+    if report is not None:
         print(report.format())
-    config = load_config(args.config, args.overrides)
     return run_and_report(config, args.output or default_output(config.method.name))
 
 

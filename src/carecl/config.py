@@ -196,13 +196,19 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML config (or a release JSON experiment file) and apply `key=value` overrides."""
+    return load_config_with_report(path, overrides)[0]
+
+
+def load_config_with_report(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[ExperimentConfig, Any]:
+    """As `load_config`, also returning the release-JSON import report (None for YAML)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    report = None
     if path.suffix == ".json":
         from carecl.release_config import load_release_json
 
-        config, _ = load_release_json(path)
+        config, report = load_release_json(path)
         data = config_to_dict(config)
     else:
         try:
@@ -210,7 +216,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
     try:
-        return config_from_dict(apply_overrides(data, overrides))
+        return config_from_dict(apply_overrides(data, overrides)), report
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
