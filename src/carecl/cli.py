@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="re-evaluate a finished run on all its seen classes")
     evaluate.add_argument("--run", type=Path, required=True, help="run directory written by carecl train/demo")
     evaluate.set_defaults(handler=command_eval)
+
+    from carecl.report import add_report_command
+
+    add_report_command(commands)
     return parser
 
 
