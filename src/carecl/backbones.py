@@ -76,9 +76,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+ASSET_PREFIX = "asset:"
+
+
+def resolve_weights_path(weights: str | Path) -> Path:
+    """A file path, or `asset:NAME` for a weights file shipped inside the carecl package."""
+    if isinstance(weights, str) and weights.startswith(ASSET_PREFIX):
+        from importlib import resources
+
+        return Path(str(resources.files("carecl") / "assets" / weights[len(ASSET_PREFIX) :]))
+    return Path(weights)
+
+
 def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:
     """Load a local weights file into `model`, listing every key that does not fit."""
-    path = Path(weights)
+    path = resolve_weights_path(weights)
     if not path.is_file():
         raise BackboneError(f"backbone.weights: file not found: {path}")
     if path.suffix == ".npz":

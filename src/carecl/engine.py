@@ -121,6 +121,7 @@ def fit_phase(learner: Learner, phase: Phase, task: Task, loader: DataLoader) ->
         scheduler.step()
         epochs.set_postfix(loss=f"{total / max(count, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         log.debug("task %d %s: loss %.4f", task.index, phase.name, total / max(count, 1))
+    optimizer.zero_grad(set_to_none=True)  # free gradient memory; nothing stale leaks into the next task
 
 
 def learn_task(learner: Learner, task: Task) -> None:

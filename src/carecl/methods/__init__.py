@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from carecl.config import ExperimentConfig
-from carecl.methods import care_config, simplecil  # noqa: F401  (registration side effects)
+from carecl.methods import care, care_config, simplecil  # noqa: F401  (registration side effects)
 from carecl.methods.base import METHODS, Method
 from carecl.scenario import Scenario
 

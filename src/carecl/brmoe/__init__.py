@@ -1,0 +1,8 @@
+"""BR-MoE: Bi-Level Routing Mixture-of-Experts adapters injected into a frozen timm ViT."""
+
+from carecl.brmoe.adapter import Adapter, FoldedAdapter
+from carecl.brmoe.config import BRMoEConfig
+from carecl.brmoe.layer import BRMoELayer
+from carecl.brmoe.model import BRMoEOutput, BRMoEViT
+
+__all__ = ["Adapter", "BRMoEConfig", "BRMoELayer", "BRMoEOutput", "BRMoEViT", "FoldedAdapter"]

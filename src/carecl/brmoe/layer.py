@@ -1,0 +1,258 @@
+"""The BR-MoE layer of one ViT block: shared adapter, task experts, routers, class perceptrons.
+
+Sparse and exact: routing reads only the CLS token (adapters are token-wise, so
+c_i = E_i(z_a)[CLS] = E_i(z_a[CLS])); only the at most M·K experts a sample routes to are
+applied to its tokens, and never as a (batch, experts, tokens, C) tensor. The op sequence of a
+forward does not depend on the number of tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carecl.brmoe.adapter import (Adapter, FoldedAdapter, initialise_from_mean, make_perceptron, make_router,
+                                  normalise)
+from carecl.brmoe.bank import PartsBank, parameter_version
+from carecl.brmoe.config import BRMoEConfig
+from carecl.brmoe.routing import expert_mixture, negative_entropy, packed_router_scores, select_routers
+
+
+@dataclass
+class _ForwardParts:
+    """Where one forward reads each part: bank slots [0, n_stacked), the rest live."""
+
+    bank: PartsBank
+    n_stacked: int
+    shared: FoldedAdapter
+    # The newest expert, folded with gradients, when this forward uses it live.
+    newest: FoldedAdapter | None
+
+    @property
+    def newest_index(self) -> int:
+        return self.bank.n_tasks - 1
+
+
+class BRMoELayer(nn.Module):
+    def __init__(self, dim: int, config: BRMoEConfig) -> None:
+        super().__init__()
+        self.dim = dim
+        self.config = config
+        self.shared = Adapter(dim, config.adapter_dim, config.adapter_dropout)
+        self.experts = nn.ModuleList()
+        self.routers = nn.ModuleList()
+        self.perceptrons = nn.ModuleList()
+        self.dropout = nn.Dropout(config.adapter_dropout)
+        self._bank: PartsBank | None = None
+        self._shared_fold: tuple[tuple, FoldedAdapter] | None = None
+        self._anchor: list[Tensor] | None = None
+        # Instrumentation: how many (sample, expert) pairs ran on all tokens in the last forward.
+        self.last_token_expert_runs = 0
+        self.bank_builds = 0
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.experts)
+
+    # ---- growth --------------------------------------------------------------------------
+    def add_task(self, n_classes: int) -> None:
+        """New expert E_t, router R_t (C -> t+1), perceptron H_t; freeze the previous task's parts."""
+        index = self.n_tasks
+        reference = self.shared.scale
+        expert = Adapter(self.dim, self.config.expert_dim, self.config.adapter_dropout)
+        router, perceptron = make_router(self.dim, index + 1), make_perceptron(self.dim, n_classes)
+        expert, router, perceptron = (m.to(reference.device, reference.dtype) for m in (expert, router, perceptron))
+        if index > 1:
+            # Release (reproduced on purpose): the mean runs over experts 0..m-2, leaving the most recent out.
+            initialise_from_mean(expert, list(self.experts)[: index - 1])
+        if index > 0:
+            for module in (self.experts[-1], self.routers[-1], self.perceptrons[-1]):
+                module.requires_grad_(False)
+        self.experts.append(expert)
+        self.routers.append(router)
+        self.perceptrons.append(perceptron)
+        self.invalidate()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        newest = [] if self.n_tasks == 0 else [self.experts[-1], self.routers[-1], self.perceptrons[-1]]
+        return [p for module in (self.shared, *newest) for p in module.parameters()]
+
+    # ---- shared-adapter anchoring ------------------------------------------------------------
+    def set_anchor(self) -> None:
+        self._anchor = [p.detach().clone() for p in self.shared.parameters()]
+
+    def clear_anchor(self) -> None:
+        self._anchor = None
+
+    @torch.no_grad()
+    def _pull_shared_towards_anchor(self) -> None:
+        momentum = self.config.anchor_momentum
+        for parameter, anchor in zip(self.shared.parameters(), self._anchor):
+            parameter.mul_(1.0 - momentum).add_(anchor, alpha=momentum)
+
+    # ---- caches ------------------------------------------------------------------------------
+    def invalidate(self) -> None:
+        """Drop the stacked parts; call after editing frozen (older tasks') parameters in place."""
+        self._bank = None
+        self._shared_fold = None
+
+    def _current_bank(self) -> PartsBank:
+        if self._bank is None or not self._bank.matches(self.n_tasks, self.shared.scale):
+            self._bank = PartsBank.build(list(self.experts), list(self.routers), list(self.perceptrons))
+            self.bank_builds += 1
+        return self._bank
+
+    def _cached_shared_fold(self) -> FoldedAdapter:
+        version = parameter_version(self.shared)
+        if self._shared_fold is None or self._shared_fold[0] != version:
+            with torch.inference_mode(False), torch.no_grad():
+                self._shared_fold = (version, self.shared.fold())
+        return self._shared_fold[1]
+
+    def _forward_parts(self, n_experts: int) -> _ForwardParts:
+        bank = self._current_bank()
+        if torch.is_grad_enabled():
+            # The newest expert/router/perceptron and the shared adapter run live: gradients reach them.
+            n_stacked, shared = self.n_tasks - 1, self.shared.fold()
+        else:
+            bank.refresh_newest(self.experts[-1], self.routers[-1], self.perceptrons[-1])
+            n_stacked, shared = self.n_tasks, self._cached_shared_fold()
+        newest = self.experts[-1].fold() if n_experts > n_stacked else None
+        return _ForwardParts(bank, n_stacked, shared, newest)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave the caches behind: they are rebuilt on first use.
+        state = self.__dict__.copy()
+        state.update(_bank=None, _shared_fold=None)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.invalidate()
+        if self._anchor is not None:
+            self._anchor = [fn(anchor) for anchor in self._anchor]
+        return self
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, task: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """BRMoE(z_a) for block input z_a (B, N, C); plus H_task(c_task) (B, n_task) when task-known.
+
+        task=None: task-free (all experts, M lowest-entropy routers); task=i: experts 0..i,
+        router i forced plus the M-1 lowest-entropy routers among 0..i-1.
+        """
+        if self.training and self._anchor is not None:
+            # Release: once per block per training forward, before the shared adapter is applied.
+            self._pull_shared_towards_anchor()
+        n_experts = self.n_tasks if task is None else task + 1
+        parts = self._forward_parts(n_experts)
+        cls_outputs = self._experts_on_cls(tokens[:, 0], parts, n_experts)
+        perceptron_logits = None if task is None else self.perceptrons[task](cls_outputs[task])
+        experts, weights = self._route(cls_outputs, parts, task)
+        return self._dispatch(tokens, experts, weights, parts), perceptron_logits
+
+    def _experts_on_cls(self, cls: Tensor, parts: _ForwardParts, n_experts: int) -> Tensor:
+        """c_i = E_i(cls) for every expert in use, batched: (E, B, C)."""
+        x = normalise(cls)
+        outputs = []
+        n_from_bank = min(n_experts, parts.n_stacked)
+        if n_from_bank > 0:
+            outputs.append(self._stacked_on_vectors(x, parts.bank.experts, n_from_bank))
+        if parts.newest is not None:
+            outputs.append(self._stacked_on_vectors(x, parts.newest.map(lambda t: t[None]), 1))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _stacked_on_vectors(self, x: Tensor, experts: FoldedAdapter, n: int) -> Tensor:
+        """The first n stacked experts on vectors x (B, C): (n, B, C)."""
+        _, rank, dim = experts.down.shape
+        hidden = F.linear(x, experts.down[:n].reshape(n * rank, dim), experts.down_bias[:n].reshape(n * rank))
+        hidden = self.dropout(F.relu(hidden)).view(-1, n, rank).transpose(0, 1)
+        return torch.baddbmm(experts.up_bias[:n, None, :], hidden, experts.up[:n])
+
+    def _route(self, cls_outputs: Tensor, parts: _ForwardParts, task: int | None) -> tuple[Tensor, Tensor]:
+        """(expert ids, weights), each (B, S) with S = M'·K' slots per sample."""
+        n_experts, batch = cls_outputs.shape[:2]
+        if n_experts == 1:
+            # A single expert (task-known task 0, or one task learned): E_0 + Ē, no router involved.
+            ones = cls_outputs.new_ones(batch, 1)
+            return torch.zeros_like(ones, dtype=torch.long), ones
+        n_candidates = n_experts if task is None else task
+        needs_choice = self.config.topk_routers > (0 if task is None else 1)
+        with torch.no_grad():
+            confidence = (self._perceptron_confidence(cls_outputs[:n_candidates], parts) if needs_choice
+                          else cls_outputs.new_zeros(batch, 0))
+        routers = select_routers(confidence, self.config.topk_routers, forced_router=task)
+        index = routers[..., None].expand(-1, -1, cls_outputs.shape[-1])
+        selected = torch.gather(cls_outputs.transpose(0, 1), 1, index)
+        scores = self._router_scores(selected, routers, parts, n_experts)
+        experts, weights = expert_mixture(scores, self.config.topk_experts)
+        return experts.flatten(1), weights.flatten(1)
+
+    def _perceptron_confidence(self, cls_outputs: Tensor, parts: _ForwardParts) -> Tensor:
+        """-e_i = -entropy(H_i(c_i)) for the candidate routers: (B, n)."""
+        n = cls_outputs.shape[0]
+        n_from_bank = min(n, parts.n_stacked)
+        x = normalise(cls_outputs[:n_from_bank])
+        values = []
+        for group in parts.bank.perceptron_groups:
+            stop = min(group.stop, n_from_bank)
+            if stop <= group.start:
+                break
+            count = stop - group.start
+            weight = group.weight[:count].transpose(1, 2)
+            logits = torch.baddbmm(group.bias[:count, None, :], x[group.start:stop], weight)
+            values.append(negative_entropy(logits))
+        if n > n_from_bank:
+            values.append(negative_entropy(self.perceptrons[n - 1](cls_outputs[n - 1]))[None])
+        return (torch.cat(values) if len(values) > 1 else values[0]).t()
+
+    def _router_scores(self, inputs: Tensor, routers: Tensor, parts: _ForwardParts, n_experts: int) -> Tensor:
+        """r = R_ρ(c_ρ) for each selected router ρ, -inf padded to n_experts: (B, M', E)."""
+        batch, n_routers, dim = inputs.shape
+        flat_inputs, flat_routers = inputs.reshape(-1, dim), routers.reshape(-1)
+        bank = parts.bank
+        index = bank.router_index[flat_routers, :n_experts]
+        scores = packed_router_scores(flat_inputs, bank.router_rows, bank.router_bias, index)
+        if parts.newest is not None:
+            # The newest router is live (trainable) and scores every expert: applied directly.
+            newest = self.routers[-1]
+            live = F.linear(flat_inputs, newest.weight, newest.bias)
+            scores = torch.where((flat_routers == parts.newest_index)[:, None], live, scores)
+        return scores.view(batch, n_routers, n_experts)
+
+    def _dispatch(self, tokens: Tensor, experts: Tensor, weights: Tensor, parts: _ForwardParts) -> Tensor:
+        """Ē(x) + Σ_s w_s E_{e_s}(x) as two batched matmuls over the (shared + S slots) bottlenecks."""
+        batch, _, dim = tokens.shape
+        slots = experts.shape[1]
+        chosen = self._gather_experts(experts, parts)
+        rank = chosen.down.shape[-2]
+        shared = parts.shared
+        width = shared.down.shape[0]
+        weights = weights.to(chosen.up.dtype)
+        down = torch.cat([shared.down.expand(batch, width, dim), chosen.down.reshape(batch, slots * rank, dim)], 1)
+        down_bias = torch.cat([shared.down_bias.expand(batch, width), chosen.down_bias.reshape(batch, slots * rank)], 1)
+        weighted_up = (chosen.up * weights[..., None, None]).reshape(batch, slots * rank, dim)
+        up = torch.cat([shared.up.expand(batch, width, dim), weighted_up], 1)
+        up_bias = shared.up_bias + (chosen.up_bias * weights[..., None]).sum(1)
+        hidden = torch.baddbmm(down_bias[:, None, :], normalise(tokens), down.transpose(1, 2))
+        hidden = self.dropout(F.relu(hidden))
+        self.last_token_expert_runs = batch * slots
+        return torch.baddbmm(up_bias[:, None, :], hidden, up)
+
+    def _gather_experts(self, experts: Tensor, parts: _ForwardParts) -> FoldedAdapter:
+        """Folded weights of each slot's expert: down (B, S, r, C), down_bias (B, S, r), ..."""
+        gathered = parts.bank.experts.map(lambda t: t[experts])
+        if parts.newest is None:
+            return gathered
+        is_newest = experts == parts.newest_index
+        return FoldedAdapter(*(
+            torch.where(is_newest.view(*is_newest.shape, *[1] * (live.dim())), live, stacked)
+            for live, stacked in zip(parts.newest.astuple(), gathered.astuple())
+        ))
+
+
+def _invalidate_after_load(module: BRMoELayer, incompatible_keys) -> None:
+    module.invalidate()

@@ -1,0 +1,160 @@
+"""BR-MoE injected into an unmodified timm VisionTransformer (PEFT style, through hooks).
+
+Per block, a pre-hook on `norm2` captures z_a = z + attn(norm1(z)) (norm2's input) and a
+forward hook on the block adds BRMoE(z_a) to the block's output, giving
+z' = z_a + mlp(norm2(z_a)) + BRMoE(z_a). The ViT's code, modules and state_dict stay as timm
+made them; outside `BRMoEViT.forward` the hooks do nothing, so the ViT still runs plain.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from carecl.brmoe.config import BRMoEConfig
+from carecl.brmoe.layer import BRMoELayer
+
+
+@dataclass
+class BRMoEOutput:
+    # (B, C) CLS token after the ViT's final norm (fc_norm / head unused).
+    features: Tensor
+    # Task-known forwards only: per block, H_task(c_task) logits (B, n_task) for the auxiliary loss.
+    perceptron_logits: list[Tensor] | None
+
+
+@dataclass
+class _ForwardState:
+    task: int | None
+    block_inputs: dict[int, Tensor] = field(default_factory=dict)
+    perceptron_logits: list[Tensor] = field(default_factory=list)
+
+
+class _CaptureBlockInput:
+    """norm2 pre-hook: remember z_a for the block's BR-MoE."""
+
+    def __init__(self, owner: "BRMoEViT", index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        state = self.owner._state
+        if state is not None:
+            state.block_inputs[self.index] = args[0]
+
+
+class _AddBRMoEOutput:
+    """Block forward hook: z' = block(z) + BRMoE(z_a)."""
+
+    def __init__(self, owner: "BRMoEViT", index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        state = self.owner._state
+        if state is None:
+            return None
+        block_input = state.block_inputs.pop(self.index)
+        moe, logits = self.owner.layers[self.index](block_input, task=state.task)
+        if logits is not None:
+            state.perceptron_logits.append(logits)
+        return output + moe
+
+
+class BRMoEViT(nn.Module):
+    """A frozen timm ViT with a BR-MoE layer per block (`layers[L]`), grown one task at a time.
+
+    Per-task pieces are addressable by index: `layers.L.experts.i.*`, `layers.L.routers.i.*`,
+    `layers.L.perceptrons.i.{0,1}.*`, `layers.L.shared.*`. A fresh model grown with the same
+    `add_task` calls loads a saved state_dict exactly. Frozen parts are cached in stacked form;
+    call `invalidate_caches()` after editing older tasks' parameters in place.
+    """
+
+    def __init__(self, vit: VisionTransformer, config: BRMoEConfig) -> None:
+        super().__init__()
+        config.validate()
+        _check_supported(vit)
+        self.vit = vit.requires_grad_(False)
+        self.config = config
+        self.embed_dim: int = vit.embed_dim
+        self.task_sizes: list[int] = []
+        reference = next(vit.parameters())
+        self.layers = nn.ModuleList(BRMoELayer(self.embed_dim, config) for _ in vit.blocks).to(
+            reference.device, reference.dtype)
+        self._state: _ForwardState | None = None
+        for index, block in enumerate(vit.blocks):
+            block.norm2.register_forward_pre_hook(_CaptureBlockInput(self, index))
+            block.register_forward_hook(_AddBRMoEOutput(self, index))
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_sizes)
+
+    def add_task(self, n_classes: int) -> None:
+        """Every block: a new expert (mean-init rule), router R_t and perceptron H_t; older parts frozen."""
+        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes <= 0:
+            raise ValueError(f"add_task: n_classes must be a positive integer, got {n_classes!r}")
+        for layer in self.layers:
+            layer.add_task(n_classes)
+        self.task_sizes.append(n_classes)
+
+    def forward(self, images: Tensor, task: int | None = None) -> BRMoEOutput:
+        self._check_task(task)
+        task = None if task is None else int(task)
+        if self._state is not None:
+            raise RuntimeError("BRMoEViT.forward is not re-entrant")
+        self._state = _ForwardState(task)
+        try:
+            tokens = self.vit.forward_features(images)
+            logits = self._state.perceptron_logits
+        finally:
+            self._state = None
+        return BRMoEOutput(features=tokens[:, 0], perceptron_logits=None if task is None else logits)
+
+    def _check_task(self, task: int | None) -> None:
+        if self.n_tasks == 0:
+            raise RuntimeError("BRMoEViT has no task yet: call add_task(n_classes) before forward")
+        if task is not None and not (isinstance(task, numbers.Integral) and 0 <= task < self.n_tasks):
+            raise ValueError(f"task must be None or an int in [0, {self.n_tasks}), got {task!r}")
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            raise RuntimeError("BRMoEViT does not support timm grad checkpointing (hooks would re-run outside forward)")
+
+    # ---- anchoring and training ---------------------------------------------------------------
+    def set_anchor(self) -> None:
+        """Snapshot the shared adapters; training forwards then pull them towards it (µ)."""
+        for layer in self.layers:
+            layer.set_anchor()
+
+    def clear_anchor(self) -> None:
+        for layer in self.layers:
+            layer.clear_anchor()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Shared adapters and the current task's expert, router and perceptron of every block."""
+        return [p for layer in self.layers for p in layer.trainable_parameters()]
+
+    def invalidate_caches(self) -> None:
+        """Call after editing frozen expert/router/perceptron parameters in place."""
+        for layer in self.layers:
+            layer.invalidate()
+
+    def unload(self) -> VisionTransformer:
+        """Remove the hooks and return the plain ViT."""
+        for block in self.vit.blocks:
+            for hooks in (block._forward_hooks, block.norm2._forward_pre_hooks):
+                for key in [k for k, hook in hooks.items() if getattr(hook, "owner", None) is self]:
+                    del hooks[key]
+        return self.vit
+
+
+def _check_supported(vit: nn.Module) -> None:
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"BRMoEViT needs a timm VisionTransformer, got {type(vit).__name__}")
+    if getattr(vit, "cls_token", None) is None:
+        raise ValueError("BRMoEViT routes on the CLS token: the ViT must have class_token=True")
+    for index, block in enumerate(vit.blocks):
+        # The hooks rely on Block's layout: norm2's input is z_a, the block returns z_a + mlp part.
+        if type(block) is not Block:
+            raise TypeError(f"BRMoEViT supports timm's standard Block, vit.blocks[{index}] is {type(block).__name__}")

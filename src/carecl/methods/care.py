@@ -1,0 +1,176 @@
+"""CaRE: continual learning with a Bi-Level Routing Mixture-of-Experts in every ViT block.
+
+The learner = BR-MoE-adapted frozen ViT + cosine classifier (one block per task) + Gaussian
+class statistics for classifier alignment. Behaviour follows the authors' release.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carecl.alignment import GaussianClassStatistics, align_classifier
+from carecl.brmoe import BRMoEConfig, BRMoEViT
+from carecl.classifiers import CosineClassifier
+from carecl.config import ExperimentConfig
+from carecl.methods.base import METHODS, Method, Phase, StepOutput, TaskContext
+from carecl.methods.care_config import CareConfig
+from carecl.scenario import Scenario, Task
+
+STATISTICS_PREFIX = "statistics."
+
+
+def distillation_temperature(block: int, n_blocks: int) -> float:
+    """T_ℓ = 1 in the first half of the blocks, 2 in the second (blocks 0-5 / 6-11 of ViT-B)."""
+    return 1.0 if block < n_blocks // 2 else 2.0
+
+
+@METHODS.register("care")
+class CaRE(Method):
+    config_class = CareConfig
+
+    def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
+        super().__init__(config, backbone, scenario)
+        options: CareConfig = config.method
+        self.backbone = backbone
+        self.model = BRMoEViT(backbone, BRMoEConfig(
+            adapter_dim=options.adapter_dim, expert_dim=options.expert_dim,
+            topk_experts=options.topk_experts, topk_routers=options.topk_routers,
+            adapter_dropout=options.adapter_dropout, anchor_momentum=options.anchor_momentum,
+        ))
+        self.classifier = CosineClassifier(self.model.embed_dim)
+        self.statistics = GaussianClassStatistics(storage=options.alignment.storage)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    # ---- the two outputs every CaRE learner offers -----------------------------------
+    def features(self, images: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Final-norm CLS features: task-free forward (task=None) or task-known forward of `task`."""
+        return self.model(images, task=task).features
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Unscaled cosine logits over all seen classes, task-free single pass."""
+        return self.classifier(self.features(images))[:, : self.n_seen_classes]
+
+    # ---- growth and schedule ----------------------------------------------------------
+    def begin_task(self, task: Task) -> None:
+        self.model.add_task(task.size)
+        self.classifier.add_block(task.size)
+
+    def training_phases(self, task: Task) -> list[Phase]:
+        train = self.experiment.train
+        if task.index == 0:
+            return [Phase("train", train.epochs, train.lr, train.min_lr, train.epochs)]
+        half = train.epochs // 2
+        # Release: stop half-way down the full cosine, align, then restart from that lr.
+        first = Phase("first half", half, train.lr, train.min_lr, train.epochs)
+        second = Phase("second half", half, first.final_lr, train.min_lr, half)
+        return [first, second]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.model.trainable_parameters(), *self.classifier.parameters()]
+
+    def begin_phase(self, phase: Phase, context: TaskContext) -> None:
+        if context.task.index > 0:
+            self.model.set_anchor()
+        else:
+            self.model.clear_anchor()
+
+    # ---- training ---------------------------------------------------------------------
+    def training_loss(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> StepOutput:
+        options: CareConfig = self.options
+        output = self.model(images, task=task.index)
+        cos_new = self.classifier(output.features)[:, task.low : task.high]
+        local_targets = targets - task.low
+        main = F.cross_entropy(options.scale * cos_new, local_targets)
+        teacher = cos_new.detach()
+        n_blocks = len(output.perceptron_logits)
+        aux = torch.stack([
+            self.auxiliary_loss(logits, teacher, local_targets, distillation_temperature(block, n_blocks))
+            for block, logits in enumerate(output.perceptron_logits)
+        ]).mean()
+        return StepOutput(main + aux, {"main": main.item(), "aux": aux.item()})
+
+    def auxiliary_loss(self, logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        options: CareConfig = self.options
+        # Release: its "cosface" loss with margin 0 on raw perceptron logits is CE(τ·h).
+        hard = F.cross_entropy(options.scale * logits if options.aux_cos_loss else logits, targets)
+        if not options.self_dist_loss:
+            return hard
+        soft = F.kl_div(
+            F.log_softmax(logits / temperature, dim=1), F.softmax(teacher / temperature, dim=1), reduction="batchmean"
+        ) * temperature**2
+        return (hard + soft) / 2
+
+    # ---- class statistics and alignment -------------------------------------------------
+    def end_phase(self, phase: Phase, context: TaskContext) -> None:
+        self.update_statistics(context)
+        # Release: alignment only once a second task exists (nothing to re-balance before).
+        if context.task.index > 0:
+            self.align(context, phase)
+
+    @torch.no_grad()
+    def update_statistics(self, context: TaskContext) -> None:
+        """Mean and covariance of the task's classes from the task-known forward, test transforms."""
+        self.eval()
+        features_by_class: dict[int, list[torch.Tensor]] = defaultdict(list)
+        for images, targets in context.statistics_loader():
+            features = self.features(images.to(context.device), task=context.task.index).float().cpu()
+            for class_id in targets.unique().tolist():
+                features_by_class[class_id].append(features[targets == class_id])
+        for class_id, chunks in sorted(features_by_class.items()):
+            self.statistics.add_class(class_id, torch.cat(chunks))
+
+    def align(self, context: TaskContext, phase: Phase) -> None:
+        options: CareConfig = self.options
+        task = context.task
+        # A private stream per (seed, task, phase): sampling never disturbs the training RNG.
+        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/{phase.name}".encode())
+        generator = torch.Generator(device=context.device).manual_seed(stream)
+        align_classifier(
+            self.classifier, self.statistics, options.alignment,
+            n_seen_classes=task.high, scale=options.scale, batch_size=self.experiment.train.batch_size,
+            task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,
+            current_task_size=task.size, generator=generator, device=context.device, progress=context.progress,
+        )
+
+    # ---- prediction ------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        options: CareConfig = self.options
+        if options.iter_pred and 1 < self.n_learned_tasks <= options.iter_pred_max_tasks:
+            return self.iterative_scores(images)
+        return self.logits(images)
+
+    @torch.no_grad()
+    def iterative_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Release `iter_pred`: the most confident task-known forward, plus the task-free one."""
+        scale, n_seen = self.options.scale, self.n_seen_classes
+        best_logits, best_entropy = None, None
+        for task in range(self.n_learned_tasks):
+            logits = scale * self.classifier(self.features(images, task=task))[:, :n_seen]
+            probabilities = logits.softmax(dim=1)
+            entropy = -(probabilities * torch.log(probabilities + 1e-10)).sum(dim=1)
+            if best_logits is None:
+                best_logits, best_entropy = logits, entropy
+                continue
+            better = entropy < best_entropy
+            best_logits = torch.where(better[:, None], logits, best_logits)
+            best_entropy = torch.minimum(entropy, best_entropy)
+        return best_logits.softmax(dim=1) + (scale * self.logits(images)).softmax(dim=1)
+
+    # ---- state -------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().state_tensors()
+        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        statistics = {k[len(STATISTICS_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATISTICS_PREFIX)}
+        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith(STATISTICS_PREFIX)})
+        self.statistics.load_state_dict(statistics)
