@@ -88,13 +88,17 @@ class Method(nn.Module):
         """Frozen modules rebuilt from the config rather than saved with each checkpoint."""
         return []
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything learned (weights, buffers, statistics) except the frozen backbone."""
+    def module_state_tensors(self) -> dict[str, torch.Tensor]:
+        """The module's weights and buffers except the frozen backbone."""
         frozen = {id(t) for module in self.backbone_modules() for t in [*module.parameters(), *module.buffers()]}
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything learned (weights, buffers, statistics) except the frozen backbone."""
+        return self.module_state_tensors()
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_tensors())
+        expected = set(self.module_state_tensors())
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             raise KeyError(f"saved learner state does not fit: missing {missing[:10]}, unexpected {unexpected[:10]}")
