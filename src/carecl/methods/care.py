@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carecl.alignment import GaussianClassStatistics, align_classifier
-from carecl.brmoe import BRMoEConfig, BRMoEViT
+from carecl.brmoe import BRMoEViT
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig
 from carecl.methods.base import METHODS, Method, Phase, StepOutput, TaskContext
@@ -37,11 +37,7 @@ class CaRE(Method):
         super().__init__(config, backbone, scenario)
         options: CareConfig = config.method
         self.backbone = backbone
-        self.model = BRMoEViT(backbone, BRMoEConfig(
-            adapter_dim=options.adapter_dim, expert_dim=options.expert_dim,
-            topk_experts=options.topk_experts, topk_routers=options.topk_routers,
-            adapter_dropout=options.adapter_dropout, anchor_momentum=options.anchor_momentum,
-        ))
+        self.model = BRMoEViT(backbone, options.brmoe())
         self.classifier = CosineClassifier(self.model.embed_dim)
         self.statistics = GaussianClassStatistics(storage=options.alignment.storage)
 
