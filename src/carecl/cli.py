@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(handler=command_train)
 
-    demo = commands.add_parser("demo", help="the embedded demo: CaRE-ready pipeline on scikit-learn digits")
+    demo = commands.add_parser("demo", help="the embedded demo: CaRE on scikit-learn digits, 5 tasks, ~20 s on CPU")
     add_config_arguments(demo)
     demo.set_defaults(handler=command_demo)
 
