@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from carecl.config import config_from_dict
 
@@ -25,6 +26,15 @@ def tiny_config(method: dict | None = None, **sections) -> "ExperimentConfig":  
         **sections,
     }
     return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -24,13 +24,7 @@ BATCH, CLASSES = 4, 2
 CONFIG = BRMoEConfig()  # the published sizes: shared 64, experts 16, K=3, M=2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class OpRecorder(TorchDispatchMode):
