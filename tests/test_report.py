@@ -15,7 +15,7 @@ from carecl.metrics import forgetting
 from carecl.report import (
     ReportError,
     RunSettings,
-    add_report_command,
+    add_command,
     build_report,
     forgetting_per_group,
     load_run,
@@ -176,7 +176,7 @@ def test_unreadable_metrics_names_the_path(two_runs, tmp_path):
 
 def test_argparse_registration(two_runs, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="carecl")
-    add_report_command(parser.add_subparsers(dest="command", required=True))
+    add_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["report", "a", "b", "--output", "c"])
     assert args.command == "report" and args.runs == [Path("a"), Path("b")] and args.output == Path("c")
     with pytest.raises(SystemExit):

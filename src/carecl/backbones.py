@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from carecl.config import BackboneConfig
+from carecl.errors import CareclError
 
 # Names used by the CaRE/PILOT release that timm has since renamed.
 LEGACY_NAMES = {
@@ -19,7 +20,7 @@ LEGACY_NAMES = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(CareclError, ValueError):
     """The backbone name or weights file cannot be used; the message names it."""
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
-from carecl.config import ConfigError, load_config, load_config_with_report
+from carecl.config import load_config, load_config_with_report
+from carecl.errors import CareclError
 
 log = logging.getLogger("carecl")
+
+# Modules that register further subcommands; each defines `add_command(subparsers)`.
+COMMAND_MODULES = (
+    "carecl.report",
+)
 
 DESCRIPTION = """\
 carecl: class-incremental learning on frozen Vision Transformers (CaRE and baselines).
@@ -56,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", type=Path, required=True, help="run directory written by carecl train/demo")
     evaluate.set_defaults(handler=command_eval)
 
-    from carecl.report import add_report_command
-
-    add_report_command(commands)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_command(commands)
     return parser
 
 
@@ -102,14 +108,9 @@ def command_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
-    from carecl.backbones import BackboneError
-    from carecl.data import DatasetError
-    from carecl.rundir import RunDirectoryError
-    from carecl.scenario import ScenarioError
-
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, BackboneError, ScenarioError, RunDirectoryError) as error:
+    except CareclError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -16,10 +16,11 @@ from typing import Any, Union
 
 import yaml
 
+from carecl.errors import CareclError
 from carecl.registry import Registry
 
 
-class ConfigError(ValueError):
+class ConfigError(CareclError, ValueError):
     """A configuration file, key or value is invalid; the message names the key (and file)."""
 
 

@@ -17,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from carecl.backbones import create_backbone
 from carecl.config import ExperimentConfig, TrainConfig
 from carecl.data import BenchmarkData, TaskDataset, build_dataset
+from carecl.errors import CareclError
 from carecl.evaluation import evaluate
 from carecl.methods import build_method
 from carecl.methods.base import Method, Phase, TaskContext
@@ -27,7 +28,7 @@ from carecl.scenario import Scenario, Task
 log = logging.getLogger("carecl")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CareclError, RuntimeError):
     """Training cannot go on (for example a non-finite loss)."""
 
 

@@ -505,7 +505,7 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
 # --------------------------------------------------------------------------- command line
 
 
-def add_report_command(subparsers: Any) -> None:
+def add_command(subparsers: Any) -> None:
     """Register `carecl report RUN_DIR [RUN_DIR ...] --output DIR` on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "report", help="plots, report.md and summary.csv comparing one or more run directories",

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from carecl.config import ExperimentConfig, load_config, save_config
+from carecl.errors import CareclError
 from carecl.metrics import RunSummary, TaskEvaluation
 
 CONFIG_FILE = "config.yaml"
@@ -25,7 +26,7 @@ STATE_INFO = "learner.json"
 LOG_FILE = "log.txt"
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(CareclError, ValueError):
     """A run directory is missing, incomplete, or holds a different run."""
 
 

@@ -7,8 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
+from carecl.errors import CareclError
 
-class ScenarioError(ValueError):
+
+class ScenarioError(CareclError, ValueError):
     """The class order or task split cannot be built from the given settings."""
 
 

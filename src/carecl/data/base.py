@@ -20,13 +20,14 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import to_tensor
 
 from carecl.config import DataConfig
+from carecl.errors import CareclError
 from carecl.registry import Registry
 
 Samples = Union[list[str], np.ndarray, torch.Tensor]
 Transform = Callable[[object], object]
 
 
-class DatasetError(ValueError):
+class DatasetError(CareclError, ValueError):
     """A dataset is missing or malformed; the message names the path (or config key) at fault."""
 
 
