@@ -330,3 +330,25 @@ def test_clear_errors():
         BRMoEViT(make_vit(), BRMoEConfig(topk_experts=0))
     with pytest.raises(TypeError, match="VisionTransformer"):
         BRMoEViT(nn.Linear(2, 2), BRMoEConfig())
+
+
+def test_routing_trace_records_the_decisions_of_each_block():
+    model = randomise(make_model([3, 2, 2, 2], topk_routers=2, topk_experts=2)).double().eval()
+    x = images()
+    for layer in model.layers:
+        layer.routing_trace = []
+    with torch.no_grad():
+        model(x)
+    vit, layer = model.vit, model.layers[0]
+    z = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    z_a = z + vit.blocks[0].attn(vit.blocks[0].norm1(z))
+    cls = [oracle.adapter(expert, z_a)[:, 0] for expert in layer.experts]
+    expected = torch.stack([oracle.entropy(oracle.perceptron(layer.perceptrons[i], cls[i])) for i in range(4)], 1)
+    record = layer.routing_trace[0]
+    assert all(len(other.routing_trace) == 1 for other in model.layers)
+    torch.testing.assert_close(-record.confidence, expected)
+    assert record.routers.tolist() == expected.argsort(dim=1)[:, :2].tolist()
+    assert record.experts.shape == (3, 2, 2) and record.weights.sum(-1).allclose(torch.ones(3, 2, dtype=torch.float64))
+    # A router created at task i scores experts 0..i only (padding slots carry weight 0).
+    used = record.weights > 0
+    assert (record.experts[used] <= record.routers[..., None].expand_as(used)[used]).all()

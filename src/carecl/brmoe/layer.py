@@ -22,6 +22,21 @@ from carecl.brmoe.routing import expert_mixture, negative_entropy, packed_router
 
 
 @dataclass
+class RoutingRecord:
+    """One forward's routing decisions in one block (detached), for diagnostics.
+
+    routers (B, M') router ids, forced router first in task-known forwards; confidence (B, n)
+    negative perceptron entropies of the candidate routers 0..n-1 (None when nothing was chosen);
+    experts / weights (B, M', K') the experts each selected router mixes and their weights.
+    """
+
+    routers: Tensor
+    confidence: Tensor | None
+    experts: Tensor
+    weights: Tensor
+
+
+@dataclass
 class _ForwardParts:
     """Where one forward reads each part: bank slots [0, n_stacked), the rest live."""
 
@@ -52,6 +67,8 @@ class BRMoELayer(nn.Module):
         # Instrumentation: how many (sample, expert) pairs ran on all tokens in the last forward.
         self.last_token_expert_runs = 0
         self.bank_builds = 0
+        # Set to a list to record a RoutingRecord per forward (diagnostics); None costs nothing.
+        self.routing_trace: list[RoutingRecord] | None = None
         self.register_load_state_dict_post_hook(_invalidate_after_load)
 
     @property
@@ -178,7 +195,9 @@ class BRMoELayer(nn.Module):
         if n_experts == 1:
             # A single expert (task-known task 0, or one task learned): E_0 + Ē, no router involved.
             ones = cls_outputs.new_ones(batch, 1)
-            return torch.zeros_like(ones, dtype=torch.long), ones
+            zeros = torch.zeros_like(ones, dtype=torch.long)
+            self._record(zeros, None, zeros[:, :, None], ones[:, :, None])
+            return zeros, ones
         n_candidates = n_experts if task is None else task
         needs_choice = self.config.topk_routers > (0 if task is None else 1)
         with torch.no_grad():
@@ -189,7 +208,13 @@ class BRMoELayer(nn.Module):
         selected = torch.gather(cls_outputs.transpose(0, 1), 1, index)
         scores = self._router_scores(selected, routers, parts, n_experts)
         experts, weights = expert_mixture(scores, self.config.topk_experts)
+        self._record(routers, confidence if needs_choice else None, experts, weights)
         return experts.flatten(1), weights.flatten(1)
+
+    def _record(self, routers: Tensor, confidence: Tensor | None, experts: Tensor, weights: Tensor) -> None:
+        if self.routing_trace is not None:
+            detached = None if confidence is None else confidence.detach()
+            self.routing_trace.append(RoutingRecord(routers.detach(), detached, experts.detach(), weights.detach()))
 
     def _perceptron_confidence(self, cls_outputs: Tensor, parts: _ForwardParts) -> Tensor:
         """-e_i = -entropy(H_i(c_i)) for the candidate routers: (B, n)."""
