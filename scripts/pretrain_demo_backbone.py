@@ -19,29 +19,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from carecl.data.glyphs import random_strokes, render_glyphs
+
 MODEL_KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}
 ASSET = Path(__file__).resolve().parents[1] / "src" / "carecl" / "assets" / "tiny_vit_glyphs.safetensors"
-
-
-def glyph_images(rng: np.random.Generator, strokes: np.ndarray, per_class: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render every class's strokes (C, S, 2 points, xy) with random affine jitter and noise."""
-    n_classes = len(strokes)
-    labels = np.repeat(np.arange(n_classes), per_class)
-    points = strokes[labels]  # (N, S, 2, 2)
-    angle = rng.uniform(-0.3, 0.3, len(labels))
-    scale = rng.uniform(0.8, 1.15, len(labels))
-    shift = rng.uniform(-0.12, 0.12, (len(labels), 2))
-    rotation = np.stack([np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)], 1).reshape(-1, 1, 1, 2, 2)
-    points = (rotation @ (points[..., None] - 0.5))[..., 0] * scale[:, None, None, None] + 0.5 + shift[:, None, None, :]
-    grid = (np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="xy"), -1) + 0.5) / size  # (H, W, 2)
-    a, b = points[:, :, None, None, 0, :], points[:, :, None, None, 1, :]  # (N, S, 1, 1, 2)
-    ab = b - a
-    t = np.clip(((grid - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6), 0, 1)
-    distance = np.linalg.norm(grid - (a + t[..., None] * ab), axis=-1)  # (N, S, H, W)
-    ink = np.clip(1.5 - distance.min(1) * size, 0, 1)
-    images = ink + rng.normal(0, 0.05, ink.shape)
-    images = np.repeat(np.clip(images, 0, 1)[:, None], 3, axis=1).astype(np.float32)
-    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 def main() -> None:
@@ -53,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    strokes = rng.uniform(0.15, 0.85, (args.classes, 3, 2, 2))
-    images, labels = glyph_images(rng, strokes, args.per_class, MODEL_KWARGS["img_size"])
+    strokes = random_strokes(rng, args.classes)
+    images, labels = render_glyphs(rng, strokes, args.per_class, MODEL_KWARGS["img_size"])
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=args.classes, **MODEL_KWARGS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = args.epochs * (len(labels) // 128)

@@ -104,3 +104,13 @@ def test_iterative_prediction_combines_two_distributions():
     assert torch.allclose(scores.sum(dim=1), torch.full((3,), 2.0), atol=1e-5)
     method.options.iter_pred_max_tasks = 1  # past the cap: single pass
     assert torch.allclose(method.predict(images), method.logits(images))
+
+
+def test_care_learns_generated_glyphs_over_three_tasks(tmp_path):
+    # Glyph classes unseen in the shipped backbone's pre-training, 3 tasks of 2.
+    glyphs = {"dataset": "glyphs", "synthetic_classes": 6, "synthetic_train_per_class": 20, "init_cls": 2, "increment": 2}
+    config = care_config(train={"epochs": 4, "lr": 0.003, "batch_size": 16}, backbone=DEMO_BACKBONE, data=glyphs)
+    summary = run_experiment(config, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [task["n_samples"] for task in metrics["tasks"]] == [12, 24, 36]
+    assert summary.a_last > 70.0  # chance is 1/6

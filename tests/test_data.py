@@ -302,3 +302,18 @@ def test_batches_through_a_dataloader():
     images, labels = next(iter(loader))
     assert images.shape == (16, 3, 8, 8) and set(labels.tolist()) <= {0, 1}
     assert isinstance(data, BenchmarkData)
+
+
+def test_glyphs_are_generated_deterministically_with_named_classes():
+    from carecl.config import DataConfig
+    from carecl.data import build_dataset
+
+    config = DataConfig(dataset="glyphs", synthetic_classes=3, synthetic_train_per_class=4, synthetic_test_per_class=2, image_size=16)
+    first, second = build_dataset(config), build_dataset(config)
+    assert first.class_names == ["glyph0", "glyph1", "glyph2"]
+    assert first.train.samples.shape == (12, 3, 16, 16) and first.test.samples.shape == (6, 3, 16, 16)
+    assert torch.equal(first.train.samples, second.train.samples)
+    assert first.train.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # Classes differ: the mean images of two glyphs are far apart compared with the noise.
+    means = first.train.samples.view(3, 4, -1).mean(1)
+    assert (means[0] - means[1]).abs().mean() > 0.05

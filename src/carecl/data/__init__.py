@@ -15,7 +15,7 @@ from carecl.data.base import (
 )
 
 # Imported for their side effect: each registers its datasets in DATASETS.
-from carecl.data import cifar, digits, imagefolder, synthetic  # noqa: E402,F401  isort: skip
+from carecl.data import cifar, digits, glyphs, imagefolder, synthetic  # noqa: E402,F401  isort: skip
 from carecl.data.transforms import TRANSFORMS_BY_DATASET, TransformPair, transforms_for  # noqa: E402
 
 __all__ = [

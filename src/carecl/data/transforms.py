@@ -101,6 +101,7 @@ TRANSFORMS_BY_DATASET: dict[str, Callable[[], TransformPair]] = {
     "cub": unnormalised_transforms,
     "digits": identity_transforms,
     "synthetic": identity_transforms,
+    "glyphs": identity_transforms,
 }
 
 
