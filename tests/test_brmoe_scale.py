@@ -112,3 +112,54 @@ def test_training_step_is_flat_in_the_number_of_tasks(models):
     large, _ = record(models[300], task=299, train=True)
     assert large.n_ops == small.n_ops
     assert large.largest[0] <= BATCH * CONFIG.topk_routers * 300 * DIM, large.largest
+
+
+def test_task_free_forward_allocates_nothing_of_width_c_per_task(models):
+    """Routing reads r-wide tables: no freshly allocated tensor holds a C-wide row per task and sample."""
+    large, _ = record(models[300])
+    n_experts, rank = 300, CONFIG.expert_dim
+    slots = CONFIG.topk_routers * CONFIG.topk_experts
+    routing = BATCH * CONFIG.topk_routers * n_experts * rank  # the selected routers' r-wide tables
+    dispatch = BATCH * TOKENS * (CONFIG.adapter_dim + slots * rank)  # shared + selected experts on all tokens
+    assert large.largest[0] <= max(routing, dispatch), large.largest
+
+
+def test_folded_tables_hold_no_copy_of_the_routers():
+    """The cached tables keep r/C of the router weights, not a second copy (420 M parameters at 300 ViT-B tasks)."""
+    config = BRMoEConfig(adapter_dim=8, expert_dim=2)
+    model = BRMoEViT(build(0).vit, config)
+    for _ in range(300):
+        model.add_task(CLASSES)
+    with torch.no_grad():
+        model(images())
+    for layer in model.layers:
+        router_bytes = sum(p.numel() * p.element_size() for p in layer.routers.parameters())
+        expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+        # Router tables: (r + 1) / (C + 1) of the routers; folded experts: about the experts' own size.
+        assert layer.frozen_table_bytes() < router_bytes * (config.expert_dim + 1) / (DIM + 1) * 1.3 + expert_bytes * 1.3
+
+
+def test_growing_a_task_does_not_revisit_earlier_tasks():
+    """add_task, and the forward after it, do the same work after 3 tasks as after 300.
+
+    add_task allocates nothing larger than the new router (the mean of earlier experts comes from
+    running sums, not a stack of them); the next forward appends to the tables instead of rebuilding.
+    """
+    small, large = build(3), build(300)
+    growth, forwards = [], []
+    for model in (small, large):
+        model.add_task(CLASSES)  # after invalidate_caches the expert sums are rebuilt once, here
+        with torch.no_grad():
+            model(images())
+        builds = [layer.bank_builds for layer in model.layers]
+        growth.append(OpRecorder())
+        with growth[-1]:
+            model.add_task(CLASSES)
+        forwards.append(OpRecorder())
+        with forwards[-1], torch.no_grad():
+            model(images())
+        assert [layer.bank_builds for layer in model.layers] == builds, "tables rebuilt instead of extended"
+    assert growth[0].n_ops == growth[1].n_ops
+    assert growth[1].largest[0] <= max((large.n_tasks) * DIM, CONFIG.expert_dim * DIM), growth[1].largest
+    # Equal but for the amortised reallocations of the growing tables (a few ops per table, either size).
+    assert abs(forwards[0].n_ops - forwards[1].n_ops) <= 100, (forwards[0].n_ops, forwards[1].n_ops)

@@ -119,6 +119,29 @@ def test_broken_tree_fails_at_build_naming_the_path(tmp_path, break_tree, expect
     assert expected_words in message
 
 
+def test_every_empty_class_folder_is_listed_in_one_error(tmp_path):
+    dataset_dir = make_tree(tmp_path, per_class=1)
+    for split, name in (("train", "apple"), ("train", "zebra"), ("test", "Mango")):
+        for image in (dataset_dir / split / name).iterdir():
+            image.unlink()
+    (dataset_dir / "train" / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"3 class folder\(s\) contain no images") as error:
+        build_dataset(folder_cfg(tmp_path))
+    for folder in ("train/apple", "train/zebra", "test/Mango"):
+        assert str(dataset_dir / folder) in str(error.value)
+
+
+def test_skipping_view_returns_unreadable_files_instead_of_raising(tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"")
+    save_image(tmp_path / "fine.png", "RGB")
+    split = ImageSplit([str(broken), str(tmp_path / "fine.png")], np.array([0, 0]))
+    dataset = TaskDataset(split, np.array([0]), 0, 1, None, skip_unreadable=True)
+    skipped = dataset[0]
+    assert skipped.path == str(broken) and skipped.label == 0 and "cannot identify image" in skipped.reason
+    assert dataset[1][0].shape == (3, 8, 8) and dataset.class_size(0) == 2
+
+
 def test_missing_root_and_dataset_folder_are_named(tmp_path):
     with pytest.raises(DatasetError, match="data.root"):
         build_dataset(DataConfig(dataset="objectnet", root=None))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from carecl import checkpoint
 from carecl.cli import main
 from carecl.engine import Learner, load_learner, run_experiment
 from carecl.evaluation import evaluate
@@ -63,3 +64,27 @@ def test_learner_builds_same_backbone_from_config():
     a, b = Learner.build(config), Learner.build(config)
     for (name, p), q in zip(a.method.backbone.named_parameters(), b.method.backbone.parameters()):
         assert torch.equal(p, q), name
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_load_learner_reads_the_last_finished_task_even_after_a_mid_task_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(method={"name": "care", "adapter_dim": 4, "alignment": {"epochs": 1}},
+                         train={"epochs": 2, "batch_size": 8, "checkpoint_every_epochs": 1})
+
+    def stop_in_task_2(label):
+        if label == "task2/second-half/epoch0/batch0":
+            raise _Stop
+
+    monkeypatch.setattr(checkpoint, "kill_point", stop_in_task_2)
+    with pytest.raises(_Stop):
+        run_experiment(config, tmp_path / "run")
+    run = RunDirectory.open(tmp_path / "run")
+    pointer = run.checkpoints.pointer()
+    assert pointer["resume"] == "learned-0002-phase-1-epoch-0000" and pointer["task_end"] == "learned-0002"
+    learner = load_learner(run)
+    assert learner.method.n_learned_tasks == 2
+    again = evaluate(learner.method, learner.test_loader(4), learner.device, 1, 2)
+    assert again.top1 == pytest.approx(run.metrics()["tasks"][1]["top1"])

@@ -157,8 +157,9 @@ class GaussianClassStatistics:
         self._means: dict[int, torch.Tensor] = {}
         # Covariance (C, C) or variance (C,), ridge included.
         self._seconds: dict[int, torch.Tensor] = {}
-        # Cholesky factor (C, C) or standard deviation (C,); derived, so not in state_dict.
-        self._factors: dict[int, torch.Tensor] = {}
+        # Cholesky factor (C, C) or standard deviation (C,) per class: derived, so not in state_dict.
+        # Each is a row of one stacked table, so alignment reads all classes without copying them.
+        self._factors = _FactorTable()
 
     # -- adding classes
 
@@ -216,7 +217,7 @@ class GaussianClassStatistics:
         self._counts[class_id] = count
         self._means[class_id] = mean.to(self.device, torch.float32)
         self._seconds[class_id] = second.to(self.device, torch.float32)
-        self._factors.pop(class_id, None)
+        self._factors.forget(class_id)
 
     # -- reading
 
@@ -256,7 +257,7 @@ class GaussianClassStatistics:
         """Lower Cholesky factor of the covariance (standard deviations in "variance" mode)."""
         class_id = self._require(class_id)
         self._ensure_factors([class_id])
-        return self._factors[class_id]
+        return self._factors.get(class_id).clone()
 
     # -- sampling
 
@@ -264,7 +265,7 @@ class GaussianClassStatistics:
         missing = [c for c in class_ids if c not in self._factors]
         if self.storage == "variance":
             for c in missing:
-                self._factors[c] = self._seconds[c].sqrt()
+                self._factors.put(c, self._seconds[c].sqrt())
             return
         for start in range(0, len(missing), _CHOLESKY_CHUNK):
             chunk = missing[start : start + _CHOLESKY_CHUNK]
@@ -273,7 +274,7 @@ class GaussianClassStatistics:
             for c, factor, failed, covariance in zip(chunk, factors, info.tolist(), covariances):
                 if failed or not torch.isfinite(factor).all():
                     factor = _jittered_cholesky(c, covariance)
-                self._factors[c] = factor.to(torch.float32)
+                self._factors.put(c, factor.to(torch.float32))
 
     def stacked(self, class_ids: Sequence[int], device: torch.device | str | None = None) -> StackedGaussians:
         """Means and factors of `class_ids` stacked on `device` (one copy, reused across epochs)."""
@@ -285,7 +286,7 @@ class GaussianClassStatistics:
         return StackedGaussians(
             class_ids=torch.tensor(ids, dtype=torch.long, device=device),
             means=torch.stack([self._means[c] for c in ids]).to(device),
-            factors=torch.stack([self._factors[c] for c in ids]).to(device),
+            factors=self._factors.rows(ids).to(device),
         )
 
     def sample(
@@ -329,11 +330,59 @@ class GaussianClassStatistics:
         for name in ("counts", "means", second_key):
             if state[name].shape[0] != len(ids):
                 raise ValueError(f"class statistics state: {name!r} has {state[name].shape[0]} rows for {len(ids)} classes")
-        self._counts, self._means, self._seconds, self._factors = {}, {}, {}, {}
+        self._counts, self._means, self._seconds, self._factors = {}, {}, {}, _FactorTable()
         for row, c in enumerate(ids):
             self._counts[c] = int(state["counts"][row])
             self._means[c] = state["means"][row].to(self.device).clone()
             self._seconds[c] = state[second_key][row].to(self.device).clone()
+
+
+class _FactorTable:
+    """Per-class rows of one stacked (capacity, ...) tensor, in order of first addition.
+
+    Classes added in order 0..n-1 (every benchmark protocol) are read back as a view of the first
+    n rows: alignment at 1000 classes then uses the factors in place instead of stacking 2.4 GB of
+    them on every call. Capacity grows by 1/4 when full; a replaced class reuses its row.
+    """
+
+    def __init__(self) -> None:
+        self.table: torch.Tensor | None = None
+        self.size = 0
+        self.row_of: dict[int, int] = {}
+        self.valid: set[int] = set()
+
+    def __contains__(self, class_id: int) -> bool:
+        return class_id in self.valid
+
+    def forget(self, class_id: int) -> None:
+        self.valid.discard(class_id)
+
+    def get(self, class_id: int) -> torch.Tensor:
+        return self.table[self.row_of[class_id]]
+
+    def put(self, class_id: int, factor: torch.Tensor) -> None:
+        row = self.row_of.get(class_id)
+        if row is None:
+            row = self.row_of[class_id] = self._new_row(factor)
+        self.table[row] = factor
+        self.valid.add(class_id)
+
+    def _new_row(self, like: torch.Tensor) -> int:
+        if self.table is None or self.table.shape[1:] != like.shape or self.table.device != like.device:
+            self.table, self.size, self.row_of, self.valid = like.new_empty((1, *like.shape)), 0, {}, set()
+        if self.size == self.table.shape[0]:
+            grown = self.table.new_empty((self.size + max(1, self.size // 4), *self.table.shape[1:]))
+            grown[: self.size] = self.table[: self.size]
+            self.table = grown
+        self.size += 1
+        return self.size - 1
+
+    def rows(self, class_ids: Sequence[int]) -> torch.Tensor:
+        """(len, ...) factors of `class_ids`: a view when they occupy consecutive rows in order."""
+        rows = [self.row_of[c] for c in class_ids]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.table[rows[0] : rows[0] + len(rows)]
+        return self.table[torch.tensor(rows, device=self.table.device)]
 
 
 def _jittered_cholesky(class_id: int, covariance: torch.Tensor) -> torch.Tensor:
@@ -453,7 +502,9 @@ def align_classifier(
     gaussians = stats.stacked(class_ids, device)
 
     parameters = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    # foreach: one kernel per update for all heads (300+ at B100 Inc3) instead of a Python loop over them.
+    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.scheduler_t_max)
     was_training = classifier.training
     classifier.train()

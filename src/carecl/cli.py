@@ -18,6 +18,9 @@ log = logging.getLogger("carecl")
 # Modules that register further subcommands; each defines `add_command(subparsers)`.
 COMMAND_MODULES = (
     "carecl.report",
+    "carecl.compat.cli",
+    "carecl.diagnostics",
+    "carecl.predict",
 )
 
 DESCRIPTION = """\
@@ -50,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="run a class-incremental experiment from a config file")
-    train.add_argument("--config", type=Path, required=True, help="YAML config, or a release JSON experiment file")
+    train = commands.add_parser("train", help="run a class-incremental experiment from a config file, or resume one")
+    train.add_argument("--config", type=Path, help="YAML config, or a release JSON experiment file")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue a killed run from its last checkpoint (its config.yaml is the config; "
+                            "--set may change only data.root, data.num_workers, data.strict, train.device, "
+                            "train.progress, train.checkpoint_every_epochs)")
+    train.add_argument("--strict-data", action="store_true",
+                       help="stop at the first unreadable image (data.strict=true) instead of skipping and counting it")
     add_config_arguments(train)
     train.set_defaults(handler=command_train)
 
@@ -69,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    config, report = load_config_with_report(args.config, args.overrides)
-    if report is not None:
-        print(report.format())
+    overrides = [*args.overrides, *(["data.strict=true"] if args.strict_data else [])]
+    if args.resume is None and args.config is None:
+        raise CareclError("carecl train needs --config FILE (a new run) or --resume RUN_DIR (continue one)")
+    if args.resume is not None and args.output is not None and args.output.resolve() != args.resume.resolve():
+        raise CareclError(f"--output {args.output} and --resume {args.resume} disagree: a resumed run stays in its directory")
+    config = None
+    if args.config is not None:
+        config, report = load_config_with_report(args.config, overrides)
+        if report is not None:
+            print(report.format())
+    if args.resume is not None:
+        return run_and_report(config, args.resume, resume=True, overrides=overrides)
     return run_and_report(config, args.output or default_output(config.method.name))
 
 
@@ -80,27 +98,31 @@ def command_demo(args: argparse.Namespace) -> int:
     return run_and_report(config, args.output or default_output("demo"))
 
 
-def run_and_report(config, output: Path) -> int:
-    from carecl.engine import run_experiment
+def run_and_report(config, output: Path, resume: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """Run (or with `resume`, continue: `config` then only checks) an experiment and print its accuracy table."""
+    from carecl.engine import resume_experiment, run_experiment
     from carecl.report_text import accuracy_table
 
-    summary = run_experiment(config, output)
+    summary = resume_experiment(output, config, overrides) if resume else run_experiment(config, output)
     print(accuracy_table(summary))
     print(f"run directory: {output}")
     return 0
 
 
 def command_eval(args: argparse.Namespace) -> int:
+    from carecl.compat.reference import open_run
     from carecl.engine import load_learner
     from carecl.evaluation import evaluate
-    from carecl.rundir import RunDirectory
 
-    run = RunDirectory.open(args.run)
+    run = open_run(args.run)  # RunDirectory.open, plus run-relative weights files (imported runs)
     learner = load_learner(run)
     task = learner.scenario.task(learner.method.n_learned_tasks - 1)
     result = evaluate(learner.method, learner.test_loader(task.high), learner.device, task.index, learner.config.eval.topk)
-    recorded = run.metrics()["tasks"][task.index]["top1"]
-    print(f"after task {task.index + 1}/{learner.scenario.n_tasks}: top1 {result.top1:.2f} (recorded {recorded:.2f}), "
+    try:
+        recorded = f"{run.metrics()['tasks'][task.index]['top1']:.2f}"
+    except (FileNotFoundError, IndexError, KeyError):
+        recorded = "-"  # an imported run (carecl import-reference) has no recorded metrics
+    print(f"after task {task.index + 1}/{learner.scenario.n_tasks}: top1 {result.top1:.2f} (recorded {recorded}), "
           f"top{result.k} {result.topk:.2f}, old {result.old_accuracy:.2f}, new {result.new_accuracy:.2f}")
     return 0
 

@@ -40,6 +40,8 @@ class DataConfig:
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
     num_workers: int = 0
+    # Unreadable image files: false = skip and count them (metrics.json), true = stop naming the file.
+    strict: bool = False
 
 
 @dataclass
@@ -65,6 +67,8 @@ class TrainConfig:
     # "auto" picks CUDA when available.
     device: str = "auto"
     progress: bool = True
+    # Also checkpoint inside a task, every N epochs of a phase and after each phase; 0 = only after each task.
+    checkpoint_every_epochs: int = 0
 
 
 @dataclass
@@ -80,6 +84,19 @@ class MethodConfig:
     name: str = "simplecil"
 
 
+@dataclass
+class LoggingConfig:
+    # Losses, learning rate and per-task accuracy as TensorBoard scalars in RUN_DIR/tensorboard/
+    # (needs the `tensorboard` package: pip install "carecl[tensorboard]").
+    tensorboard: bool = False
+    # Write the training scalars of every n-th optimiser step.
+    every_n_steps: int = 1
+
+    def validate(self) -> None:
+        if self.every_n_steps <= 0:
+            raise ConfigError(f"logging.every_n_steps must be positive, got {self.every_n_steps}")
+
+
 # Method name -> its config dataclass (a MethodConfig subclass); filled by carecl.methods.
 METHOD_CONFIGS: Registry[type] = Registry("method")
 
@@ -92,6 +109,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # ---------------------------------------------------------------- parsing

@@ -13,12 +13,14 @@ from carecl.metrics import TaskEvaluation
 
 @torch.no_grad()
 def collect_scores(method: Method, loader: DataLoader, device: torch.device, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Class scores and targets over a loader, with the learner in eval mode."""
+    """Class scores and targets over a loader, with the learner in eval mode (unreadable images skipped)."""
     method.eval()
     scores, targets = [], []
     for images, labels in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
         scores.append(method.predict(images.to(device, non_blocking=True)).float().cpu().numpy())
         targets.append(labels.numpy())
+    if not scores:  # every image skipped: accuracies come out NaN rather than crashing
+        return np.zeros((0, method.n_seen_classes), dtype=np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(scores), np.concatenate(targets)
 
 

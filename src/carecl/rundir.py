@@ -1,111 +1,230 @@
-"""The run directory: resolved config, metrics, log and the learner's state after each task."""
+"""The run directory: resolved config, metrics, log and crash-safe checkpoints (see carecl.checkpoint)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+import yaml
+from safetensors.torch import load_file
 
-from carecl.config import ExperimentConfig, load_config, save_config
+from carecl.checkpoint import (
+    CHECKPOINTS_DIR,
+    LEARNER_INFO,
+    LEARNER_TENSORS,
+    TRAINER_INFO,
+    TRAINER_TENSORS,
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    atomic_write_bytes,
+    json_safe,
+    write_error,
+)
+from carecl.config import ExperimentConfig, config_to_dict, load_config
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary, TaskEvaluation
+
+__all__ = ["RunDirectory", "RunDirectoryError", "CheckpointError", "atomic_write_bytes"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
-STATE_FILE = "learner.safetensors"
-STATE_INFO = "learner.json"
+# Copies (hard links) of the last finished task's learner, for tools that read the run's root.
+STATE_FILE = LEARNER_TENSORS
+STATE_INFO = LEARNER_INFO
 LOG_FILE = "log.txt"
+LOCK_FILE = ".lock"
 
 
 class RunDirectoryError(CareclError, ValueError):
-    """A run directory is missing, incomplete, or holds a different run."""
+    """A run directory is missing, incomplete, busy, or holds a different run."""
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write via a temporary file, fsync and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN is not JSON: write it as null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+_json_safe = json_safe  # the former private name
 
 
 class RunDirectory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.checkpoints = CheckpointStore(self.path)
+
+    # ---- creating and opening -------------------------------------------------------
+    @staticmethod
+    def holds_run(path: str | Path) -> bool:
+        path = Path(path)
+        return any((path / name).exists() for name in (CONFIG_FILE, METRICS_JSON, CHECKPOINTS_DIR))
+
+    @classmethod
+    def check_available(cls, path: str | Path) -> None:
+        """Fail before any work if `path` holds a run or cannot be created/written."""
+        path = Path(path)
+        if cls.holds_run(path):
+            raise RunDirectoryError(
+                f"output directory {path} already holds a run; choose another --output, "
+                f"or continue it with `carecl train --resume {path}`"
+            )
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RunDirectoryError(f"output directory {path}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise RunDirectoryError(f"output directory {path}: {existing} is not writable")
 
     @classmethod
     def create(cls, path: str | Path, config: ExperimentConfig) -> "RunDirectory":
+        cls.check_available(path)
         run = cls(path)
-        if (run.path / CONFIG_FILE).exists() or (run.path / METRICS_JSON).exists():
-            raise RunDirectoryError(f"output directory {run.path} already holds a run; choose another --output")
-        run.path.mkdir(parents=True, exist_ok=True)
-        save_config(config, run.path / CONFIG_FILE)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(run.path, error) from None
+        atomic_write_bytes(run.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
         return run
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDirectory":
+        """A run directory with at least one finished task (for evaluation and export)."""
         run = cls(path)
-        for name in (CONFIG_FILE, STATE_FILE, STATE_INFO):
-            if not (run.path / name).is_file():
-                raise RunDirectoryError(f"{run.path / name} not found: not a finished carecl run directory")
+        if not (run.path / CONFIG_FILE).is_file():
+            raise RunDirectoryError(f"{run.path / CONFIG_FILE} not found: not a carecl run directory")
+        pointer = run.checkpoints.pointer()
+        if pointer is None and not run._has_legacy_state():
+            raise RunDirectoryError(f"{run.path} holds no checkpoint ({run.checkpoints.pointer_path} not found): "
+                                    "not a finished carecl run directory")
+        if pointer is not None and pointer.get("task_end") is None:
+            raise RunDirectoryError(f"{run.path} has no finished task yet (only a mid-task checkpoint); "
+                                    f"continue it with `carecl train --resume {run.path}`")
         return run
 
     def config(self) -> ExperimentConfig:
         return load_config(self.path / CONFIG_FILE)
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run directory (two processes must never train one run)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks
+            yield
+            return
+        path = self.path / LOCK_FILE
+        try:
+            handle = open(path, "a")
+        except OSError as error:
+            raise write_error(path, error) from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RunDirectoryError(f"run directory {self.path} is in use by another carecl process ({path} is locked)") from None
+            yield
+        finally:
+            handle.close()
+
+    # ---- metrics --------------------------------------------------------------------
     def write_metrics(self, evaluations: list[TaskEvaluation], extra: dict[str, Any]) -> RunSummary:
         summary = RunSummary.from_evaluations(evaluations)
         document = {"summary": summary.__dict__, "tasks": [e.__dict__ for e in evaluations], **extra}
-        atomic_write_bytes(self.path / METRICS_JSON, json.dumps(_json_safe(document), indent=2).encode())
+        atomic_write_bytes(self.path / METRICS_JSON, json.dumps(json_safe(document), indent=2).encode())
         atomic_write_bytes(self.path / METRICS_CSV, metrics_csv(evaluations).encode())
         return summary
 
-    def save_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-        buffer = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        temporary = self.path / f".{STATE_FILE}.tmp"
-        save_file(buffer, str(temporary))
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, self.path / STATE_FILE)
-        atomic_write_bytes(self.path / STATE_INFO, json.dumps(_json_safe(info), indent=2).encode())
-
-    def load_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        try:
-            tensors = load_file(str(self.path / STATE_FILE))
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-            raise RunDirectoryError(f"{self.path / STATE_FILE} is unreadable: {error}") from None
-        info = json.loads((self.path / STATE_INFO).read_text())
-        return tensors, info
-
     def metrics(self) -> dict[str, Any]:
         return json.loads((self.path / METRICS_JSON).read_text())
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def save_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        info: dict[str, Any],
+        *,
+        trainer_tensors: dict[str, torch.Tensor] | None = None,
+        trainer_info: dict[str, Any] | None = None,
+    ) -> str:
+        """Write a checkpoint (learner tensors + info; the engine adds its trainer state) and switch to it.
+
+        `info["position"]` (engine only) marks a mid-task checkpoint: a resume point, not a finished task.
+        The previous checkpoint stays valid until the new one is complete. Returns the checkpoint's name.
+        """
+        position = info.get("position")
+        task_end = position is None
+        name = checkpoint_name(int(info["n_learned_tasks"]), position)
+        files_tensors = {LEARNER_TENSORS: tensors}
+        documents: dict[str, Any] = {LEARNER_INFO: info}
+        if trainer_tensors is not None:
+            files_tensors[TRAINER_TENSORS] = trainer_tensors
+        if trainer_info is not None:
+            documents[TRAINER_INFO] = trainer_info
+        written = self.checkpoints.write(name, files_tensors, documents, task_end=task_end)
+        if task_end:
+            self._mirror_learner(written)
+        return written
+
+    def load_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The learner of the last finished task: (tensors, info), verified against the manifest."""
+        if self.checkpoints.exists():
+            checkpoint = self.checkpoints.open("task_end")
+            if checkpoint is None:
+                raise RunDirectoryError(f"{self.path} has no finished task yet (only a mid-task checkpoint)")
+            return checkpoint.tensors(LEARNER_TENSORS), checkpoint.document(LEARNER_INFO)
+        if self._has_legacy_state():  # written before checkpoints/ existed: no manifest to check
+            try:
+                tensors = load_file(str(self.path / STATE_FILE))
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{self.path / STATE_FILE} is unreadable: {error}") from None
+            return tensors, json.loads((self.path / STATE_INFO).read_text())
+        raise RunDirectoryError(f"{self.path} holds no checkpoint ({self.checkpoints.pointer_path} not found)")
+
+    def resume_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint (possibly mid-task), verified; None when none was written yet."""
+        return self.checkpoints.open("resume")
+
+    def _has_legacy_state(self) -> bool:
+        return (self.path / STATE_FILE).is_file() and (self.path / STATE_INFO).is_file()
+
+    def _mirror_learner(self, name: str) -> None:
+        """Hard-link (or copy) the finished task's learner files to the run's root, atomically per file."""
+        for file in (LEARNER_TENSORS, LEARNER_INFO):
+            source, target = self.checkpoints.root / name / file, self.path / file
+            temporary = self.path / f".{file}.tmp"
+            try:
+                temporary.unlink(missing_ok=True)
+                try:
+                    os.link(source, temporary)
+                except OSError:  # no hard links on this filesystem
+                    shutil.copyfile(source, temporary)
+                os.replace(temporary, target)
+            except OSError as error:
+                temporary.unlink(missing_ok=True)
+                raise write_error(target, error) from None
+
+    def repair_mirror(self) -> None:
+        """Re-link the root learner files if a crash came between a checkpoint and its mirror."""
+        pointer = self.checkpoints.pointer()
+        if not pointer or not pointer.get("task_end"):
+            return
+        source = self.checkpoints.root / str(pointer["task_end"]) / LEARNER_TENSORS
+        target = self.path / LEARNER_TENSORS
+        if not (target.is_file() and source.is_file() and os.path.samefile(source, target)):
+            self._mirror_learner(str(pointer["task_end"]))
+
+
+def checkpoint_name(n_learned_tasks: int, position: dict[str, int] | None) -> str:
+    """`learned-0003` after three tasks; `learned-0003-phase-1-epoch-0004` inside the fourth."""
+    name = f"learned-{n_learned_tasks:04d}"
+    if position is None:
+        return name
+    return f"{name}-phase-{position['phase']}-epoch-{position['epoch']:04d}"
 
 
 def metrics_csv(evaluations: list[TaskEvaluation]) -> str:
@@ -124,5 +243,3 @@ def metrics_csv(evaluations: list[TaskEvaluation]) -> str:
 
 def _fmt(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.4f}"
-
-

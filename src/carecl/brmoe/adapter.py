@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +86,30 @@ def normalise(x: Tensor) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
 
 
+def parameter_sums(experts: Sequence[Adapter]) -> list[Tensor]:
+    """Σ over `experts` of each parameter (the order of `parameter_tensors`), in float64."""
+    with torch.no_grad():
+        sums = [p.detach().to(torch.float64, copy=True) for p in experts[0].parameter_tensors()]
+        for expert in experts[1:]:
+            add_parameters(sums, expert)
+    return sums
+
+
+def add_parameters(sums: list[Tensor], expert: Adapter) -> None:
+    with torch.no_grad():
+        for total, parameter in zip(sums, expert.parameter_tensors()):
+            total.add_(parameter.detach().to(torch.float64))
+
+
 @torch.no_grad()
-def initialise_from_mean(expert: Adapter, earlier: list[Adapter]) -> None:
-    """Every parameter of `expert` := element-wise mean of that parameter over `earlier`."""
-    columns = zip(*(adapter.parameter_tensors() for adapter in earlier))
-    for parameter, column in zip(expert.parameter_tensors(), columns):
-        stacked = torch.stack(column).flatten(1)
-        # The mean as one matrix-vector product: CPU reductions over a stacked leading dim are slow.
-        uniform = stacked.new_full((len(earlier),), 1.0 / len(earlier))
-        parameter.copy_(torch.mv(stacked.t(), uniform).view_as(parameter))
+def initialise_from_mean(expert: Adapter, sums: Sequence[Tensor], count: int) -> None:
+    """Every parameter of `expert` := element-wise mean of that parameter over `count` experts.
+
+    `sums` are those experts' float64 parameter sums (`parameter_sums`), kept up to date as
+    experts are added, so creating an expert costs O(1 expert) however many exist.
+    """
+    for parameter, total in zip(expert.parameter_tensors(), sums):
+        parameter.copy_(total / count)
 
 
 def make_router(dim: int, n_experts: int) -> nn.Linear:
@@ -108,9 +124,3 @@ def make_perceptron(dim: int, n_classes: int) -> nn.Sequential:
     """H_i = LayerNorm(C) then Linear(C -> n_i); indices 0/1 mirror the release's `latent_head.i.0/1`."""
     # The spec gives no init for these; PyTorch's defaults are used.
     return nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, n_classes))
-
-
-def fold_perceptron(perceptron: nn.Sequential) -> tuple[Tensor, Tensor]:
-    """(weight (n, C), bias (n,)) such that H(c) = normalise(c) · weightᵀ + bias."""
-    norm, linear = perceptron[0], perceptron[1]
-    return linear.weight * norm.weight, linear.weight @ norm.bias + linear.bias

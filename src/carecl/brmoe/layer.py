@@ -1,9 +1,11 @@
 """The BR-MoE layer of one ViT block: shared adapter, task experts, routers, class perceptrons.
 
 Sparse and exact: routing reads only the CLS token (adapters are token-wise, so
-c_i = E_i(z_a)[CLS] = E_i(z_a[CLS])); only the at most M·K experts a sample routes to are
-applied to its tokens, and never as a (batch, experts, tokens, C) tensor. The op sequence of a
-forward does not depend on the number of tasks.
+c_i = E_i(z_a)[CLS] = E_i(z_a[CLS])), and only through r-wide tables folded once per task
+(`bank.py`): per expert and sample, routing costs one r-wide hidden vector, never a C-wide
+output. Only the at most M·K experts a sample routes to are applied to its tokens, and never as
+a (batch, experts, tokens, C) tensor. The op sequence of a forward does not depend on the
+number of tasks.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.brmoe.adapter import (Adapter, FoldedAdapter, initialise_from_mean, make_perceptron, make_router,
-                                  normalise)
+from carecl.brmoe.adapter import (LAYER_NORM_EPS, Adapter, FoldedAdapter, add_parameters, initialise_from_mean,
+                                  make_perceptron, make_router, normalise, parameter_sums)
 from carecl.brmoe.bank import PartsBank, parameter_version
 from carecl.brmoe.config import BRMoEConfig
 from carecl.brmoe.routing import expert_mixture, negative_entropy, packed_router_scores, select_routers
@@ -50,6 +52,17 @@ class _ForwardParts:
     def newest_index(self) -> int:
         return self.bank.n_tasks - 1
 
+    def is_live(self, expert: int) -> bool:
+        return self.newest is not None and expert == self.newest_index
+
+
+@dataclass
+class _ExpertSums:
+    """Float64 parameter sums of experts [0, count): the mean-initialisation of new experts."""
+
+    count: int
+    sums: list[Tensor]
+
 
 class BRMoELayer(nn.Module):
     def __init__(self, dim: int, config: BRMoEConfig) -> None:
@@ -63,9 +76,11 @@ class BRMoELayer(nn.Module):
         self.dropout = nn.Dropout(config.adapter_dropout)
         self._bank: PartsBank | None = None
         self._shared_fold: tuple[tuple, FoldedAdapter] | None = None
+        self._expert_sums: _ExpertSums | None = None
         self._anchor: list[Tensor] | None = None
         # Instrumentation: how many (sample, expert) pairs ran on all tokens in the last forward.
         self.last_token_expert_runs = 0
+        # Full rebuilds of the frozen tables (growing by a task appends instead).
         self.bank_builds = 0
         # Set to a list to record a RoutingRecord per forward (diagnostics); None costs nothing.
         self.routing_trace: list[RoutingRecord] | None = None
@@ -85,14 +100,24 @@ class BRMoELayer(nn.Module):
         expert, router, perceptron = (m.to(reference.device, reference.dtype) for m in (expert, router, perceptron))
         if index > 1:
             # Release (reproduced on purpose): the mean runs over experts 0..m-2, leaving the most recent out.
-            initialise_from_mean(expert, list(self.experts)[: index - 1])
+            initialise_from_mean(expert, self._earlier_expert_sums(index - 1), index - 1)
         if index > 0:
             for module in (self.experts[-1], self.routers[-1], self.perceptrons[-1]):
                 module.requires_grad_(False)
         self.experts.append(expert)
         self.routers.append(router)
         self.perceptrons.append(perceptron)
-        self.invalidate()
+        self._shared_fold = None
+
+    def _earlier_expert_sums(self, count: int) -> list[Tensor]:
+        """Parameter sums of experts [0, count), all frozen: extended by the experts frozen since."""
+        cached = self._expert_sums
+        if cached is None or cached.count > count:
+            cached = self._expert_sums = _ExpertSums(count, parameter_sums(list(self.experts)[:count]))
+        for expert in list(self.experts)[cached.count:count]:
+            add_parameters(cached.sums, expert)
+        cached.count = count
+        return cached.sums
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         newest = [] if self.n_tasks == 0 else [self.experts[-1], self.routers[-1], self.perceptrons[-1]]
@@ -113,15 +138,23 @@ class BRMoELayer(nn.Module):
 
     # ---- caches ------------------------------------------------------------------------------
     def invalidate(self) -> None:
-        """Drop the stacked parts; call after editing frozen (older tasks') parameters in place."""
+        """Drop the frozen tables; call after editing frozen (older tasks') parameters in place."""
         self._bank = None
         self._shared_fold = None
+        self._expert_sums = None
 
     def _current_bank(self) -> PartsBank:
-        if self._bank is None or not self._bank.matches(self.n_tasks, self.shared.scale):
+        bank = self._bank
+        if bank is None or not bank.matches(self.shared.scale) or bank.n_tasks > self.n_tasks:
             self._bank = PartsBank.build(list(self.experts), list(self.routers), list(self.perceptrons))
             self.bank_builds += 1
+        elif bank.n_tasks < self.n_tasks:
+            bank.extend(list(self.experts), list(self.routers), list(self.perceptrons))
         return self._bank
+
+    def frozen_table_bytes(self) -> int:
+        """Memory held by the folded tables (0 before the first forward), spare capacity included."""
+        return 0 if self._bank is None else self._bank.nbytes()
 
     def _cached_shared_fold(self) -> FoldedAdapter:
         version = parameter_version(self.shared)
@@ -144,12 +177,15 @@ class BRMoELayer(nn.Module):
     def __getstate__(self) -> dict:
         # Copies and pickles leave the caches behind: they are rebuilt on first use.
         state = self.__dict__.copy()
-        state.update(_bank=None, _shared_fold=None)
+        state.update(_bank=None, _shared_fold=None, _expert_sums=None)
         return state
 
     def _apply(self, fn, recurse=True):
+        before = parameter_version(self)
         super()._apply(fn, recurse)
-        self.invalidate()
+        # `.to(device)` on a module already there (the engine does it every task) keeps the tables.
+        if parameter_version(self) != before:
+            self.invalidate()
         if self._anchor is not None:
             self._anchor = [fn(anchor) for anchor in self._anchor]
         return self
@@ -166,47 +202,49 @@ class BRMoELayer(nn.Module):
             self._pull_shared_towards_anchor()
         n_experts = self.n_tasks if task is None else task + 1
         parts = self._forward_parts(n_experts)
-        cls_outputs = self._experts_on_cls(tokens[:, 0], parts, n_experts)
-        perceptron_logits = None if task is None else self.perceptrons[task](cls_outputs[task])
-        experts, weights = self._route(cls_outputs, parts, task)
+        hidden = self._experts_hidden_on_cls(tokens[:, 0], parts, n_experts)
+        perceptron_logits = None if task is None else self.perceptrons[task](self._cls_output(hidden, task, parts))
+        experts, weights = self._route(hidden, parts, task)
         return self._dispatch(tokens, experts, weights, parts), perceptron_logits
 
-    def _experts_on_cls(self, cls: Tensor, parts: _ForwardParts, n_experts: int) -> Tensor:
-        """c_i = E_i(cls) for every expert in use, batched: (E, B, C)."""
+    def _experts_hidden_on_cls(self, cls: Tensor, parts: _ForwardParts, n_experts: int) -> Tensor:
+        """h_i = ReLU(x̂·D_iᵀ + d_i) on the CLS token for every expert in use: (B, E, r)."""
         x = normalise(cls)
-        outputs = []
+        hidden = []
         n_from_bank = min(n_experts, parts.n_stacked)
         if n_from_bank > 0:
-            outputs.append(self._stacked_on_vectors(x, parts.bank.experts, n_from_bank))
+            hidden.append(self._stacked_hidden(x, parts.bank.experts, n_from_bank))
         if parts.newest is not None:
-            outputs.append(self._stacked_on_vectors(x, parts.newest.map(lambda t: t[None]), 1))
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            hidden.append(self._stacked_hidden(x, parts.newest.map(lambda t: t[None]), 1))
+        return torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]
 
-    def _stacked_on_vectors(self, x: Tensor, experts: FoldedAdapter, n: int) -> Tensor:
-        """The first n stacked experts on vectors x (B, C): (n, B, C)."""
+    def _stacked_hidden(self, x: Tensor, experts: FoldedAdapter, n: int) -> Tensor:
+        """Hidden units of the first n stacked experts on vectors x (B, C): (B, n, r)."""
         _, rank, dim = experts.down.shape
         hidden = F.linear(x, experts.down[:n].reshape(n * rank, dim), experts.down_bias[:n].reshape(n * rank))
-        hidden = self.dropout(F.relu(hidden)).view(-1, n, rank).transpose(0, 1)
-        return torch.baddbmm(experts.up_bias[:n, None, :], hidden, experts.up[:n])
+        return self.dropout(F.relu(hidden)).view(-1, n, rank)
 
-    def _route(self, cls_outputs: Tensor, parts: _ForwardParts, task: int | None) -> tuple[Tensor, Tensor]:
+    def _cls_output(self, hidden: Tensor, expert: int, parts: _ForwardParts) -> Tensor:
+        """c_e = h_e·U_e + u_e (B, C): the full CLS output, for one expert only."""
+        folded = parts.newest if parts.is_live(expert) else parts.bank.experts.map(lambda t: t[expert])
+        return torch.addmm(folded.up_bias, hidden[:, expert], folded.up)
+
+    def _route(self, hidden: Tensor, parts: _ForwardParts, task: int | None) -> tuple[Tensor, Tensor]:
         """(expert ids, weights), each (B, S) with S = M'·K' slots per sample."""
-        n_experts, batch = cls_outputs.shape[:2]
+        batch, n_experts = hidden.shape[:2]
         if n_experts == 1:
             # A single expert (task-known task 0, or one task learned): E_0 + Ē, no router involved.
-            ones = cls_outputs.new_ones(batch, 1)
+            ones = hidden.new_ones(batch, 1)
             zeros = torch.zeros_like(ones, dtype=torch.long)
             self._record(zeros, None, zeros[:, :, None], ones[:, :, None])
             return zeros, ones
         n_candidates = n_experts if task is None else task
         needs_choice = self.config.topk_routers > (0 if task is None else 1)
         with torch.no_grad():
-            confidence = (self._perceptron_confidence(cls_outputs[:n_candidates], parts) if needs_choice
-                          else cls_outputs.new_zeros(batch, 0))
+            confidence = (self._perceptron_confidence(hidden[:, :n_candidates], parts) if needs_choice
+                          else hidden.new_zeros(batch, 0))
         routers = select_routers(confidence, self.config.topk_routers, forced_router=task)
-        index = routers[..., None].expand(-1, -1, cls_outputs.shape[-1])
-        selected = torch.gather(cls_outputs.transpose(0, 1), 1, index)
-        scores = self._router_scores(selected, routers, parts, n_experts)
+        scores = self._router_scores(hidden, routers, parts)
         experts, weights = expert_mixture(scores, self.config.topk_experts)
         self._record(routers, confidence if needs_choice else None, experts, weights)
         return experts.flatten(1), weights.flatten(1)
@@ -216,37 +254,48 @@ class BRMoELayer(nn.Module):
             detached = None if confidence is None else confidence.detach()
             self.routing_trace.append(RoutingRecord(routers.detach(), detached, experts.detach(), weights.detach()))
 
-    def _perceptron_confidence(self, cls_outputs: Tensor, parts: _ForwardParts) -> Tensor:
-        """-e_i = -entropy(H_i(c_i)) for the candidate routers: (B, n)."""
-        n = cls_outputs.shape[0]
+    def _perceptron_confidence(self, hidden: Tensor, parts: _ForwardParts) -> Tensor:
+        """-e_i = -entropy(H_i(c_i)) for the candidate routers (hidden (B, n, r)): (B, n)."""
+        n = hidden.shape[1]
         n_from_bank = min(n, parts.n_stacked)
-        x = normalise(cls_outputs[:n_from_bank])
+        h = hidden[:, :n_from_bank].transpose(0, 1)  # (n, B, r)
+        inverse_sigma = self._inverse_cls_sigma(h, parts.bank)
         values = []
         for group in parts.bank.perceptron_groups:
             stop = min(group.stop, n_from_bank)
             if stop <= group.start:
                 break
-            count = stop - group.start
-            weight = group.weight[:count].transpose(1, 2)
-            logits = torch.baddbmm(group.bias[:count, None, :], x[group.start:stop], weight)
+            count, rows = stop - group.start, slice(group.start, stop)
+            centred = torch.baddbmm(group.offsets.data[:count, None, :], h[rows], group.products.data[:count])
+            logits = centred * inverse_sigma[rows, :, None] + group.bias.data[:count, None, :]
             values.append(negative_entropy(logits))
         if n > n_from_bank:
-            values.append(negative_entropy(self.perceptrons[n - 1](cls_outputs[n - 1]))[None])
+            c_newest = self._cls_output(hidden, n - 1, parts)
+            values.append(negative_entropy(self.perceptrons[n - 1](c_newest))[None])
         return (torch.cat(values) if len(values) > 1 else values[0]).t()
 
-    def _router_scores(self, inputs: Tensor, routers: Tensor, parts: _ForwardParts, n_experts: int) -> Tensor:
-        """r = R_ρ(c_ρ) for each selected router ρ, -inf padded to n_experts: (B, M', E)."""
-        batch, n_routers, dim = inputs.shape
-        flat_inputs, flat_routers = inputs.reshape(-1, dim), routers.reshape(-1)
-        bank = parts.bank
-        index = bank.router_index[flat_routers, :n_experts]
-        scores = packed_router_scores(flat_inputs, bank.router_rows, bank.router_bias, index)
+    def _inverse_cls_sigma(self, h: Tensor, bank: PartsBank) -> Tensor:
+        """1 / sqrt(var(c_i) + eps) from the LayerNorm quadratic form, in float64: (n, B) in h's dtype."""
+        quadratic, linear, constant = (t[: h.shape[0]] for t in bank.norm_tables)
+        h64 = h.to(torch.float64)
+        energy = (torch.baddbmm(linear[:, None, :], h64, quadratic) * h64).sum(-1) + constant[:, None]
+        variance = energy.clamp_min(0.0) / self.dim
+        return torch.rsqrt(variance + LAYER_NORM_EPS).to(h.dtype)
+
+    def _router_scores(self, hidden: Tensor, routers: Tensor, parts: _ForwardParts) -> Tensor:
+        """r = R_ρ(c_ρ) for each selected router ρ, -inf padded to the experts in use: (B, M', E)."""
+        batch, n_routers = routers.shape
+        n_experts = hidden.shape[1]
+        selected = torch.gather(hidden, 1, routers[..., None].expand(-1, -1, hidden.shape[-1]))
+        products, offsets = parts.bank.router_tables
+        scores = packed_router_scores(selected.reshape(batch * n_routers, -1), products, offsets,
+                                      routers.reshape(-1), n_experts).view(batch, n_routers, n_experts)
         if parts.newest is not None:
             # The newest router is live (trainable) and scores every expert: applied directly.
             newest = self.routers[-1]
-            live = F.linear(flat_inputs, newest.weight, newest.bias)
-            scores = torch.where((flat_routers == parts.newest_index)[:, None], live, scores)
-        return scores.view(batch, n_routers, n_experts)
+            live = F.linear(self._cls_output(hidden, parts.newest_index, parts), newest.weight, newest.bias)
+            scores = torch.where((routers == parts.newest_index)[..., None], live[:, None, :], scores)
+        return scores
 
     def _dispatch(self, tokens: Tensor, experts: Tensor, weights: Tensor, parts: _ForwardParts) -> Tensor:
         """Ē(x) + Σ_s w_s E_{e_s}(x) as two batched matmuls over the (shared + S slots) bottlenecks."""

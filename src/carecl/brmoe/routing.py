@@ -5,9 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Largest gathered router block (slots x width x channels) materialised at once.
-GATHER_BUDGET_ELEMENTS = 1 << 24
-
 
 def negative_entropy(logits: Tensor) -> Tensor:
     """Σ p log(p + 1e-10) over the last dimension (the release's entropy, negated)."""
@@ -30,45 +27,21 @@ def select_routers(negative_entropies: Tensor, n_routers: int, forced_router: in
     return torch.cat([forced, chosen], dim=1)
 
 
-class _PackedRouterScores(torch.autograd.Function):
-    """scores[s, j] = rows[index[s, j]] · inputs[s] + bias[index[s, j]], rows frozen.
+def packed_router_index(routers: Tensor, n_experts: int) -> Tensor:
+    """(S, n_experts) rows of the packed router tables for routers (S,): row 0 (padding) if j > ρ."""
+    experts = torch.arange(n_experts, device=routers.device)[None, :]
+    first = 1 + routers[:, None] * (routers[:, None] + 1) // 2
+    return torch.where(experts <= routers[:, None], first + experts, 0)
 
-    The gathered (slots, width, C) block is rebuilt in backward rather than kept alive between
-    forward and backward: at 300 tasks it would hold ~30 MB per block per step (ViT-B, batch 32).
+
+def packed_router_scores(hidden: Tensor, products: Tensor, offsets: Tensor, routers: Tensor, n_experts: int) -> Tensor:
+    """R_ρ(c_ρ) = h_ρ·Q_ρ + o_ρ for each slot's router ρ (S,) from its expert's CLS hidden h_ρ (S, r).
+
+    Only the selected routers' r-wide tables are gathered, (S, n_experts, r): no (tasks, tasks, C)
+    tensor is ever built. Padding entries (experts newer than the router) score -inf.
     """
-
-    @staticmethod
-    def forward(ctx, inputs: Tensor, rows: Tensor, bias: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(rows, index)
-        ctx.input_dtype = inputs.dtype
-        chunks = _chunks(index, rows.shape[-1])
-        scores = [torch.bmm(rows[index[c]].to(inputs.dtype), inputs[c, :, None]).squeeze(-1) for c in chunks]
-        return (scores[0] if len(scores) == 1 else torch.cat(scores)) + bias[index]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        rows, index = ctx.saved_tensors
-        grad_inputs = None
-        if ctx.needs_input_grad[0]:
-            chunks = _chunks(index, rows.shape[-1])
-            parts = [torch.bmm(grad[c, None, :].to(rows.dtype), rows[index[c]]).squeeze(1) for c in chunks]
-            grad_inputs = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(ctx.input_dtype)
-        return grad_inputs, None, None, None
-
-
-def _chunks(index: Tensor, dim: int) -> list[slice]:
-    slots, width = index.shape
-    step = max(1, GATHER_BUDGET_ELEMENTS // max(1, width * dim))
-    return [slice(start, start + step) for start in range(0, slots, step)]
-
-
-def packed_router_scores(inputs: Tensor, rows: Tensor, bias: Tensor, index: Tensor) -> Tensor:
-    """Scores (S, width) of each slot's router on `inputs` (S, C); `index` (S, width) picks rows.
-
-    Only the selected routers are evaluated, straight from the packed table: no dense
-    (tasks, tasks, C) router tensor is ever built. Padding rows score -inf.
-    """
-    return _PackedRouterScores.apply(inputs, rows, bias, index)
+    index = packed_router_index(routers, n_experts)
+    return torch.bmm(products[index], hidden[:, :, None]).squeeze(-1) + offsets[index]
 
 
 def expert_mixture(scores: Tensor, topk_experts: int) -> tuple[Tensor, Tensor]:

@@ -10,18 +10,22 @@ A split holds its samples in one of three kinds, chosen by the loader that built
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.functional import to_tensor
 
 from carecl.config import DataConfig
 from carecl.errors import CareclError
 from carecl.registry import Registry
+
+# Unreadable files listed by name in the metrics (the count is always complete).
+MAX_LISTED_FILES = 20
 
 Samples = Union[list[str], np.ndarray, torch.Tensor]
 Transform = Callable[[object], object]
@@ -91,15 +95,34 @@ def load_rgb_image(path: str) -> Image.Image:
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
             return image.convert("RGB")
-    except OSError as error:
-        raise DatasetError(f"cannot read image {path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a corrupt file can raise OSError, ValueError, SyntaxError, ...
+        raise UnreadableImageError(path, f"{type(error).__name__}: {error}") from None
+
+
+class UnreadableImageError(DatasetError):
+    """An image file cannot be opened or decoded (missing, empty, truncated, not an image)."""
+
+    def __init__(self, path: str, reason: str = "") -> None:
+        # One argument: a DataLoader worker's re-raise passes the whole message.
+        super().__init__(f"cannot read image {path}: {reason}" if reason else path)
+        self.path, self.reason = path, reason
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """What TaskDataset returns, instead of raising, for an image file it cannot read."""
+
+    path: str
+    label: int
+    reason: str
 
 
 class TaskDataset(Dataset):
     """Samples of one split whose *mapped* labels (positions in the class order) are in [low, high).
 
     `label_map[original_id]` is the class's position in the class order; items are
-    ``(image (3, H, W) float32, mapped_label int)``.
+    ``(image (3, H, W) float32, mapped_label int)``. An unreadable image file raises DatasetError,
+    or with `skip_unreadable` comes back as an `UnreadableImage` (see `collate_readable`).
     """
 
     def __init__(
@@ -109,6 +132,7 @@ class TaskDataset(Dataset):
         low: int,
         high: int,
         transform: Transform | None,
+        skip_unreadable: bool = False,
     ) -> None:
         label_map = np.asarray(label_map, dtype=np.int64)
         if len(split) and split.targets.max() >= len(label_map):
@@ -118,6 +142,8 @@ class TaskDataset(Dataset):
             )
         self.split = split
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self._class_sizes: np.ndarray | None = None
         mapped = label_map[split.targets]
         self.indices = np.flatnonzero((mapped >= low) & (mapped < high))
         self.labels = mapped[self.indices]
@@ -125,14 +151,25 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int] | UnreadableImage:
         index = int(self.indices[position])
-        image = self._raw_image(index)
+        try:
+            image = self._raw_image(index)
+        except UnreadableImageError as error:
+            if not self.skip_unreadable:
+                raise
+            return UnreadableImage(error.path, int(self.labels[position]), error.reason)
         if self.transform is not None:
             image = self.transform(image)
         if isinstance(image, Image.Image):
             image = to_tensor(image)
         return image.to(torch.float32), int(self.labels[position])
+
+    def class_size(self, label: int) -> int:
+        """Samples of mapped class `label` in this view."""
+        if self._class_sizes is None:
+            self._class_sizes = np.bincount(self.labels) if len(self.labels) else np.zeros(0, dtype=np.int64)
+        return int(self._class_sizes[label]) if 0 <= label < len(self._class_sizes) else 0
 
     def _raw_image(self, index: int) -> Image.Image | torch.Tensor:
         samples = self.split.samples
@@ -141,6 +178,70 @@ class TaskDataset(Dataset):
         if isinstance(samples, np.ndarray):
             return Image.fromarray(samples[index]).convert("RGB")
         return load_rgb_image(samples[index])
+
+
+def collate_readable(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[UnreadableImage]]:
+    """default_collate over the readable items; unreadable ones are passed on apart (a batch may hold none)."""
+    readable = [item for item in items if not isinstance(item, UnreadableImage)]
+    unreadable = [item for item in items if isinstance(item, UnreadableImage)]
+    if not readable:
+        return None, None, unreadable
+    images, labels = default_collate(readable)
+    return images, labels, unreadable
+
+
+class SkippedImages:
+    """Unreadable images met while learning one task: skipped, counted once per file, summarised.
+
+    A class whose every image in a view turns out unreadable is an error (nothing could be learned
+    or measured for it), naming its folder.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+        self._by_class: dict[tuple[int, int], set[str]] = {}
+
+    def record(self, dataset: "TaskDataset", item: UnreadableImage) -> None:
+        self.files.setdefault(item.path, item.reason)
+        skipped = self._by_class.setdefault((id(dataset.split), item.label), set())
+        skipped.add(item.path)
+        if len(skipped) == dataset.class_size(item.label):
+            raise DatasetError(
+                f"every image of class folder {os.path.dirname(item.path)} is unreadable "
+                f"({len(skipped)} files; e.g. {item.reason})"
+            )
+
+    def summary(self) -> dict[str, object]:
+        """{"count": n, "files": {path: reason, ... first 20}} for the metrics."""
+        shown = dict(sorted(self.files.items())[:MAX_LISTED_FILES])
+        return {"count": len(self.files), "files": shown}
+
+    def reset(self, files: dict[str, str] | None = None) -> None:
+        self.files = dict(files or {})
+        self._by_class = {}
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader yielding ``(images, labels)`` whose unreadable images are dropped and recorded.
+
+    A batch with no readable image is not yielded at all. Needs a TaskDataset built with
+    `skip_unreadable=True`; `skipped` is shared by the loaders of a learner.
+    """
+
+    def __init__(self, dataset: "TaskDataset", skipped: SkippedImages, **kwargs) -> None:
+        super().__init__(dataset, collate_fn=collate_readable, **kwargs)
+        self.skipped = skipped
+
+    def __iter__(self):
+        # DataLoader's iterator is made here, not lazily: it draws its seed at iter() time, as a plain one does.
+        return self._readable_batches(super().__iter__())
+
+    def _readable_batches(self, batches):
+        for images, labels, unreadable in batches:
+            for item in unreadable:
+                self.skipped.record(self.dataset, item)
+            if images is not None:
+                yield images, labels
 
 
 # Dataset name -> builder(cfg: DataConfig) -> BenchmarkData; filled by the sibling modules.

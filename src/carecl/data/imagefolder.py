@@ -20,6 +20,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 
+# Problem folders named in one error message (the count is always complete).
+MAX_LISTED_FOLDERS = 10
+
 # Canonical name (also the folder name under root) -> aliases used by the release configs.
 IMAGE_FOLDER_BENCHMARKS: dict[str, tuple[str, ...]] = {
     "imagenet-r": ("imagenetr",),
@@ -45,10 +48,7 @@ def list_class_folders(split_dir: Path) -> dict[str, str]:
 def list_images(class_dir: str) -> list[str]:
     """Sorted image paths directly inside one class folder (sorted, so runs are reproducible)."""
     with os.scandir(class_dir) as entries:
-        paths = [e.path for e in entries if is_image_file(e.name) and e.is_file()]
-    if not paths:
-        raise DatasetError(f"class folder {class_dir} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return sorted(paths)
+        return sorted(e.path for e in entries if is_image_file(e.name) and e.is_file())
 
 
 def resolve_dataset_dir(root: str | None, folder_name: str) -> Path:
@@ -89,26 +89,37 @@ def split_class_folders(dataset_dir: Path) -> tuple[dict[str, str], dict[str, st
     return train, test
 
 
-def scan_split(class_folders: dict[str, str], class_names: list[str]) -> ImageSplit:
+def scan_split(class_folders: dict[str, str], class_names: list[str]) -> tuple[ImageSplit, list[str]]:
+    """Every class folder's images, and the class folders that hold none."""
     paths: list[str] = []
     targets: list[np.ndarray] = []
+    empty: list[str] = []
     for class_id, name in enumerate(class_names):
         images = list_images(class_folders[name])
+        if not images:
+            empty.append(class_folders[name])
         paths.extend(images)
         targets.append(np.full(len(images), class_id, dtype=np.int64))
-    return ImageSplit(samples=paths, targets=np.concatenate(targets))
+    return ImageSplit(samples=paths, targets=np.concatenate(targets)), empty
 
 
 def load_image_folder(dataset_dir: Path, name: str) -> BenchmarkData:
     """Scan and check one ImageFolder benchmark; transforms are those of `name`."""
     train_folders, test_folders = split_class_folders(dataset_dir)
     class_names = sorted(train_folders)
+    train, empty_train = scan_split(train_folders, class_names)
+    test, empty_test = scan_split(test_folders, class_names)
+    empty = empty_train + empty_test
+    if empty:
+        more = f" and {len(empty) - MAX_LISTED_FOLDERS} more" if len(empty) > MAX_LISTED_FOLDERS else ""
+        raise DatasetError(f"{len(empty)} class folder(s) contain no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                           f"{', '.join(empty[:MAX_LISTED_FOLDERS])}{more}")
     transforms = transforms_for(name)
     return BenchmarkData(
         name=name,
         class_names=class_names,
-        train=scan_split(train_folders, class_names),
-        test=scan_split(test_folders, class_names),
+        train=train,
+        test=test,
         train_transform=transforms.train,
         test_transform=transforms.test,
     )

@@ -1,0 +1,357 @@
+"""Crash-safe checkpoints: safetensors + JSON folders with a SHA-256 manifest, switched atomically.
+
+    <run>/checkpoints/latest.json            {"resume": NAME, "task_end": NAME}  (the only pointer)
+    <run>/checkpoints/NAME/manifest.json     SHA-256 and size of every file below
+    <run>/checkpoints/NAME/learner.safetensors, learner.json[, trainer.safetensors, trainer.json]
+
+A checkpoint is written into a temporary folder (every file fsynced), renamed to NAME, and only
+then does `latest.json` switch to it (temporary file, fsync, rename, fsync of the folder); older
+folders are deleted last. A crash at any moment leaves the previous pointer and the folders it
+names intact. Nothing here unpickles: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from carecl.errors import CareclError
+
+log = logging.getLogger("carecl")
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+POINTER_FILE = "latest.json"
+MANIFEST_FILE = "manifest.json"
+LEARNER_TENSORS = "learner.safetensors"
+LEARNER_INFO = "learner.json"
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_INFO = "trainer.json"
+_HASH_CHUNK = 1 << 20
+# Mode of the files written here: what open() would give under the process's umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+# Environment variable naming a point (e.g. task1/train/epoch0/batch3) where the process SIGKILLs itself.
+KILL_AT_ENV = "CARECL_TEST_KILL_AT"
+
+
+class CheckpointError(CareclError, ValueError):
+    """A checkpoint is missing, truncated, modified or does not fit; the message names the file."""
+
+
+class CheckpointWriteError(CareclError, OSError):
+    """Writing to the run directory failed (disk full, permission denied, ...); names the path and OS error."""
+
+
+def kill_point(label: str) -> None:
+    """Test hook: SIGKILL this process when CARECL_TEST_KILL_AT names `label` (crash/resume tests)."""
+    if os.environ.get(KILL_AT_ENV) == label:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- durable files
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or new entry in `path` durable (no-op where directories cannot be fsynced)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def write_error(path: Path, error: OSError) -> CheckpointWriteError:
+    """`error` as a CareclError naming the path; still an OSError carrying the same errno."""
+    message = f"cannot write {path}: {error.strerror or error}"
+    return CheckpointWriteError(error.errno, message) if error.errno else CheckpointWriteError(message)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write via a temporary file, fsync and rename (then fsync the folder): never a half-written file."""
+    path = Path(path)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(temporary, FILE_MODE)  # mkstemp makes 0600; the run's files get the usual umask-based mode
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        temporary = None
+        fsync_directory(path.parent)
+    except OSError as error:
+        raise write_error(path, error) from None
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def json_bytes(document: Any) -> bytes:
+    return json.dumps(json_safe(document), indent=1, allow_nan=False).encode()
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, FILE_MODE)
+    with open(path, "rb") as stream:
+        os.fsync(stream.fileno())
+
+
+def _write_json(path: Path, document: Any) -> None:
+    with open(path, "wb") as stream:
+        stream.write(json_bytes(document))
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+# ---------------------------------------------------------------- the store
+
+
+@dataclass
+class Checkpoint:
+    """One verified checkpoint folder (every file's SHA-256 checked against its manifest)."""
+
+    name: str
+    path: Path
+    files: list[str]
+
+    def tensors(self, file: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.path / file))
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"checkpoint file {self.path / file} is unreadable: {error}") from None
+
+    def document(self, file: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / file).read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"checkpoint file {self.path / file} is unreadable: {error}") from None
+
+    def has(self, file: str) -> bool:
+        return file in self.files
+
+
+class CheckpointStore:
+    """The checkpoint folders of one run directory and the pointer that selects among them."""
+
+    def __init__(self, run_path: Path) -> None:
+        self.root = Path(run_path) / CHECKPOINTS_DIR
+
+    @property
+    def pointer_path(self) -> Path:
+        return self.root / POINTER_FILE
+
+    def exists(self) -> bool:
+        return self.pointer_path.is_file()
+
+    def pointer(self) -> dict[str, str | None] | None:
+        """{"resume": name, "task_end": name or None}, or None before the first checkpoint."""
+        if not self.pointer_path.is_file():
+            return None
+        try:
+            pointer = json.loads(self.pointer_path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"checkpoint pointer {self.pointer_path} is unreadable: {error}") from None
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("resume"), str):
+            raise CheckpointError(f"checkpoint pointer {self.pointer_path} does not name a checkpoint")
+        return pointer
+
+    # -- writing
+
+    def write(
+        self,
+        name: str,
+        tensors: dict[str, dict[str, torch.Tensor]],
+        documents: dict[str, Any],
+        task_end: bool,
+    ) -> str:
+        """Write a checkpoint folder, make it the resume point (and the task-end one if `task_end`),
+        then delete folders nothing points at. Returns the folder name used."""
+        pointer = self.pointer() or {"resume": None, "task_end": None}
+        kept = {pointer.get("resume"), pointer.get("task_end")}
+        final = self._free_name(name, kept)
+        staging = self.root / f".tmp-{final}-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            manifest: dict[str, dict[str, Any]] = {}
+            for file, content in tensors.items():
+                _write_tensors(staging / file, content)
+                kill_point(f"checkpoint/{final}/partial")
+            for file, content in documents.items():
+                _write_json(staging / file, content)
+            for file in [*tensors, *documents]:
+                manifest[file] = {"sha256": sha256_file(staging / file), "bytes": (staging / file).stat().st_size}
+            _write_json(staging / MANIFEST_FILE, {"format": FORMAT_VERSION, "files": manifest})
+            fsync_directory(staging)
+            kill_point(f"checkpoint/{final}/written")
+            if (self.root / final).exists():  # an unreferenced leftover of a crashed write
+                shutil.rmtree(self.root / final)
+            os.replace(staging, self.root / final)
+            fsync_directory(self.root)
+            kill_point(f"checkpoint/{final}/renamed")
+            new_pointer = {"format": FORMAT_VERSION, "resume": final,
+                           "task_end": final if task_end else pointer.get("task_end")}
+            atomic_write_bytes(self.pointer_path, json_bytes(new_pointer))
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, CheckpointWriteError):
+                raise
+            raise write_error(Path(error.filename) if error.filename else staging, error) from None
+        kill_point(f"checkpoint/{final}/switched")
+        self.prune({new_pointer["resume"], new_pointer["task_end"]})
+        return final
+
+    def _free_name(self, name: str, kept: set[str | None]) -> str:
+        candidate, counter = name, 1
+        while candidate in kept:
+            candidate, counter = f"{name}~{counter}", counter + 1
+        return candidate
+
+    def prune(self, keep: set[str | None]) -> None:
+        """Delete every folder (including crashed writes' leftovers) that the pointer does not name."""
+        try:
+            for entry in self.root.iterdir():
+                if entry.name == POINTER_FILE or entry.name in keep:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif entry.name.startswith("."):
+                    entry.unlink(missing_ok=True)
+        except OSError as error:  # the new checkpoint is committed; leftovers only cost disk space
+            log.warning("could not delete old checkpoints in %s: %s", self.root, error)
+
+    # -- reading
+
+    def open(self, which: str = "resume") -> Checkpoint | None:
+        """The verified checkpoint the pointer names as `which` ("resume" or "task_end"), or None."""
+        pointer = self.pointer()
+        if pointer is None or pointer.get(which) is None:
+            return None
+        return self.verify(str(pointer[which]))
+
+    def verify(self, name: str) -> Checkpoint:
+        path = self.root / name
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise CheckpointError(f"checkpoint {path} (named by {self.pointer_path}) is missing or has no {MANIFEST_FILE}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            entries = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"checkpoint manifest {manifest_path} is unreadable: {error}") from None
+        for file, entry in entries.items():
+            file_path = path / file
+            if not file_path.is_file():
+                raise CheckpointError(f"checkpoint file {file_path} is missing (listed in {manifest_path})")
+            size = file_path.stat().st_size
+            if size != entry.get("bytes") or sha256_file(file_path) != entry.get("sha256"):
+                raise CheckpointError(
+                    f"checkpoint file {file_path} does not match its SHA-256 in {manifest_path} "
+                    f"({size} bytes, {entry.get('bytes')} expected): it was truncated or modified after it was written"
+                )
+        if LEARNER_TENSORS not in entries or LEARNER_INFO not in entries:
+            raise CheckpointError(f"checkpoint {path} lacks {LEARNER_TENSORS} or {LEARNER_INFO} in {manifest_path}")
+        return Checkpoint(name, path, sorted(entries))
+
+
+# ---------------------------------------------------------------- RNG, optimiser, scheduler as JSON + tensors
+
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python, NumPy and torch (CPU and CUDA) generator states."""
+    version, state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    document = {"python": [version, list(state), gauss],
+                "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = cuda_state
+    return document, tensors
+
+
+def restore_rng(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = document["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, position, has_gauss, cached = document["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors, key=_cuda_index) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def _cuda_index(key: str) -> int:
+    return int(key.rsplit(".", 1)[1]) if key.startswith("rng.cuda.") else -1
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An optimiser's state_dict split into JSON (groups, scalars) and tensors (`prefix`.<param>.<key>)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, document: dict[str, Any],
+                         tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for index, values in document["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
