@@ -10,6 +10,7 @@ Peak memory: one fresh interpreter per configuration (see common.peak_extra_byte
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -26,15 +27,10 @@ def arguments():
     parser.add_argument("--tasks", type=lambda s: [int(v) for v in s.split(",")], default=None)
     parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=None)
     parser.add_argument("--dense-max-tasks", type=int, default=50)
-    parser.add_argument("--probe", action="store_true", help=argparse_hidden())
-    parser.add_argument("--probe-kind", choices=("plain", "sparse", "dense"), default="sparse", help=argparse_hidden())
-    parser.add_argument("--probe-tasks", type=int, default=1, help=argparse_hidden())
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-tasks", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-dense", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def argparse_hidden() -> str:
-    import argparse
-    return argparse.SUPPRESS
 
 
 def forward_call(fn, x, device: str, amp: str):
@@ -48,20 +44,20 @@ def forward_call(fn, x, device: str, amp: str):
 
 
 def probe(args) -> dict:
-    """Peak extra memory of one forward per batch size, for one model kind, in this fresh process."""
+    """Peak extra memory of one forward per batch size, in this fresh process: the plain ViT
+    (--probe-tasks 0) or carecl with T tasks, and then the dense formulation of the same model."""
     common.set_threads(args.threads)
     vit = common.vit_b("cpu")
-    if args.probe_kind == "plain":
-        model = vit
-    else:
-        model, _ = common.brmoe_vit_b(vit, args.probe_tasks)
-        if args.probe_kind == "dense":
-            model = DenseBRMoE(model)
-    forward_call(model, common.images(1, "cpu"), "cpu", "none")()  # warm-up: builds the folded tables once
-    calls = {batch: forward_call(model, common.images(batch, "cpu"), "cpu", "none") for batch in args.batches}
-    resident = common.resident_bytes()
-    peaks = {str(batch): common.peak_extra_bytes(call, "cpu") for batch, call in calls.items()}
-    return {"resident_after_build": resident, "peak_extra": peaks}
+    models = {"plain": vit}
+    if args.probe_tasks > 0:
+        sparse, _ = common.brmoe_vit_b(vit, args.probe_tasks)
+        models = {"sparse": sparse, **({"dense": DenseBRMoE(sparse)} if args.probe_dense else {})}
+    answer = {}
+    for kind, model in models.items():
+        forward_call(model, common.images(1, "cpu"), "cpu", "none")()  # warm-up: builds the folded tables once
+        calls = {batch: forward_call(model, common.images(batch, "cpu"), "cpu", "none") for batch in args.batches}
+        answer[kind] = {str(batch): common.peak_extra_bytes(call, "cpu") for batch, call in calls.items()}
+    return answer
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -91,7 +87,11 @@ def measure(device: str, args, tasks: list[int], batches: list[int], repeats: in
         calls.update({f"sparse {t}": forward_call(models[t], x, device, args.amp) for t in tasks})
         calls.update({f"dense {t}": forward_call(m, x, device, args.amp) for t, m in dense.items()})
         log(f"[{device}] batch {batch}: {len(calls)} configurations, {repeats} rounds")
-        timings[batch] = common.Interleaved().run(calls, device, repeats, log=log)
+        # Every configuration is warmed up at the first batch size; later sizes warm up the shared ViT once.
+        warmup = 1 if batch == batches[0] else 0
+        if not warmup:
+            common.timed(calls["plain"], device)
+        timings[batch] = common.Interleaved().run(calls, device, repeats, warmup=warmup, log=log)
 
     parameters = {}
     for n_tasks, model in models.items():
@@ -115,17 +115,18 @@ def measure_memory(device, args, tasks, batches, models, dense, vit) -> dict:
                 call()
                 result.setdefault(name, {})[str(batch)] = common.peak_extra_bytes(call, device)
         return {"method": "torch.cuda.max_memory_allocated minus memory_allocated before the call", "peak_extra": result}
-    result, resident = {}, {}
+    result = {}
     common_args = ["--batches", ",".join(map(str, batches))] + (["--threads", str(args.threads)] if args.threads else [])
-    configurations = [("plain", "plain", 0)] + [(f"sparse {t}", "sparse", t) for t in tasks] + [
-        (f"dense {t}", "dense", t) for t in dense]
-    for name, kind, n_tasks in configurations:
-        common.progress(f"[cpu] memory probe: {name}")
-        answer = common.run_probe(SCRIPT, [*common_args, "--probe-kind", kind, "--probe-tasks", str(n_tasks)])
-        result[name] = answer["peak_extra"]
-        resident[name] = answer["resident_after_build"]
-    return {"method": "VmHWM minus resident set before the call, fresh process per configuration, "
-                      "glibc mmap threshold fixed at 64 KiB", "peak_extra": result, "resident_after_build": resident}
+    for n_tasks in [0, *tasks]:
+        with_dense = n_tasks in dense
+        common.progress(f"[cpu] memory probe: {'plain ViT' if n_tasks == 0 else f'T={n_tasks}'}"
+                        + (" (sparse and dense)" if with_dense else ""))
+        answer = common.run_probe(SCRIPT, [*common_args, "--probe-tasks", str(n_tasks)]
+                                  + (["--probe-dense"] if with_dense else []))
+        for kind, peaks in answer.items():
+            result["plain" if kind == "plain" else f"{kind} {n_tasks}"] = peaks
+    return {"method": "VmHWM minus the resident set before the call, one fresh process per number of tasks, "
+                      "glibc mmap threshold fixed at 64 KiB", "peak_extra": result}
 
 
 def main() -> None:

@@ -66,7 +66,8 @@ def inference_section(data: dict | None, targets: list[list[str]]) -> list[str]:
         return lines + ["Not measured yet: run `python benchmarks/inference.py`.", ""]
     for run in data["runs"]:
         timings = run["timings"]
-        lines += [f"### {device_title(run)}: time per forward ({run['repeats']} rounds after a warm-up)", ""]
+        lines += [f"### {device_title(run)}: time per forward (median of {run['repeats']} rounds; every "
+                  f"configuration warmed up at batch {run['batches'][0]} first)", ""]
         for batch in run["batches"]:
             row = timings[str(batch)]
             plain = row["plain"]
@@ -302,9 +303,8 @@ NOTES = """## How carecl keeps the cost flat
   is used only up to 60 tasks.
 - Numerics: the folded tables compute the same routing with a different rounding order. The sparse
   forward equals the dense oracle to 1e-5 (`tests/test_brmoe.py`) and the dense formulation above to
-  the printed relative difference; a training run amplifies last-bit differences like any change of
-  summation order (even of the thread count), so a run's accuracies are reproducible bit for bit only
-  with the same code and threads.
+  the printed relative difference; `carecl demo` (the end-to-end run above) gives the same accuracies
+  as before the change.
 """
 
 

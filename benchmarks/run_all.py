@@ -1,6 +1,6 @@
 """Every benchmark, one fresh process each, then BENCHMARKS.md.
 
-    python benchmarks/run_all.py            # the full set (about 25 minutes on 2 quiet CPU cores)
+    python benchmarks/run_all.py            # the full set (40 minutes on 2 busy CPU cores, 1 thread)
     python benchmarks/run_all.py --quick    # smoke run of every script; leaves BENCHMARKS.md alone
 
 Options other than --quick (--device, --amp, --threads, --repeats) are passed to every script.
