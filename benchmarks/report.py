@@ -84,7 +84,7 @@ def inference_section(data: dict | None, targets: list[list[str]]) -> list[str]:
             targets.append([f"task-free inference, T={largest}, batch 32 ≤ {INFERENCE_TARGET}× plain ViT "
                             f"({device_title(run)})", ratio(value), status(value <= INFERENCE_TARGET)])
         grow = run["grow_seconds"]
-        lines += ["Growing the model: `add_task` called T times (12 blocks each) takes " +
+        lines += ["Growing the model: `add_task` called T times (12 blocks each, one thread) takes " +
                   ", ".join(f"{seconds(grow[str(t)])} for T={t}" for t in run["tasks"]) +
                   " (the new expert's mean over earlier experts comes from running float64 sums, so each "
                   "`add_task` costs O(one task) plus its router's own O(T·C) initialisation).", "",
