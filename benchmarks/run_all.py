@@ -1,9 +1,10 @@
 """Every benchmark, one fresh process each, then BENCHMARKS.md.
 
-    python benchmarks/run_all.py            # the full set (40 minutes on 2 busy CPU cores, 1 thread)
+    python benchmarks/run_all.py            # the full set (~40 min with --threads 1 on a busy 2-core machine)
     python benchmarks/run_all.py --quick    # smoke run of every script; leaves BENCHMARKS.md alone
 
-Options other than --quick (--device, --amp, --threads, --repeats) are passed to every script.
+Options other than --quick (--device, --amp, --threads, --repeats) are passed to every script. On a
+shared machine prefer --threads 1: with two threads every small op waits for a descheduled thread.
 """
 
 from __future__ import annotations
