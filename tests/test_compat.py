@@ -20,7 +20,6 @@ from carecl.compat import (
     export_reference,
     import_reference,
     load_reference,
-    open_run,
     read_reference_checkpoint,
 )
 from carecl.compat.reference import build_from_reference
@@ -28,6 +27,7 @@ from carecl.compat.reference_layout import group_keys
 from carecl.config import load_config
 from carecl.engine import load_learner, run_experiment
 from carecl.errors import CareclError
+from carecl.rundir import RunDirectory
 from carecl.scenario import class_order
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -472,7 +472,7 @@ def test_import_eval_export_round_trip(checkpoint, tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "after task 4/5" in out and "(recorded -)" in out
 
-    learner = load_learner(open_run(moved)).method.eval()
+    learner = load_learner(RunDirectory.open(moved)).method.eval()
     direct = load_reference(checkpoint, config, overrides=TINY_OVERRIDES[1::2])
     x = images()
     assert_same_outputs(outputs(learner, x, 4), outputs(direct, x, 4))
@@ -501,7 +501,7 @@ def test_export_of_a_carecl_trained_run_reimports_exactly(tmp_path):
     config.method.alignment.epochs = 1
     config.method.alignment.samples_per_class = 4
     run_experiment(config, tmp_path / "run")
-    trained = load_learner(open_run(tmp_path / "run")).method.eval()
+    trained = load_learner(RunDirectory.open(tmp_path / "run")).method.eval()
     state = export_reference(tmp_path / "run", tmp_path / "care.pth")
     assert "backbone.blocks.0.attn.q_proj.weight" in state and "backbone.blocks.0.attn.qkv.weight" not in state
     assert state["backbone.head.weight"].shape == (N_CLASSES, TINY.dim)
@@ -519,4 +519,4 @@ def test_import_reference_python_api_writes_a_loadable_run(checkpoint, tmp_path)
     with pytest.raises(CareclError, match="already holds a run"):
         import_reference(checkpoint, care_config(), tmp_path / "run")
     assert (tmp_path / "run" / "backbone.safetensors").is_file()
-    assert open_run(tmp_path / "run").config().backbone.weights == str((tmp_path / "run" / "backbone.safetensors").resolve())
+    assert RunDirectory.open(tmp_path / "run").config_for_loading().backbone.weights == str((tmp_path / "run" / "backbone.safetensors").resolve())

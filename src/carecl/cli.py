@@ -110,11 +110,11 @@ def run_and_report(config, output: Path, resume: bool = False, overrides: list[s
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from carecl.compat.reference import open_run
     from carecl.engine import load_learner
     from carecl.evaluation import evaluate
+    from carecl.rundir import RunDirectory
 
-    run = open_run(args.run)  # RunDirectory.open, plus run-relative weights files (imported runs)
+    run = RunDirectory.open(args.run)
     learner = load_learner(run)
     task = learner.scenario.task(learner.method.n_learned_tasks - 1)
     result = evaluate(learner.method, learner.test_loader(task.high), learner.device, task.index, learner.config.eval.topk)

@@ -442,7 +442,7 @@ def grow_and_load(learner: Learner, checkpoint_tensors: dict[str, torch.Tensor],
 
 def load_learner(run: RunDirectory) -> Learner:
     """Rebuild a run's learner from its config and the last finished task's checkpoint."""
-    config = run.config()
+    config = run.config_for_loading()
     learner = Learner.build(config)
     tensors, info = run.load_state()
     grow_and_load(learner, tensors, info, run.path)

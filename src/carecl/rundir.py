@@ -109,6 +109,18 @@ class RunDirectory:
     def config(self) -> ExperimentConfig:
         return load_config(self.path / CONFIG_FILE)
 
+    def config_for_loading(self) -> ExperimentConfig:
+        """`config()` with a relative `backbone.weights` that names a file inside the run resolved there
+        (an imported release checkpoint carries its backbone), so the run loads wherever it is moved."""
+        from carecl.backbones import ASSET_PREFIX  # imports timm: only when a learner is built
+
+        config = self.config()
+        weights = config.backbone.weights
+        local = weights and not weights.startswith(ASSET_PREFIX) and not Path(weights).is_absolute()
+        if local and (self.path / weights).is_file():
+            config.backbone.weights = str((self.path / weights).resolve())
+        return config
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold an exclusive lock on the run directory (two processes must never train one run)."""

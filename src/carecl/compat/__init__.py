@@ -17,11 +17,10 @@ _EXPORTS = {
     "export_reference": "carecl.compat.reference",
     "write_reference_checkpoint": "carecl.compat.reference",
     "read_reference_checkpoint": "carecl.compat.reference",
-    "open_run": "carecl.compat.reference",
 }
 
 __all__ = [
-    "ReferenceCheckpointError", "export_reference", "import_reference", "load_reference", "open_run",
+    "ReferenceCheckpointError", "export_reference", "import_reference", "load_reference",
     "read_reference_checkpoint", "write_reference_checkpoint",
 ]
 

@@ -248,26 +248,6 @@ def write_reference_checkpoint(method: torch.nn.Module, output: str | Path,
 # ---------------------------------------------------------------- run directories
 
 
-class _RunWithLocalFiles(RunDirectory):
-    """A run directory whose config may name files inside it by a relative path (an imported backbone)."""
-
-    def config(self) -> ExperimentConfig:
-        config = super().config()
-        from carecl.backbones import ASSET_PREFIX
-
-        weights = config.backbone.weights
-        local = weights and not weights.startswith(ASSET_PREFIX) and not Path(weights).is_absolute()
-        if local and (self.path / weights).is_file():
-            config.backbone.weights = str((self.path / weights).resolve())
-        return config
-
-
-def open_run(path: str | Path) -> RunDirectory:
-    """`RunDirectory.open`, plus: a relative `backbone.weights` naming a file inside the run resolves
-    there, so an imported run keeps working wherever it is moved (`engine.load_learner(open_run(d))`)."""
-    return _RunWithLocalFiles.open(path)
-
-
 @dataclass
 class ImportSummary:
     run: Path
@@ -315,7 +295,7 @@ def export_reference(run_dir: str | Path, output: str | Path) -> dict[str, Tenso
     from carecl.engine import load_learner
     from carecl.methods.care import CaRE
 
-    learner = load_learner(open_run(run_dir))
+    learner = load_learner(RunDirectory.open(run_dir))
     if not isinstance(learner.method, CaRE):
         raise ReferenceCheckpointError(
             f"{run_dir}: method {learner.config.method.name!r}; only CaRE runs have a release layout")
@@ -331,5 +311,5 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["BACKBONE_FILE", "ImportSummary", "ImportedReference", "ReferenceCheckpointError", "build_from_reference",
-           "export_reference", "import_reference", "learner_state", "load_reference", "open_run",
+           "export_reference", "import_reference", "learner_state", "load_reference",
            "read_reference_checkpoint", "resolve_config", "write_reference_checkpoint"]
