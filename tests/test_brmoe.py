@@ -206,6 +206,10 @@ def test_router_and_perceptron_shapes_and_init():
     assert all(torch.count_nonzero(r.bias) == 0 for r in layer.routers)
     assert layer.routers[2].weight.std() < 0.05
     assert [p[1].out_features for p in layer.perceptrons] == [5, 2, 2]
+    # Release init: perceptron LayerNorm gain trunc-normal(0.02) (not PyTorch's ones), bias zero.
+    gains = torch.cat([p[0].weight for p in layer.perceptrons])
+    assert gains.abs().max() < 0.2 and 0.01 < gains.std() < 0.03
+    assert all(torch.count_nonzero(p[0].bias) == 0 for p in layer.perceptrons)
     assert model.n_tasks == 3 and model.task_sizes == [5, 2, 2] and model.embed_dim == 32
 
 

@@ -122,5 +122,8 @@ def make_router(dim: int, n_experts: int) -> nn.Linear:
 
 def make_perceptron(dim: int, n_classes: int) -> nn.Sequential:
     """H_i = LayerNorm(C) then Linear(C -> n_i); indices 0/1 mirror the release's `latent_head.i.0/1`."""
-    # The spec gives no init for these; PyTorch's defaults are used.
-    return nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, n_classes))
+    perceptron = nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, n_classes))
+    # Release quirk: the LayerNorm's *gain* is drawn trunc-normal(std 0.02), not 1 (bias 0); Linear keeps defaults.
+    nn.init.trunc_normal_(perceptron[0].weight, std=0.02)
+    nn.init.zeros_(perceptron[0].bias)
+    return perceptron
