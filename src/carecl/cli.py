@@ -110,7 +110,7 @@ def run_and_report(config, output: Path, resume: bool = False, overrides: list[s
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from carecl.engine import load_learner
+    from carecl.run_state import load_learner
     from carecl.evaluation import evaluate
     from carecl.rundir import RunDirectory
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from carecl.brmoe import BRMoELayer, BRMoEViT, RoutingRecord
-    from carecl.engine import Learner
+    from carecl.learner import Learner
 
 OUTPUT_DIR = "diagnostics"
 TABLE_MD = "routing.md"
@@ -448,7 +448,7 @@ def add_command(subparsers: Any) -> None:
 
 
 def command_diagnose(args: argparse.Namespace) -> int:
-    from carecl.engine import load_learner
+    from carecl.run_state import load_learner
     from carecl.rundir import RunDirectory
 
     learner = load_learner(RunDirectory.open(args.run))

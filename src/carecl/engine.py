@@ -1,77 +1,49 @@
 """The one training loop: tasks, phases, epochs, evaluation, run directory and checkpoints.
 
-Checkpoints (carecl.checkpoint) are written after every task and, with
-`train.checkpoint_every_epochs: N`, every N epochs of a phase and after each phase. Each holds
-the learner and everything else the loop's future depends on (RNG states, the training loader's
-generator, optimiser and scheduler, metrics so far), so `resume_experiment` continues a killed
-run exactly where its last checkpoint left it: the same numbers as a run never interrupted.
+Checkpoints (carecl.checkpoint, written by carecl.run_state) are written after every task and,
+with `train.checkpoint_every_epochs: N`, every N epochs of a phase and after each phase;
+`resume_experiment` continues a killed run exactly where its last checkpoint left it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from carecl import checkpoint as ckpt
-from carecl.backbones import create_backbone
-from carecl.checkpoint import (
-    LEARNER_INFO,
-    LEARNER_TENSORS,
-    TRAINER_INFO,
-    TRAINER_TENSORS,
-    Checkpoint,
-    CheckpointError,
-    capture_rng,
-    load_optimizer_state,
-    optimizer_state,
-    restore_rng,
-)
-from carecl.config import ConfigError, ExperimentConfig, TrainConfig, config_from_dict, config_to_dict
-from carecl.data import BenchmarkData, build_dataset
-from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset
+from carecl.checkpoint import CheckpointError, load_optimizer_state
+from carecl.config import ConfigError, ExperimentConfig, TrainConfig
+from carecl.data.base import SkippedImages
 from carecl.errors import CareclError
 from carecl.evaluation import evaluate
-from carecl.methods import build_method
+from carecl.learner import Learner, seed_everything
 from carecl.methods.base import Method, Phase, TaskContext
-from carecl.metrics import RunSummary, TaskEvaluation
+from carecl.metrics import RunSummary
 from carecl.rundir import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
-from carecl.scenario import Scenario, Task
+from carecl.run_state import (  # noqa: F401  (load_learner, save_learner: public through carecl.engine too)
+    RunRecord,
+    TaskResume,
+    TrainerState,
+    load_learner,
+    restore,
+    resume_config,
+    save_checkpoint,
+    save_learner,
+)
+from carecl.scenario import Task
 
 log = logging.getLogger("carecl")
 
-# Keys a resumed run may change: where the data lives and how the loop runs, never what it computes.
-RESUME_OVERRIDABLE = frozenset({
-    "data.root", "data.num_workers", "data.strict",
-    "train.device", "train.progress", "train.checkpoint_every_epochs",
-})
-
-
 class TrainingError(CareclError, RuntimeError):
     """Training cannot go on (for example a non-finite loss)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_optimizer(train: TrainConfig, parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -82,138 +54,7 @@ def build_optimizer(train: TrainConfig, parameters: list[torch.nn.Parameter], lr
     raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train.optimizer!r}")
 
 
-@dataclass
-class Learner:
-    """Everything a run needs, built (and validated) before any training starts."""
-
-    config: ExperimentConfig
-    data: BenchmarkData
-    scenario: Scenario
-    method: Method
-    device: torch.device
-    # Unreadable images met by this learner's loaders during the current task.
-    skipped_images: SkippedImages = field(default_factory=SkippedImages)
-
-    @classmethod
-    def build(cls, config: ExperimentConfig) -> "Learner":
-        data = build_dataset(config.data)
-        scenario = Scenario.build(
-            data.n_classes, config.data.init_cls, config.data.increment,
-            seed=config.seed, shuffle=config.data.shuffle, explicit_order=config.data.class_order,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)  # random-init backbones are reproducible from the config
-            backbone = create_backbone(config.backbone)
-        device = resolve_device(config.train.device)
-        method = build_method(config, backbone, scenario).to(device)
-        return cls(config, data, scenario, method, device)
-
-    # ---- loaders ---------------------------------------------------------------------
-    def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0) -> DataLoader:
-        source = self.data.train if split == "train" else self.data.test
-        transform = self.data.train_transform if train else self.data.test_transform
-        dataset = TaskDataset(source, self.scenario.label_map, low, high, transform, skip_unreadable=not self.config.data.strict)
-        batch = self.config.train.batch_size if train else self.config.eval.batch_size
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + seed) if train else None
-        return SkippingDataLoader(
-            dataset, self.skipped_images, batch_size=batch, shuffle=train, generator=generator,
-            num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
-        )
-
-    def train_loader(self, task: Task) -> DataLoader:
-        return self._loader("train", task.low, task.high, train=True, seed=task.index)
-
-    def statistics_loader(self, task: Task) -> DataLoader:
-        return self._loader("train", task.low, task.high, train=False)
-
-    def test_loader(self, n_seen: int) -> DataLoader:
-        return self._loader("test", 0, n_seen, train=False)
-
-    def context(self, task: Task) -> TaskContext:
-        return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task), self.config.train.progress)
-
-    # ---- a finished run's learner (carecl.predict) ------------------------------------
-    @classmethod
-    def load(cls, path: str | Path) -> "Learner":
-        """The learner of a run directory, as after its last finished task (its dataset must be at hand)."""
-        return load_learner(RunDirectory.open(path))
-
-    def predict(self, images, topk: int = 5, batch_size: int | None = None) -> list:
-        """Top-k classes of paths / PIL images / image tensors: a list of carecl.predict.ImagePrediction."""
-        from carecl.predict import predict_images
-
-        return predict_images(self, images, topk=topk, batch_size=batch_size)
-
-
 # ---------------------------------------------------------------- where a run stands
-
-
-@dataclass
-class RunRecord:
-    """What the finished tasks measured: the metrics so far, kept in every checkpoint."""
-
-    evaluations: list[TaskEvaluation] = field(default_factory=list)
-    wall_times: list[float] = field(default_factory=list)
-    skipped_images: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.evaluations)
-
-    def metrics_extra(self, scenario: Scenario) -> dict[str, Any]:
-        return {"class_order": scenario.order.tolist(), "task_sizes": list(scenario.sizes),
-                "wall_time_s": self.wall_times, "skipped_images": self.skipped_images}
-
-    def to_json(self) -> dict[str, Any]:
-        return {"evaluations": [e.__dict__ for e in self.evaluations], "wall_time_s": self.wall_times,
-                "skipped_images": self.skipped_images}
-
-    @classmethod
-    def from_json(cls, document: dict[str, Any]) -> "RunRecord":
-        return cls([_evaluation_from_json(e) for e in document["evaluations"]],
-                   list(document["wall_time_s"]), list(document["skipped_images"]))
-
-
-def _evaluation_from_json(document: dict[str, Any]) -> TaskEvaluation:
-    """JSON has null for NaN (old accuracy of the first task, empty groups)."""
-    nan = float("nan")
-    values = {k: (nan if v is None and k != "group_accuracy" else v) for k, v in document.items()}
-    values["group_accuracy"] = [nan if a is None else a for a in document["group_accuracy"]]
-    return TaskEvaluation(**values)
-
-
-@dataclass
-class TrainerState:
-    """The loop's state inside a task, as a mid-task checkpoint records it.
-
-    `phase` phases are done (end_phase included) and `epoch` epochs of the next one; optimiser,
-    scheduler and the phase-start values of the trainable parameters exist only mid-phase.
-    """
-
-    phase: int
-    epoch: int
-    loader: DataLoader | None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    phase_start: dict[str, torch.Tensor] | None = None
-
-
-@dataclass
-class TaskResume:
-    """A task interrupted after a mid-task checkpoint: where to go on, and the loop state to restore."""
-
-    phase: int
-    epoch: int
-    loader_generator: torch.Tensor | None
-    optimizer: dict[str, Any] | None
-    optimizer_tensors: dict[str, torch.Tensor]
-    scheduler: dict[str, Any] | None
-    phase_start: dict[str, torch.Tensor]
-    elapsed: float
-
-    @property
-    def mid_phase(self) -> bool:
-        return self.optimizer is not None
 
 
 # ---------------------------------------------------------------- the loop
@@ -378,118 +219,6 @@ def log_skipped_images(task: Task, skipped: SkippedImages) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_learner(run: RunDirectory, learner: Learner) -> None:
-    """The learner alone, as after its last finished task (no trainer state: it cannot be resumed)."""
-    scenario = learner.scenario
-    info = {"n_learned_tasks": learner.method.n_learned_tasks, "class_order": scenario.order.tolist(), "task_sizes": list(scenario.sizes)}
-    run.save_state(learner.method.state_tensors(), info)
-
-
-def save_checkpoint(run: RunDirectory, learner: Learner, record: RunRecord, state: TrainerState | None = None,
-                    elapsed: float = 0.0) -> str:
-    """A resumable checkpoint: after the last task in `record`, or inside the next one (`state`)."""
-    method, scenario = learner.method, learner.scenario
-    in_task = state is not None
-    info = {
-        "n_learned_tasks": method.n_learned_tasks,
-        "grown_tasks": method.n_learned_tasks + int(in_task),
-        "class_order": scenario.order.tolist(),
-        "task_sizes": list(scenario.sizes),
-        "position": {"phase": state.phase, "epoch": state.epoch} if in_task else None,
-    }
-    rng, tensors = capture_rng()
-    document: dict[str, Any] = {
-        "format": ckpt.FORMAT_VERSION,
-        "config": config_to_dict(learner.config),
-        "record": record.to_json(),
-        "rng": rng,
-        "skipped_in_task": learner.skipped_images.files if in_task else {},
-        "task_elapsed_s": elapsed,
-        "data": data_fingerprint(learner.data),
-    }
-    if in_task:
-        if state.loader is not None:
-            tensors["loader.generator"] = state.loader.generator.get_state()
-        if state.optimizer is not None:
-            document["optimizer"], optimizer_tensors = optimizer_state(state.optimizer, "optimizer")
-            tensors.update(optimizer_tensors)
-            document["scheduler"] = state.scheduler.state_dict()
-            tensors.update({f"phase_start.{k}": v for k, v in state.phase_start.items()})
-    name = run.save_state(method.state_tensors(), info, trainer_tensors=tensors, trainer_info=document)
-    log.debug("checkpoint %s written", name)
-    return name
-
-
-def data_fingerprint(data: BenchmarkData) -> dict[str, Any]:
-    """Enough of the dataset to notice that a resume would see different data."""
-    return {"name": data.name, "classes": data.class_names, "train": len(data.train), "test": len(data.test)}
-
-
-def grow_and_load(learner: Learner, checkpoint_tensors: dict[str, torch.Tensor], info: dict[str, Any], source: Path) -> None:
-    """Replay begin_task for every task the saved learner had grown, then load its tensors."""
-    scenario, method = learner.scenario, learner.method
-    if info["class_order"] != scenario.order.tolist():
-        raise CheckpointError(f"{source}: saved class order differs from the one the run's config produces")
-    for task in scenario.tasks()[: info.get("grown_tasks", info["n_learned_tasks"])]:
-        method.begin_task(task)
-    method.n_learned_tasks = info["n_learned_tasks"]
-    try:
-        method.load_state_tensors(checkpoint_tensors)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{source}: the saved learner does not fit the run's config: {error}") from None
-    method.to(learner.device)
-
-
-def load_learner(run: RunDirectory) -> Learner:
-    """Rebuild a run's learner from its config and the last finished task's checkpoint."""
-    config = run.config_for_loading()
-    learner = Learner.build(config)
-    tensors, info = run.load_state()
-    grow_and_load(learner, tensors, info, run.path)
-    return learner
-
-
-def restore(run: RunDirectory, checkpoint: Checkpoint, config: ExperimentConfig) -> tuple[Learner, RunRecord, TaskResume | None]:
-    """A learner exactly as when `checkpoint` was written, RNG states included (restored last)."""
-    if not checkpoint.has(TRAINER_INFO):
-        raise CheckpointError(f"checkpoint {checkpoint.path} holds no training state (it was written by save_state, "
-                              "e.g. an imported model): it can be evaluated but not resumed")
-    document = checkpoint.document(TRAINER_INFO)
-    trainer = checkpoint.tensors(TRAINER_TENSORS)
-    saved_config = config_from_dict(document["config"])
-    differing = [key for key in config_differences(saved_config, run.config()) if key not in RESUME_OVERRIDABLE]
-    if differing:
-        raise CheckpointError(f"{run.path / CONFIG_FILE} differs from the config checkpoint {checkpoint.path} was "
-                              f"written with, at {', '.join(differing)}; restore the file to resume")
-    info = checkpoint.document(LEARNER_INFO)
-    seed_everything(config.seed)
-    learner = Learner.build(config)
-    saved_data, data_now = document.get("data"), data_fingerprint(learner.data)
-    if saved_data is not None and saved_data != data_now:
-        changed = ", ".join(f"{k} {saved_data.get(k) if k != 'classes' else len(saved_data[k])} -> "
-                            f"{data_now[k] if k != 'classes' else len(data_now[k])}"
-                            for k in data_now if saved_data.get(k) != data_now[k])
-        raise CheckpointError(f"the data differ from those checkpoint {checkpoint.path} was trained on ({changed}); "
-                              "resuming would not continue the same run")
-    grow_and_load(learner, checkpoint.tensors(LEARNER_TENSORS), info, checkpoint.path)
-    record = RunRecord.from_json(document["record"])
-    resume = None
-    if info.get("position") is not None:
-        position = info["position"]
-        resume = TaskResume(
-            phase=position["phase"], epoch=position["epoch"],
-            loader_generator=trainer.get("loader.generator"),
-            optimizer=document.get("optimizer"),
-            optimizer_tensors={k: v for k, v in trainer.items() if k.startswith("optimizer.")},
-            scheduler=document.get("scheduler"),
-            phase_start={k[len("phase_start."):]: v for k, v in trainer.items() if k.startswith("phase_start.")},
-            elapsed=float(document.get("task_elapsed_s", 0.0)),
-        )
-        learner.skipped_images.reset(document.get("skipped_in_task"))
-    restore_rng(document["rng"], trainer)
-    return learner, record, resume
-
-
 # ---------------------------------------------------------------- runs
 
 
@@ -545,38 +274,6 @@ def _recorded_tasks(run: RunDirectory) -> int:
         return len(run.metrics()["tasks"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-
-
-def resume_config(run: RunDirectory, given: ExperimentConfig | None, overrides: Sequence[str]) -> ExperimentConfig:
-    """The config to resume `run` with: its own, where `given`/`overrides` may change only RESUME_OVERRIDABLE keys."""
-    from carecl.config import load_config
-
-    stored = run.config()
-    wanted = given if given is not None else load_config(run.path / CONFIG_FILE, overrides)
-    differing = [key for key in config_differences(stored, wanted) if key not in RESUME_OVERRIDABLE]
-    if differing:
-        raise ConfigError(
-            f"cannot resume {run.path} with a different config: {', '.join(differing)} differ from "
-            f"{run.path / CONFIG_FILE} (a resumed run keeps its config; only {', '.join(sorted(RESUME_OVERRIDABLE))} may change)"
-        )
-    return wanted
-
-
-def config_differences(first: ExperimentConfig, second: ExperimentConfig) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
-    def flatten(value: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
-
-    a, b = flatten(config_to_dict(first), ""), flatten(config_to_dict(second), "")
-    return sorted(key for key in a.keys() | b.keys() if not _same(a.get(key), b.get(key)))
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
 
 
 @contextlib.contextmanager

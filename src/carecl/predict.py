@@ -35,7 +35,7 @@ from carecl.rundir import RunDirectory
 
 if TYPE_CHECKING:
     from carecl.data import BenchmarkData
-    from carecl.engine import Learner
+    from carecl.learner import Learner
     from carecl.methods.base import Method
 
 # carecl.data is imported where used: it imports timm, slow to load, and `carecl --help` needs none of it.
@@ -250,7 +250,7 @@ def load_for_prediction(run_dir: str | Path, data_root: str | Path | None = None
     (default: the carecl logger) is told why. The stand-in learner holds no images: predict only.
     """
     from carecl.data import DATASETS, DatasetError
-    from carecl.engine import load_learner
+    from carecl.run_state import load_learner
 
     warn = warn or log.warning
     run = RunDirectory.open(run_dir)

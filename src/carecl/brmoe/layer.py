@@ -312,6 +312,7 @@ class BRMoELayer(nn.Module):
         up = torch.cat([shared.up.expand(batch, width, dim), weighted_up], 1)
         up_bias = shared.up_bias + (chosen.up_bias * weights[..., None]).sum(1)
         hidden = torch.baddbmm(down_bias[:, None, :], normalise(tokens), down.transpose(1, 2))
+        # Training only: dropout masks here are drawn independently of the routing pass's (the release reuses one per expert).
         hidden = self.dropout(F.relu(hidden))
         self.last_token_expert_runs = batch * slots
         return torch.baddbmm(up_bias[:, None, :], hidden, up)

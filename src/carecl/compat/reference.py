@@ -266,7 +266,8 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
     (empty class statistics), backbone.safetensors and reference_import.json (source file,
     sha256, task sizes, ignored keys, notes); no metrics.json: nothing was evaluated.
     """
-    from carecl.engine import Learner, save_learner
+    from carecl.learner import Learner
+    from carecl.run_state import save_learner
 
     checkpoint = Path(checkpoint)
     imported = build_from_reference(read_reference_checkpoint(checkpoint), resolve_config(config, overrides),
@@ -292,7 +293,7 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
 
 def export_reference(run_dir: str | Path, output: str | Path) -> dict[str, Tensor]:
     """Write a carecl CaRE run's learner in the release's layout (needs the run's data, as `carecl eval`)."""
-    from carecl.engine import load_learner
+    from carecl.run_state import load_learner
     from carecl.methods.care import CaRE
 
     learner = load_learner(RunDirectory.open(run_dir))
