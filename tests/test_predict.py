@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ import torch
 from PIL import Image
 
 from carecl.cli import main
-from carecl.engine import Learner, run_experiment
-from carecl.predict import PredictionError, expand_inputs, load_for_prediction
+from carecl.data import DatasetError
+from carecl.engine import Learner, load_learner, run_experiment
+from carecl.predict import PredictionError, expand_inputs
+from carecl.rundir import CLASSES_FILE, RunDirectory, RunDirectoryError
 
 from conftest import TINY_VIT, tiny_config
 
@@ -187,8 +191,10 @@ def test_cli_fails_when_nothing_could_be_classified(care_run, tmp_path, capsys):
 
 # ---- an ImageFolder run whose dataset has moved away
 
+CLASS_NAMES = ["cat", "dog", "fox", "owl"]
 
-def write_image_folder(root, classes=("cat", "dog", "fox", "owl")) -> None:
+
+def write_image_folder(root, classes=CLASS_NAMES) -> None:
     generator = np.random.default_rng(0)
     for split, count in (("train", 3), ("test", 2)):
         for index, name in enumerate(classes):
@@ -199,30 +205,110 @@ def write_image_folder(root, classes=("cat", "dog", "fox", "owl")) -> None:
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-def test_prediction_without_the_dataset_names_classes_by_id(tmp_path, capsys):
-    write_image_folder(tmp_path / "data")
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A two-task SimpleCIL run on a 4-class ImageFolder tree (benchmark transforms, 224-pixel tiny ViT)."""
+    root = tmp_path_factory.mktemp("folder")
+    write_image_folder(root / "data")
     backbone = {"name": "vit_tiny_patch16_224", "pretrained": False,
                 "model_kwargs": {**TINY_VIT, "img_size": 224, "patch_size": 16}}
-    config = tiny_config(data={"dataset": "imagenet-r", "root": str(tmp_path / "data")}, backbone=backbone)
-    run_experiment(config, tmp_path / "run")
-    images = sorted((tmp_path / "data" / "imagenet-r" / "test").rglob("*.png"))
-    with_data = Learner.load(tmp_path / "run").predict(images, topk=4)
-    assert {c.name for p in with_data for c in p.classes} == {"cat", "dog", "fox", "owl"}
+    run_experiment(tiny_config(data={"dataset": "imagenet-r", "root": str(root / "data")}, backbone=backbone), root / "run")
+    images = sorted((root / "data" / "imagenet-r" / "test").rglob("*.png"))
+    # Copies outside the dataset, so they stay readable while the dataset is moved away.
+    shutil.copytree(root / "data" / "imagenet-r" / "test", root / "inputs")
+    return root, [root / "inputs" / path.relative_to(root / "data" / "imagenet-r" / "test") for path in images]
 
-    (tmp_path / "data").rename(tmp_path / "moved")
-    warnings = []
-    learner = load_for_prediction(tmp_path / "run", warn=warnings.append)
-    assert len(warnings) == 1 and str(tmp_path / "data") in warnings[0]
-    moved = [tmp_path / "moved" / path.relative_to(tmp_path / "data") for path in images]
-    without = learner.predict(moved, topk=4)
-    for a, b in zip(with_data, without):
-        assert [c.class_id for c in a.classes] == [c.class_id for c in b.classes]
-        assert [c.name for c in b.classes] == [f"class {c.class_id}" for c in a.classes]
-        np.testing.assert_allclose([c.probability for c in a.classes], [c.probability for c in b.classes], rtol=1e-5)
 
-    assert main(["predict", "--run", str(tmp_path / "run"), str(moved[0]), "--format", "jsonl",
-                 "--data-root", str(tmp_path / "moved")]) == 0
-    captured = capsys.readouterr()
-    assert "warning" not in captured.err
+@contextlib.contextmanager
+def dataset_moved(root):
+    (root / "data").rename(root / "moved")
+    try:
+        yield root / "moved"
+    finally:
+        (root / "moved").rename(root / "data")
+
+
+def assert_same_predictions(actual, expected):
+    for a, b in zip(actual, expected, strict=True):
+        assert [(c.class_id, c.name) for c in a.classes] == [(c.class_id, c.name) for c in b.classes]
+        np.testing.assert_allclose([c.probability for c in a.classes], [c.probability for c in b.classes], rtol=1e-6)
+
+
+def test_prediction_without_the_dataset_uses_the_recorded_class_names(folder_run, capsys):
+    root, inputs = folder_run
+    recorded = json.loads((root / "run" / CLASSES_FILE).read_text())
+    assert recorded == {"n_classes": 4, "names": CLASS_NAMES}
+    with_data = Learner.load(root / "run")
+    expected = with_data.predict(inputs, topk=4)
+    assert {c.name for p in expected for c in p.classes} == set(CLASS_NAMES)
+
+    with dataset_moved(root):
+        learner = Learner.load(root / "run")
+        assert learner.data is None and learner.class_names == CLASS_NAMES
+        # The transform evaluation used, rebuilt from the config alone.
+        assert repr(learner.test_transform) == repr(with_data.data.test_transform)
+        without = learner.predict(inputs, topk=4)
+        assert main(["predict", "--run", str(root / "run"), str(inputs[0]), "--format", "jsonl"]) == 0
+        captured = capsys.readouterr()
+        # Evaluation needs the test set: it still fails, naming the missing data.
+        assert main(["eval", "--run", str(root / "run")]) == 2
+        assert str(root / "data") in capsys.readouterr().err
+    assert_same_predictions(without, expected)
+    assert captured.err == ""
     record = json.loads(captured.out)
-    assert [c["name"] for c in record["top"][:1]] == [with_data[0].classes[0].name]
+    assert [c["name"] for c in record["top"]] == [c.name for c in expected[0].classes]
+    assert [c["probability"] for c in record["top"]] == pytest.approx([c.probability for c in expected[0].classes], rel=1e-6)
+
+
+def old_run_copy(root, tmp_path):
+    """The run as written before classes.json existed."""
+    old = tmp_path / "old-run"
+    shutil.copytree(root / "run", old)
+    (old / CLASSES_FILE).unlink()
+    return old
+
+
+def test_an_old_run_without_classes_json_loads_from_its_dataset(folder_run, tmp_path):
+    root, inputs = folder_run
+    old = old_run_copy(root, tmp_path)
+    learner = Learner.load(old)
+    assert learner.data is not None and learner.class_names == CLASS_NAMES
+    assert_same_predictions(learner.predict(inputs, topk=3), Learner.load(root / "run").predict(inputs, topk=3))
+    assert load_learner(RunDirectory.open(old)).class_names == CLASS_NAMES
+
+
+def test_an_old_run_without_its_dataset_is_a_clear_error(folder_run, tmp_path, capsys):
+    root, inputs = folder_run
+    old = old_run_copy(root, tmp_path)
+    with dataset_moved(root) as moved:
+        with pytest.raises(RunDirectoryError, match=CLASSES_FILE) as error:
+            Learner.load(old)
+        assert str(old / CLASSES_FILE) in str(error.value) and str(root / "data") in str(error.value)
+        assert main(["predict", "--run", str(old), str(inputs[0])]) == 2
+        assert f"{old / CLASSES_FILE} not found" in capsys.readouterr().err
+        # The dataset's new place makes it work again.
+        assert main(["predict", "--run", str(old), str(inputs[0]), "--data-root", str(moved), "--format", "jsonl"]) == 0
+        record = json.loads(capsys.readouterr().out)
+    assert record["top"][0]["name"] in CLASS_NAMES
+
+
+def test_a_dataset_with_other_classes_fails_evaluation_but_not_prediction(folder_run, tmp_path):
+    root, inputs = folder_run
+    changed = tmp_path / "changed"
+    write_image_folder(changed, classes=["ant", "bee", "cat", "dog"])
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    with pytest.raises(DatasetError, match=f"{CLASSES_FILE}.*class 0 is 'cat' in the record, 'ant' in the dataset"):
+        load_learner(RunDirectory.open(run), need_data=True, data_root=changed)
+    learner = Learner.load(run, data_root=changed)
+    assert learner.data is None and learner.class_names == CLASS_NAMES
+    assert_same_predictions(learner.predict(inputs, topk=2), Learner.load(root / "run").predict(inputs, topk=2))
+
+
+def test_a_damaged_classes_json_is_named(folder_run, tmp_path):
+    root, _ = folder_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    (run / CLASSES_FILE).write_text(json.dumps({"n_classes": 4, "names": ["cat", "dog"]}))
+    with pytest.raises(RunDirectoryError, match=f"{run / CLASSES_FILE}: expected n_classes"):
+        Learner.load(run)

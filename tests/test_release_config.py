@@ -108,13 +108,12 @@ def test_dataset_names_are_converted():
 def test_values_carecl_cannot_express_are_warned_not_mapped():
     config, report = load_release_json(FIXTURES / "care_cifar_odd_values.json")
     mapped_keys = {key for key, _, _ in report.mapped}
-    for key in ("m", "memory_size", "memory_per_class", "fixed_memory", "scheduler", "use_amp"):
+    for key in ("m", "memory_size", "memory_per_class", "fixed_memory", "scheduler"):
         assert key not in mapped_keys
     warnings = "\n".join(report.warnings)
     assert "m=0.2" in warnings
     assert "memory_size=2000" in warnings and "memory_per_class=20" in warnings
     assert "steplr" in warnings
-    assert "amp" in warnings
     assert "pretrained=false" in warnings
     assert "'crct_epoch'" in warnings and "did you mean 'crct_epochs'" in warnings
     assert "'wandb_project'" in warnings
@@ -124,6 +123,7 @@ def test_values_carecl_cannot_express_are_warned_not_mapped():
     assert config.data.shuffle is False
     assert config.train.optimizer == "adam"
     assert config.method.scale == 16.0
+    assert config.train.precision == "fp16"  # use_amp: the release's fp16 autocast
     assert config.backbone.name == "vit_base_patch16_224_in21k"  # from the older `convnet_type`
 
 
@@ -328,8 +328,7 @@ def test_published_yaml_header_names_tasks_and_paper_result(stem):
     assert lines[0].startswith("# ") and lines[1].startswith("# ")
     assert f"{n_tasks(N_CLASSES[dataset], init_cls, increment)} tasks" in lines[0]
     assert f"{a_bar} / A_last {a_last}" in lines[1]
-    # carecl has no precision key yet: the release's AMP is a comment, never an unknown key.
-    assert any(line.strip() == "# release: amp on (precision option pending)" for line in lines) is amp
+    assert load_config(CARE_CONFIGS / f"{stem}.yaml").train.precision == ("fp16" if amp else "fp32")
 
 
 def test_release_json_and_published_yaml_agree():

@@ -49,7 +49,7 @@ if spec:
         return wrapped
     import carecl.alignment as alignment
     if what == "statistics":
-        alignment.GaussianClassStatistics.add_class = killing(alignment.GaussianClassStatistics.add_class)
+        alignment.GaussianClassStatistics.add_from_sums = killing(alignment.GaussianClassStatistics.add_from_sums)
     else:
         alignment._align_epoch = killing(alignment._align_epoch)
 from carecl.cli import main
@@ -165,7 +165,7 @@ def test_interrupted_inside_end_phase_resumes_to_identical_results(tmp_path, mon
 
     if what == "statistics":
         statistics = alignment.GaussianClassStatistics
-        monkeypatch.setattr(statistics, "add_class", interrupt_on_fourth_call(statistics.add_class))
+        monkeypatch.setattr(statistics, "add_from_sums", interrupt_on_fourth_call(statistics.add_from_sums))
     else:
         monkeypatch.setattr(alignment, "_align_epoch", interrupt_on_fourth_call(alignment._align_epoch))
     with pytest.raises(Interrupted):

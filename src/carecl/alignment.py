@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from carecl.classifiers import CosineClassifier
 from carecl.config import ConfigError
+from carecl.distributed import Distributed
 
 STORAGE_MODES = ("covariance", "variance")
 DECAY_FORMULAS = ("intended", "release")
@@ -97,6 +98,50 @@ def class_feature_sums(features: torch.Tensor, storage: str = "covariance") -> t
     features = features.detach().to(torch.float64)
     second = features.T @ features if storage == "covariance" else (features * features).sum(0)
     return features.shape[0], features.sum(0), second
+
+
+class ClassFeatureSums:
+    """count, Σx and Σxxᵀ (Σx² for "variance") of each class in [low, high), in float64.
+
+    Fed batch by batch, summed over ranks with `reduce_` when each rank saw a shard, then
+    turned into statistics: the same numbers whichever way the samples were split.
+    """
+
+    def __init__(self, low: int, high: int, storage: str = "covariance") -> None:
+        self.low, self.high, self.storage = low, high, storage
+        self.counts = torch.zeros(high - low, dtype=torch.float64)
+        self.sums: torch.Tensor | None = None
+        self.seconds: torch.Tensor | None = None
+
+    def add(self, features: torch.Tensor, class_ids: torch.Tensor) -> None:
+        """(n, C) features of samples whose class ids lie in [low, high)."""
+        features = features.detach().to("cpu", torch.float64)
+        local = class_ids.to("cpu", torch.long) - self.low
+        if self.sums is None:
+            self._allocate(features.shape[1])
+        self.counts.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
+        self.sums.index_add_(0, local, features)
+        for index in local.unique().tolist():
+            _, _, second = class_feature_sums(features[local == index], self.storage)
+            self.seconds[index] += second
+
+    def _allocate(self, width: int) -> None:
+        classes = self.high - self.low
+        self.sums = torch.zeros(classes, width, dtype=torch.float64)
+        shape = (classes, width, width) if self.storage == "covariance" else (classes, width)
+        self.seconds = torch.zeros(shape, dtype=torch.float64)
+
+    def reduce_(self, distributed: Distributed, width: int) -> None:
+        """Sum over ranks (a rank that saw none of these samples still takes part, with zeros)."""
+        if self.sums is None:
+            self._allocate(width)
+        for tensor in (self.counts, self.sums, self.seconds):
+            distributed.all_reduce_sum_(tensor)
+
+    def store_into(self, statistics: "GaussianClassStatistics") -> None:
+        """Statistics of every class that has at least one sample."""
+        for index in torch.nonzero(self.counts).flatten().tolist():
+            statistics.add_from_sums(self.low + index, int(self.counts[index]), self.sums[index], self.seconds[index])
 
 
 def _standard_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

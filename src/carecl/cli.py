@@ -103,9 +103,15 @@ def run_and_report(config, output: Path, resume: bool = False, overrides: list[s
     from carecl.engine import resume_experiment, run_experiment
     from carecl.report_text import accuracy_table
 
-    summary = resume_experiment(output, config, overrides) if resume else run_experiment(config, output)
-    print(accuracy_table(summary))
-    print(f"run directory: {output}")
+    from carecl.distributed import current, teardown
+
+    try:
+        summary = resume_experiment(output, config, overrides) if resume else run_experiment(config, output)
+        if current().is_main:
+            print(accuracy_table(summary))
+            print(f"run directory: {output}")
+    finally:
+        teardown()
     return 0
 
 

@@ -39,7 +39,13 @@ class DataConfig:
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
-    num_workers: int = 0
+    # DataLoader worker processes per training process; null = auto: 0 for in-memory datasets,
+    # min(8, CPUs per process) for image files.
+    num_workers: int | None = None
+    # Page-locked batches for faster host-to-GPU copies; null = auto (on when training on CUDA).
+    pin_memory: bool | None = None
+    # Keep workers alive between the epochs of a task (loaders are rebuilt for every task).
+    persistent_workers: bool = True
     # Unreadable image files: false = skip and count them (metrics.json), true = stop naming the file.
     strict: bool = False
 
@@ -53,6 +59,9 @@ class BackboneConfig:
     weights: str | None = None
     # Extra timm constructor arguments (tiny test models: depth, embed_dim, img_size, ...).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -69,12 +78,27 @@ class TrainConfig:
     progress: bool = True
     # Also checkpoint inside a task, every N epochs of a phase and after each phase; 0 = only after each task.
     checkpoint_every_epochs: int = 0
+    # Training forward/backward precision: fp32, bf16 or fp16 (fp16 with a gradient scaler);
+    # evaluation and class statistics always run in fp32.
+    precision: str = "fp32"
+    # torch.compile the training step (recompiles when a task adds parameters).
+    compile: bool = False
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 128
     topk: int = 5
+    # Evaluate after every n-th task (and always after the last); 0 = only after the last task.
+    every_n_tasks: int = 1
+
+    def validate(self) -> None:
+        if self.every_n_tasks < 0:
+            raise ConfigError(f"eval.every_n_tasks must be >= 0 (0 = only after the last task), got {self.every_n_tasks}")
 
 
 @dataclass

@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from carecl.methods.base import Method
-from carecl.metrics import TaskEvaluation
+from carecl.distributed import SINGLE_PROCESS, Distributed
+from carecl.metrics import TaskEvaluation, topk_correct
 
 
 @torch.no_grad()
@@ -24,6 +25,11 @@ def collect_scores(method: Method, loader: DataLoader, device: torch.device, pro
     return np.concatenate(scores), np.concatenate(targets)
 
 
-def evaluate(method: Method, loader: DataLoader, device: torch.device, task: int, topk: int, progress: bool = False) -> TaskEvaluation:
+def evaluate(method: Method, loader: DataLoader, device: torch.device, task: int, topk: int, progress: bool = False,
+             distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
+    """Accuracy on `loader`; under torchrun each rank scores its shard and per-sample results are gathered."""
     scores, targets = collect_scores(method, loader, device, progress)
-    return TaskEvaluation.from_predictions(task, scores, targets, method.scenario.boundaries, topk)
+    top1, in_topk = scores.argmax(axis=1) == targets, topk_correct(scores, targets, topk)
+    shards = distributed.all_gather_objects((top1, in_topk, targets))
+    top1, in_topk, targets = (np.concatenate(parts) for parts in zip(*shards))
+    return TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)

@@ -2,28 +2,57 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from carecl.backbones import create_backbone
-from carecl.config import ExperimentConfig
-from carecl.data import BenchmarkData, build_dataset
-from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset
+from carecl.config import DataConfig, ExperimentConfig
+from carecl.data import (
+    DATASETS,
+    BenchmarkData,
+    DatasetError,
+    build_dataset,
+    transforms_for,
+)
+from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform
+from carecl.distributed import Distributed, DistributedError, ShardSampler
+from carecl.distributed import current as current_distributed
 from carecl.methods import build_method
 from carecl.methods.base import Method, TaskContext
-from carecl.rundir import RunDirectory
+from carecl.rundir import RunClasses, RunDirectory
 from carecl.scenario import Scenario, Task
 
 
 def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch device; under torchrun each process gets GPU LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    distributed = current_distributed()
+    if device.type == "cuda" and device.index is None and distributed.enabled:
+        return torch.device("cuda", distributed.local_rank)
+    return device
+
+
+def default_workers(samples: object, distributed: Distributed) -> int:
+    """Auto `data.num_workers`: in-memory images need none; files get min(8, CPUs per process)."""
+    if not isinstance(samples, list):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // distributed.world_size))
+
+
+def per_process_batch(batch_size: int, distributed: Distributed) -> int:
+    """`train.batch_size` is the global batch: split evenly over the processes."""
+    if batch_size % distributed.world_size:
+        raise DistributedError(f"train.batch_size {batch_size} is the global batch and must divide evenly over "
+                               f"{distributed.world_size} processes")
+    return batch_size // distributed.world_size
 
 
 def seed_everything(seed: int) -> None:
@@ -32,23 +61,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def evaluation_transform(data: DataConfig) -> Transform:
+    """The test transform `data.dataset` is built with (what evaluation applies), without building the dataset."""
+    try:
+        return transforms_for(DATASETS.canonical(data.dataset)).test
+    except KeyError as error:
+        raise DatasetError(f"data.dataset: {error.args[0]}") from None
+
+
 @dataclass
 class Learner:
     """Everything a run needs, built (and validated) before any training starts."""
 
     config: ExperimentConfig
-    data: BenchmarkData
+    # None for a learner built for prediction from its run's recorded classes (see for_inference): no loaders.
+    data: BenchmarkData | None
     scenario: Scenario
     method: Method
     device: torch.device
     # Unreadable images met by this learner's loaders during the current task.
     skipped_images: SkippedImages = field(default_factory=SkippedImages)
+    # This process's rank under torchrun (single process otherwise).
+    distributed: Distributed = field(default_factory=current_distributed)
+    # A learner without data: the classes its run recorded in classes.json.
+    recorded_classes: RunClasses | None = None
 
     @classmethod
-    def build(cls, config: ExperimentConfig) -> "Learner":
-        data = build_dataset(config.data)
+    def build(cls, config: ExperimentConfig, data: BenchmarkData | None = None) -> "Learner":
+        """The learner of `config` with its dataset (`data`: that dataset, if already built)."""
+        data = data if data is not None else build_dataset(config.data)
+        return cls._assemble(config, data.n_classes, data=data)
+
+    @classmethod
+    def for_inference(cls, config: ExperimentConfig, classes: RunClasses) -> "Learner":
+        """A learner without its dataset, for prediction: the scenario from the recorded class count (the order
+        from the config, as in training), the test transform from `data.dataset`; it has no loaders."""
+        evaluation_transform(config.data)  # an unknown dataset fails here, not at the first image
+        return cls._assemble(config, classes.n_classes, recorded_classes=classes)
+
+    @classmethod
+    def _assemble(cls, config: ExperimentConfig, n_classes: int, data: BenchmarkData | None = None,
+                  recorded_classes: RunClasses | None = None) -> "Learner":
         scenario = Scenario.build(
-            data.n_classes, config.data.init_cls, config.data.increment,
+            n_classes, config.data.init_cls, config.data.increment,
             seed=config.seed, shuffle=config.data.shuffle, explicit_order=config.data.class_order,
         )
         with torch.random.fork_rng(devices=[]):
@@ -56,18 +111,41 @@ class Learner:
             backbone = create_backbone(config.backbone)
         device = resolve_device(config.train.device)
         method = build_method(config, backbone, scenario).to(device)
-        return cls(config, data, scenario, method, device)
+        return cls(config, data, scenario, method, device, recorded_classes=recorded_classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names by original class id: the dataset's, else the recorded ones, else `class <id>`."""
+        if self.data is not None:
+            return list(self.data.class_names)
+        return (self.recorded_classes or RunClasses(self.scenario.n_classes)).names_by_id()
+
+    @property
+    def test_transform(self) -> Transform:
+        """What evaluation passes test images through (the same transform when the learner has no dataset)."""
+        return self.data.test_transform if self.data is not None else evaluation_transform(self.config.data)
 
     # ---- loaders ---------------------------------------------------------------------
     def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0) -> DataLoader:
+        """Training: a seeded shuffle per epoch (set_epoch), whose global batches are the same for
+        any number of processes; otherwise in order, each rank reading its own shard."""
         source = self.data.train if split == "train" else self.data.test
         transform = self.data.train_transform if train else self.data.test_transform
         dataset = TaskDataset(source, self.scenario.label_map, low, high, transform, skip_unreadable=not self.config.data.strict)
-        batch = self.config.train.batch_size if train else self.config.eval.batch_size
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + seed) if train else None
+        distributed = self.distributed
+        if train:
+            batch = per_process_batch(self.config.train.batch_size, distributed)
+            # Rank r takes every world_size-th index of one permutation: together, a single process's batch.
+            sampler = DistributedSampler(dataset, distributed.world_size, distributed.rank, shuffle=True,
+                                         seed=self.config.seed * 1000 + seed)
+        else:
+            batch, sampler = self.config.eval.batch_size, ShardSampler(len(dataset), distributed)
+        data = self.config.data
+        workers = data.num_workers if data.num_workers is not None else default_workers(source.samples, distributed)
+        pin = data.pin_memory if data.pin_memory is not None else self.device.type == "cuda"
         return SkippingDataLoader(
-            dataset, self.skipped_images, batch_size=batch, shuffle=train, generator=generator,
-            num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
+            dataset, self.skipped_images, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=pin,
+            persistent_workers=data.persistent_workers and workers > 0,
         )
 
     def train_loader(self, task: Task) -> DataLoader:
@@ -80,15 +158,17 @@ class Learner:
         return self._loader("test", 0, n_seen, train=False)
 
     def context(self, task: Task) -> TaskContext:
-        return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task), self.config.train.progress)
+        return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task),
+                           self.config.train.progress and self.distributed.is_main, self.distributed)
 
     # ---- a finished run's learner (carecl.predict) ------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> "Learner":
-        """The learner of a run directory, as after its last finished task (its dataset must be at hand)."""
+    def load(cls, path: str | Path, data_root: str | Path | None = None) -> "Learner":
+        """The learner of a run directory, as after its last finished task: with its dataset when that can be
+        built (`data_root` replaces data.root), else without (prediction only), from the run's classes.json."""
         from carecl.run_state import load_learner
 
-        return load_learner(RunDirectory.open(path))
+        return load_learner(RunDirectory.open(path), need_data=False, data_root=data_root)
 
     def predict(self, images, topk: int = 5, batch_size: int | None = None) -> list:
         """Top-k classes of paths / PIL images / image tensors: a list of carecl.predict.ImagePrediction."""

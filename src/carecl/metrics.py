@@ -36,14 +36,20 @@ class TaskEvaluation:
         cls, task: int, scores: np.ndarray, targets: np.ndarray, boundaries: np.ndarray, k: int
     ) -> "TaskEvaluation":
         """scores: (n, n_seen) class scores; targets: positions in the class order."""
-        top1 = scores.argmax(axis=1) == targets
+        return cls.from_correct(task, scores.argmax(axis=1) == targets, topk_correct(scores, targets, k), targets, boundaries, k)
+
+    @classmethod
+    def from_correct(
+        cls, task: int, top1: np.ndarray, topk: np.ndarray, targets: np.ndarray, boundaries: np.ndarray, k: int
+    ) -> "TaskEvaluation":
+        """From per-sample top-1 / top-k correctness (what ranks gather instead of scores)."""
         group_of_sample = np.searchsorted(boundaries, targets, side="right") - 1
         groups = [accuracy(top1[group_of_sample == g]) for g in range(task + 1)]
         old = group_of_sample < task
         return cls(
             task=task,
             top1=accuracy(top1),
-            topk=accuracy(topk_correct(scores, targets, k)),
+            topk=accuracy(topk),
             k=k,
             group_accuracy=groups,
             old_accuracy=accuracy(top1[old]),
@@ -53,30 +59,39 @@ class TaskEvaluation:
 
 
 def accuracy_matrix(evaluations: list[TaskEvaluation]) -> np.ndarray:
-    """M[i, j] = accuracy on task j's classes after learning task i (nan above the diagonal)."""
-    n = len(evaluations)
-    matrix = np.full((n, n), np.nan)
+    """M[i, j] = accuracy on task j's classes at the i-th evaluation (nan where task j was not yet learned).
+
+    With an evaluation after every task, row i is after task i and M is square.
+    """
+    width = max((len(e.group_accuracy) for e in evaluations), default=0)
+    matrix = np.full((len(evaluations), width), np.nan)
     for i, evaluation in enumerate(evaluations):
         matrix[i, : len(evaluation.group_accuracy)] = evaluation.group_accuracy
     return matrix
 
 
 def forgetting(matrix: np.ndarray) -> float:
-    """Mean over old groups j < T-1 of (best accuracy before the last task - final accuracy)."""
-    n = matrix.shape[0]
-    if n < 2:
+    """Mean over the groups learned before the last evaluation's task of
+    (best accuracy at an earlier evaluation - accuracy at the last one)."""
+    if matrix.shape[0] < 2:
         return float("nan")
-    drops = [np.nanmax(matrix[j : n - 1, j]) - matrix[n - 1, j] for j in range(n - 1)]
-    return float(np.mean(drops))
+    earlier, last = matrix[:-1], matrix[-1]
+    seen_before = [j for j in range(matrix.shape[1] - 1) if not np.isnan(earlier[:, j]).all()]
+    if not seen_before:
+        return float("nan")
+    return float(np.mean([np.nanmax(earlier[:, j]) - last[j] for j in seen_before]))
 
 
 @dataclass
 class RunSummary:
     top1_curve: list[float]
     a_last: float
-    average_accuracy: float  # Ā: mean of the top-1 accuracy after each task
+    # Ā: mean of the top-1 accuracy over the evaluations (after each task unless eval.every_n_tasks > 1).
+    average_accuracy: float
     forgetting: float
     matrix: list[list[float]] = field(default_factory=list)
+    # 0-based task index of each evaluation (of each curve point and matrix row).
+    evaluated_tasks: list[int] = field(default_factory=list)
 
     @classmethod
     def from_evaluations(cls, evaluations: list[TaskEvaluation]) -> "RunSummary":
@@ -88,4 +103,5 @@ class RunSummary:
             average_accuracy=float(np.mean(curve)) if curve else float("nan"),
             forgetting=forgetting(matrix),
             matrix=matrix.tolist(),
+            evaluated_tasks=[e.task for e in evaluations],
         )

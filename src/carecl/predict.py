@@ -7,7 +7,9 @@
 Images (paths, PIL images) are converted to RGB and passed through the run's test transform;
 tensors are taken as already transformed model inputs. Probabilities are over every class seen
 by the run (see `class_probabilities`); class ids and names are the dataset's (ImageFolder
-folder names, digits' "0".."9"), not positions in the class order.
+folder names, digits' "0".."9"), not positions in the class order. The dataset itself is not
+needed: the run records its class names (classes.json) and the test transform follows from the
+config (see `Learner.load`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,24 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from carecl.config import ExperimentConfig
 from carecl.errors import CareclError
 from carecl.registry import Registry
-from carecl.rundir import RunDirectory
 
 if TYPE_CHECKING:
-    from carecl.data import BenchmarkData
+    from carecl.data.base import Transform
     from carecl.learner import Learner
     from carecl.methods.base import Method
 
-# carecl.data is imported where used: it imports timm, slow to load, and `carecl --help` needs none of it.
-
-log = logging.getLogger("carecl")
+# carecl.data and carecl.learner are imported where used: they import timm, slow to load, and
+# `carecl --help` needs none of it.
 
 ImageInput = str | os.PathLike | Image.Image | Tensor
 # Errors that make one input unusable without stopping the others.
@@ -112,27 +109,14 @@ def class_probabilities(method: Method, images: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- inputs
 
 
-def class_names_of(learner: Learner) -> list[str]:
-    """The dataset's class names by class id; `class <id>` when the run's data is not at hand."""
-    if learner.data is not None:
-        return list(learner.data.class_names)
-    return [f"class {class_id}" for class_id in range(learner.scenario.n_classes)]
-
-
-def model_input(image: Image.Image, learner: Learner) -> Tensor:
+def model_input(image: Image.Image, transform: Transform, image_size: int) -> Tensor:
     """An RGB image through the run's test transform, as a (3, H, W) float tensor."""
     from torchvision.transforms.functional import to_tensor
 
-    from carecl.data import DATASETS, transforms_for
-
-    config = learner.config
-    data = learner.data
-    transform = data.test_transform if data is not None else transforms_for(DATASETS.canonical(config.data.dataset)).test
     output = transform(image.convert("RGB"))
     if isinstance(output, Image.Image):
         # In-memory datasets (digits, synthetic) store final tensors and transform nothing: make one.
-        size = config.data.image_size
-        output = to_tensor(output.resize((size, size), Image.BILINEAR))
+        output = to_tensor(output.resize((image_size, image_size), Image.BILINEAR))
     return output.to(torch.float32)
 
 
@@ -155,15 +139,15 @@ def _describe(item: ImageInput, index: int) -> str:
     return f"<{'tensor' if isinstance(item, Tensor) else 'image'} {index}>"
 
 
-def _load(item: ImageInput, learner: Learner) -> Tensor:
+def _load(item: ImageInput, transform: Transform, image_size: int) -> Tensor:
     from carecl.data import load_rgb_image
 
     if isinstance(item, Tensor):
         return item.to(torch.float32)
     if isinstance(item, Image.Image):
-        return model_input(item, learner)
+        return model_input(item, transform, image_size)
     if isinstance(item, (str, os.PathLike)):
-        return model_input(load_rgb_image(os.fspath(item)), learner)
+        return model_input(load_rgb_image(os.fspath(item)), transform, image_size)
     raise PredictionError(f"cannot predict a {type(item).__name__}: give paths, PIL images or image tensors")
 
 
@@ -182,12 +166,11 @@ def iter_predictions(learner: Learner, images: ImageInput | Sequence[ImageInput]
     if method.n_learned_tasks == 0:
         raise PredictionError("the learner has learned no task yet: nothing to predict with")
     items = as_input_list(images)
-    names, order = class_names_of(learner), learner.scenario.order
     was_training = method.training
     method.eval()
     try:
         for start in range(0, len(items), batch_size):
-            yield from _predict_batch(learner, items[start : start + batch_size], start, topk, names, order)
+            yield from _predict_batch(learner, items[start : start + batch_size], start, topk)
     finally:
         method.train(was_training)
 
@@ -198,13 +181,14 @@ def predict_images(learner: Learner, images: ImageInput | Sequence[ImageInput], 
     return list(iter_predictions(learner, images, topk, batch_size))
 
 
-def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: int, names: list[str],
-                   order: np.ndarray) -> list[ImagePrediction]:
+def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: int) -> list[ImagePrediction]:
+    names, order = learner.class_names, learner.scenario.order
+    transform, image_size = learner.test_transform, learner.config.data.image_size
     predictions, inputs = [], []
     for index, item in enumerate(items, start):
         prediction = ImagePrediction(_describe(item, index))
         try:
-            inputs.append(_load(item, learner))
+            inputs.append(_load(item, transform, image_size))
         except PredictionError:
             raise
         except UNREADABLE_IMAGE_ERRORS as error:
@@ -224,73 +208,6 @@ def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: 
             prediction.classes = [ClassProbability(int(order[p]), names[int(order[p])], float(v))
                                   for v, p in zip(row_values, row_positions)]
     return predictions
-
-
-# --------------------------------------------------------------------------- loading a run
-
-
-class _RunWithConfig(RunDirectory):
-    """A run directory read with a different config (another data root, or a stand-in dataset)."""
-
-    def __init__(self, path: str | Path, config: ExperimentConfig) -> None:
-        super().__init__(path)
-        self._config = config
-
-    def config(self) -> ExperimentConfig:
-        return self._config
-
-
-def load_for_prediction(run_dir: str | Path, data_root: str | Path | None = None,
-                        warn: Callable[[str], None] | None = None) -> Learner:
-    """A run's learner for prediction; unlike `Learner.load`, it also works when the dataset is gone.
-
-    `data_root` replaces the run's `data.root` (a moved dataset). When the dataset cannot be built,
-    the learner is loaded without it: the class order and sizes come from the run's learner.json,
-    the test transform from the dataset's name, and classes are named `class <id>`; `warn`
-    (default: the carecl logger) is told why. The stand-in learner holds no images: predict only.
-    """
-    from carecl.data import DATASETS, DatasetError
-    from carecl.run_state import load_learner
-
-    warn = warn or log.warning
-    run = RunDirectory.open(run_dir)
-    config = run.config()
-    if data_root is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(data_root)))
-    try:
-        return load_learner(_RunWithConfig(run.path, config))
-    except DatasetError as error:
-        n_classes = _saved_class_count(run, config)
-        if n_classes is None or config.data.dataset not in DATASETS:
-            raise
-        reason = error
-    warn(f"{reason}; predicting without the dataset: classes are named 'class <id>' (the dataset's class ids)")
-    stand_in = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, dataset="synthetic", root=None, synthetic_classes=n_classes, synthetic_train_per_class=1,
-        synthetic_test_per_class=1, image_size=1))
-    learner = load_learner(_RunWithConfig(run.path, stand_in))
-    learner.config = config
-    learner.data = _class_id_data(config, n_classes)
-    return learner
-
-
-def _saved_class_count(run: RunDirectory, config: ExperimentConfig) -> int | None:
-    """The number of classes of the run's scenario, from its saved learner (or an explicit class order)."""
-    try:
-        return len(run.load_state()[1]["class_order"])
-    except (CareclError, OSError, ValueError, KeyError, TypeError):
-        return len(config.data.class_order) if config.data.class_order else None
-
-
-def _class_id_data(config: ExperimentConfig, n_classes: int) -> BenchmarkData:
-    """No images, `class <id>` names and the dataset's transforms: what prediction needs of a dataset."""
-    from carecl.data import DATASETS, BenchmarkData, ImageSplit, transforms_for
-
-    name = DATASETS.canonical(config.data.dataset)
-    transforms = transforms_for(name)
-    empty = ImageSplit(samples=[], targets=np.zeros(0, dtype=np.int64))
-    return BenchmarkData(name=name, class_names=[f"class {i}" for i in range(n_classes)], train=empty, test=empty,
-                         train_transform=transforms.train, test_transform=transforms.test)
 
 
 # --------------------------------------------------------------------------- command line
@@ -333,7 +250,8 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     parser.add_argument("--format", choices=("table", "jsonl"), default="table", help="table (default) or one JSON object per line")
     parser.add_argument("--batch-size", type=int, help="images per forward (default: the run's eval.batch_size)")
-    parser.add_argument("--data-root", type=Path, metavar="DIR", help="the dataset's folder, if it moved since training")
+    parser.add_argument("--data-root", type=Path, metavar="DIR",
+                        help="the dataset's folder, if it moved since training (only runs without classes.json need it)")
     parser.set_defaults(handler=command_predict)
 
 
@@ -343,7 +261,9 @@ def command_predict(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     if not files:
         raise PredictionError(f"no image files to classify in {', '.join(args.inputs)}")
-    learner = load_for_prediction(args.run, args.data_root, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    from carecl.learner import Learner
+
+    learner = Learner.load(args.run, data_root=args.data_root)
     width = max(len("image"), *(len(str(f)) for f in files))
     if args.format == "table":
         print(f"{'image':<{width}}  {'rank':>4}  {'class':<20}  {'probability':>11}")

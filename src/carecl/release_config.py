@@ -237,10 +237,8 @@ def to(*targets: str, convert: Converter, check: Check | None = None) -> MapTo:
 _EXEMPLARS = "exemplar memory; CaRE is rehearsal-free and carecl keeps no exemplars"
 _OTHER_METHOD = "option of another PILOT method (TUNA/MOS/APER); the CaRE learner never reads it"
 _PROMPTS = "prompt option of PILOT's prompt methods (L2P/DualPrompt/CODA/VPT); CaRE adds no prompts"
-_AMP = Ignore(
-    "mixed precision; carecl has no precision option yet (AMP pending)",
-    warn_if_true("amp={value!r}: the release trains with AMP; carecl trains in full precision"),
-)
+# The release's AMP is torch.cuda.amp.autocast (fp16 by default) with a gradient scaler.
+_AMP = to("train.precision", convert=lambda value: "fp16" if boolean(value) else "fp32")
 _MARGIN = Ignore("cosface margin; carecl's loss is CE on scale*cos, i.e. margin 0", warn_if_margin)
 _STEPLR = Ignore("only read by the release's 'steplr' scheduler; carecl uses cosine")
 

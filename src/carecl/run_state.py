@@ -30,32 +30,38 @@ from carecl.checkpoint import (
     restore_rng,
 )
 from carecl.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
-from carecl.data import BenchmarkData
+from carecl.data import BenchmarkData, DatasetError, build_dataset
 from carecl.learner import Learner, seed_everything
 from carecl.metrics import TaskEvaluation
-from carecl.rundir import CONFIG_FILE, RunDirectory
+from carecl.rundir import CLASSES_FILE, CONFIG_FILE, RunClasses, RunDirectory, RunDirectoryError
 from carecl.scenario import Scenario
 
 log = logging.getLogger("carecl")
 
 # Keys a resumed run may change: where the data lives and how the loop runs, never what it computes.
 RESUME_OVERRIDABLE = frozenset({
-    "data.root", "data.num_workers", "data.strict",
-    "train.device", "train.progress", "train.checkpoint_every_epochs",
+    "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.strict",
+    "train.device", "train.progress", "train.checkpoint_every_epochs", "train.compile",
+    "eval.every_n_tasks", "logging.tensorboard", "logging.every_n_steps",
 })
 
 
 @dataclass
 class RunRecord:
-    """What the finished tasks measured: the metrics so far, kept in every checkpoint."""
+    """What the finished tasks measured: the metrics so far, kept in every checkpoint.
+
+    One wall time and skipped-image summary per finished task; evaluations only of the tasks
+    `eval.every_n_tasks` evaluated; optimiser steps so far (the loggers' global step).
+    """
 
     evaluations: list[TaskEvaluation] = field(default_factory=list)
     wall_times: list[float] = field(default_factory=list)
     skipped_images: list[dict[str, Any]] = field(default_factory=list)
+    global_step: int = 0
 
     @property
     def n_tasks(self) -> int:
-        return len(self.evaluations)
+        return len(self.wall_times)
 
     def metrics_extra(self, scenario: Scenario) -> dict[str, Any]:
         return {"class_order": scenario.order.tolist(), "task_sizes": list(scenario.sizes),
@@ -63,12 +69,12 @@ class RunRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"evaluations": [e.__dict__ for e in self.evaluations], "wall_time_s": self.wall_times,
-                "skipped_images": self.skipped_images}
+                "skipped_images": self.skipped_images, "global_step": self.global_step}
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> "RunRecord":
         return cls([_evaluation_from_json(e) for e in document["evaluations"]],
-                   list(document["wall_time_s"]), list(document["skipped_images"]))
+                   list(document["wall_time_s"]), list(document["skipped_images"]), int(document.get("global_step", 0)))
 
 
 def _evaluation_from_json(document: dict[str, Any]) -> TaskEvaluation:
@@ -93,6 +99,8 @@ class TrainerState:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     phase_start: dict[str, torch.Tensor] | None = None
+    # fp16's gradient scaler (scale, growth tracker); None without one.
+    scaler: dict[str, Any] | None = None
 
 
 @dataclass
@@ -107,6 +115,7 @@ class TaskResume:
     scheduler: dict[str, Any] | None
     phase_start: dict[str, torch.Tensor]
     elapsed: float
+    scaler: dict[str, Any] | None = None
 
     @property
     def mid_phase(self) -> bool:
@@ -143,13 +152,14 @@ def save_checkpoint(run: RunDirectory, learner: Learner, record: RunRecord, stat
         "data": data_fingerprint(learner.data),
     }
     if in_task:
-        if state.loader is not None:
+        if state.loader is not None and state.loader.generator is not None:  # None: a DistributedSampler's seeded order
             tensors["loader.generator"] = state.loader.generator.get_state()
         if state.optimizer is not None:
             document["optimizer"], optimizer_tensors = optimizer_state(state.optimizer, "optimizer")
             tensors.update(optimizer_tensors)
             document["scheduler"] = state.scheduler.state_dict()
             tensors.update({f"phase_start.{k}": v for k, v in state.phase_start.items()})
+            document["scaler"] = state.scaler
     name = run.save_state(method.state_tensors(), info, trainer_tensors=tensors, trainer_info=document)
     log.debug("checkpoint %s written", name)
     return name
@@ -175,13 +185,46 @@ def grow_and_load(learner: Learner, checkpoint_tensors: dict[str, torch.Tensor],
     method.to(learner.device)
 
 
-def load_learner(run: RunDirectory) -> Learner:
-    """Rebuild a run's learner from its config and the last finished task's checkpoint."""
+def load_learner(run: RunDirectory, *, need_data: bool = True, data_root: str | Path | None = None) -> Learner:
+    """Rebuild a run's learner from its config and the last finished task's checkpoint.
+
+    With its dataset, which must have the classes the run recorded (classes.json): evaluation and
+    diagnosis need the test set. With `need_data=False` (prediction), a dataset that cannot be built
+    or has other classes is done without: the learner is built from the recorded classes instead
+    (Learner.for_inference), the same model and transform. `data_root` replaces the config's data.root.
+    """
     config = run.config_for_loading()
-    learner = Learner.build(config)
+    if data_root is not None:
+        config.data.root = str(data_root)
+    recorded = run.classes()
+    data = _dataset_of_run(run, config, recorded, need_data)
+    learner = Learner.build(config, data) if data is not None else Learner.for_inference(config, recorded)
     tensors, info = run.load_state()
     grow_and_load(learner, tensors, info, run.path)
     return learner
+
+
+def _dataset_of_run(run: RunDirectory, config: ExperimentConfig, recorded: RunClasses | None,
+                    need_data: bool) -> BenchmarkData | None:
+    """The run's dataset, checked against its recorded classes; None where prediction can do without it."""
+    try:
+        data = build_dataset(config.data)
+    except DatasetError as error:
+        if need_data:
+            raise
+        if recorded is None:
+            raise RunDirectoryError(f"{run.path / CLASSES_FILE} not found (the run was written before carecl "
+                                    f"recorded its classes), so it needs its dataset, which cannot be built: {error}") from None
+        log.debug("%s: loading without the dataset (%s), classes from %s", run.path, error, CLASSES_FILE)
+        return None
+    difference = recorded.difference(data.class_names) if recorded is not None else None
+    if difference is None:
+        return data
+    if need_data:
+        raise DatasetError(f"the dataset of {run.path} (data.root {config.data.root}) no longer has the classes "
+                           f"recorded in {run.path / CLASSES_FILE} at training: {difference}")
+    log.debug("%s: the dataset's classes differ from %s (%s); using the recorded ones", run.path, CLASSES_FILE, difference)
+    return None
 
 
 def restore(run: RunDirectory, checkpoint: Checkpoint, config: ExperimentConfig) -> tuple[Learner, RunRecord, TaskResume | None]:
@@ -219,6 +262,7 @@ def restore(run: RunDirectory, checkpoint: Checkpoint, config: ExperimentConfig)
             scheduler=document.get("scheduler"),
             phase_start={k[len("phase_start."):]: v for k, v in trainer.items() if k.startswith("phase_start.")},
             elapsed=float(document.get("task_elapsed_s", 0.0)),
+            scaler=document.get("scaler"),
         )
         learner.skipped_images.reset(document.get("skipped_in_task"))
     restore_rng(document["rng"], trainer)

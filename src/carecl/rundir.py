@@ -9,8 +9,9 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
@@ -33,9 +34,11 @@ from carecl.config import ExperimentConfig, config_to_dict, load_config
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary, TaskEvaluation
 
-__all__ = ["RunDirectory", "RunDirectoryError", "CheckpointError", "atomic_write_bytes"]
+__all__ = ["RunDirectory", "RunDirectoryError", "RunClasses", "CheckpointError", "atomic_write_bytes"]
 
 CONFIG_FILE = "config.yaml"
+# The dataset's classes (count and names), so that a finished run predicts without its dataset.
+CLASSES_FILE = "classes.json"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 # Copies (hard links) of the last finished task's learner, for tools that read the run's root.
@@ -50,6 +53,48 @@ class RunDirectoryError(CareclError, ValueError):
 
 
 _json_safe = json_safe  # the former private name
+
+
+@dataclass(frozen=True)
+class RunClasses:
+    """The dataset's classes as a run recorded them in classes.json: what prediction needs of the dataset."""
+
+    n_classes: int
+    # By original class id; None when unknown (a release checkpoint imported without them).
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.names is not None and len(self.names) != self.n_classes:
+            raise RunDirectoryError(f"{len(self.names)} class names given for {self.n_classes} classes")
+
+    def names_by_id(self) -> list[str]:
+        """The names; `class <id>` where they are unknown."""
+        if self.names is not None:
+            return list(self.names)
+        return [f"class {class_id}" for class_id in range(self.n_classes)]
+
+    def difference(self, class_names: Sequence[str]) -> str | None:
+        """How a dataset's class names disagree with these classes, or None when they fit."""
+        if len(class_names) != self.n_classes:
+            return f"{self.n_classes} classes recorded, {len(class_names)} in the dataset"
+        if self.names is None or list(self.names) == list(class_names):
+            return None
+        class_id = next(i for i, (a, b) in enumerate(zip(self.names, class_names)) if a != b)
+        return f"class {class_id} is {self.names[class_id]!r} in the record, {class_names[class_id]!r} in the dataset"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n_classes": self.n_classes, "names": list(self.names) if self.names is not None else None}
+
+    @classmethod
+    def from_json(cls, document: Any, source: Path) -> "RunClasses":
+        n_classes = document.get("n_classes") if isinstance(document, dict) else None
+        names = document.get("names") if isinstance(document, dict) else None
+        valid = (type(n_classes) is int and n_classes > 0 and (names is None or (
+            isinstance(names, list) and len(names) == n_classes and all(isinstance(n, str) for n in names))))
+        if not valid:
+            raise RunDirectoryError(f"{source}: expected n_classes (a positive integer) and names "
+                                    "(a list of n_classes strings, or null)")
+        return cls(n_classes, tuple(names) if names is not None else None)
 
 
 class RunDirectory:
@@ -81,13 +126,19 @@ class RunDirectory:
             raise RunDirectoryError(f"output directory {path}: {existing} is not writable")
 
     @classmethod
-    def create(cls, path: str | Path, config: ExperimentConfig) -> "RunDirectory":
+    def create(cls, path: str | Path, config: ExperimentConfig, class_names: Sequence[str] | None = None,
+               n_classes: int | None = None) -> "RunDirectory":
+        """A new run directory with its config and, given `class_names` (the dataset's, by class id) or only
+        `n_classes` (names unknown), its classes.json."""
         cls.check_available(path)
         run = cls(path)
         try:
             run.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise write_error(run.path, error) from None
+        if class_names is not None or n_classes is not None:
+            names = tuple(class_names) if class_names is not None else None
+            run.write_classes(RunClasses(n_classes if n_classes is not None else len(names), names))
         atomic_write_bytes(run.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
         return run
 
@@ -108,6 +159,21 @@ class RunDirectory:
 
     def config(self) -> ExperimentConfig:
         return load_config(self.path / CONFIG_FILE)
+
+    # ---- classes --------------------------------------------------------------------
+    def write_classes(self, classes: RunClasses) -> None:
+        atomic_write_bytes(self.path / CLASSES_FILE, json.dumps(classes.to_json(), indent=2).encode())
+
+    def classes(self) -> RunClasses | None:
+        """The recorded classes; None for a run written before classes.json existed."""
+        path = self.path / CLASSES_FILE
+        try:
+            document = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise RunDirectoryError(f"{path} is unreadable: {error}") from None
+        return RunClasses.from_json(document, path)
 
     def config_for_loading(self) -> ExperimentConfig:
         """`config()` with a relative `backbone.weights` that names a file inside the run resolved there

@@ -258,13 +258,16 @@ class ImportSummary:
 
 
 def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConfig, output: str | Path, *,
-                     overrides: Sequence[str] = (), n_classes: int | None = None) -> ImportSummary:
+                     overrides: Sequence[str] = (), n_classes: int | None = None,
+                     class_names: Sequence[str] | None = None) -> ImportSummary:
     """Write a carecl run directory holding the release checkpoint's model (see `load_reference`).
 
     The directory has config.yaml (backbone.weights -> the run's own backbone.safetensors,
-    pretrained false), learner.safetensors / learner.json as after the checkpoint's last task
-    (empty class statistics), backbone.safetensors and reference_import.json (source file,
-    sha256, task sizes, ignored keys, notes); no metrics.json: nothing was evaluated.
+    pretrained false), classes.json (the dataset's class count, and `class_names` by class id when
+    given: prediction names classes `class <id>` without them), learner.safetensors / learner.json
+    as after the checkpoint's last task (empty class statistics), backbone.safetensors and
+    reference_import.json (source file, sha256, task sizes, ignored keys, notes); no metrics.json:
+    nothing was evaluated.
     """
     from carecl.learner import Learner
     from carecl.run_state import save_learner
@@ -272,9 +275,13 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
     checkpoint = Path(checkpoint)
     imported = build_from_reference(read_reference_checkpoint(checkpoint), resolve_config(config, overrides),
                                     str(checkpoint), n_classes)
+    n_dataset_classes = imported.scenario.n_classes
+    if class_names is not None and len(class_names) != n_dataset_classes:
+        raise ReferenceCheckpointError(f"{checkpoint}: {len(class_names)} class names given, but the model's "
+                                       f"dataset has {n_dataset_classes} classes")
     run_config = dataclasses.replace(
         imported.config, backbone=dataclasses.replace(imported.config.backbone, pretrained=False, weights=BACKBONE_FILE))
-    run = RunDirectory.create(output, run_config)
+    run = RunDirectory.create(output, run_config, class_names=class_names, n_classes=n_dataset_classes)
     backbone = {key: value.contiguous() for key, value in imported.backbone_state.items()}
     atomic_write_bytes(run.path / BACKBONE_FILE, safetensors_bytes(backbone))
     save_learner(run, Learner(run_config, None, imported.scenario, imported.method, torch.device("cpu")))

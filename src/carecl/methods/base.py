@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from carecl.config import ExperimentConfig, MethodConfig
+from carecl.distributed import SINGLE_PROCESS, Distributed
 from carecl.registry import Registry
 from carecl.scenario import Scenario, Task
 
@@ -61,6 +62,8 @@ class TaskContext:
     # Loader over the current task's training images with *test* transforms (class statistics).
     statistics_loader: Callable[[], "DataLoader"]
     progress: bool = False
+    # Under torchrun the statistics loader yields this rank's shard: reduce sums over ranks with it.
+    distributed: Distributed = SINGLE_PROCESS
 
 
 class Method(nn.Module):

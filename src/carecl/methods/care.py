@@ -7,13 +7,12 @@ class statistics for classifier alignment. Behaviour follows the authors' releas
 from __future__ import annotations
 
 import zlib
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carecl.alignment import GaussianClassStatistics, align_classifier
+from carecl.alignment import ClassFeatureSums, GaussianClassStatistics, align_classifier
 from carecl.brmoe import BRMoEViT
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig
@@ -112,15 +111,15 @@ class CaRE(Method):
 
     @torch.no_grad()
     def update_statistics(self, context: TaskContext) -> None:
-        """Mean and covariance of the task's classes from the task-known forward, test transforms."""
+        """Mean and covariance of the task's classes from the task-known forward, test transforms
+        (from sums reduced over ranks: exactly the single-process statistics under torchrun)."""
         self.eval()
-        features_by_class: dict[int, list[torch.Tensor]] = defaultdict(list)
+        task = context.task
+        sums = ClassFeatureSums(task.low, task.high, self.statistics.storage)
         for images, targets in context.statistics_loader():
-            features = self.features(images.to(context.device), task=context.task.index).float().cpu()
-            for class_id in targets.unique().tolist():
-                features_by_class[class_id].append(features[targets == class_id])
-        for class_id, chunks in sorted(features_by_class.items()):
-            self.statistics.add_class(class_id, torch.cat(chunks))
+            sums.add(self.features(images.to(context.device), task=task.index).float(), targets)
+        sums.reduce_(context.distributed, self.model.embed_dim)
+        sums.store_into(self.statistics)
 
     def align(self, context: TaskContext, phase: Phase) -> None:
         options: CareConfig = self.options

@@ -55,6 +55,8 @@ class SimpleCIL(Method):
             local = targets.to(context.device) - task.low
             sums.index_add_(0, local, features)
             counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
+        context.distributed.all_reduce_sum_(sums)  # each rank saw its own shard
+        context.distributed.all_reduce_sum_(counts)
         self.prototypes[task.low : task.high] = sums / counts.clamp_min(1).unsqueeze(1)
 
     @torch.no_grad()

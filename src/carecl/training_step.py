@@ -1,0 +1,88 @@
+"""One optimiser step of the loop: the method's loss as a module (so DDP and torch.compile can wrap
+it), mixed precision, and the gradient scaler fp16 needs."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from carecl.config import TrainConfig
+from carecl.distributed import Distributed
+from carecl.methods.base import Method
+from carecl.scenario import Task
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingStep(nn.Module):
+    """`method.training_loss` as a forward: DDP synchronises gradients only through a module's forward."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> tuple[torch.Tensor, dict[str, float]]:
+        step = self.method.training_loss(images, targets, task)
+        return step.loss, step.logs
+
+
+def wrap_training_step(method: Method, distributed: Distributed, device: torch.device, train: TrainConfig) -> nn.Module:
+    """The step module for one task: DDP-wrapped under torchrun, compiled on request.
+
+    Built again for every task, because a task adds parameters and changes which ones train.
+    """
+    step: nn.Module = TrainingStep(method)
+    if distributed.enabled:
+        step = DistributedDataParallel(
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # Top-K routing can leave the task's expert out of a batch's graph in some block.
+            find_unused_parameters=True,
+        )
+    if train.compile:
+        step = torch.compile(step, dynamic=True)
+    return step
+
+
+@dataclass
+class Precision:
+    """Autocast for the training forward (bf16/fp16) and, for fp16, the gradient scaler."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def build(cls, precision: str, device: torch.device) -> Precision:
+        dtype = AUTOCAST_DTYPES[precision]
+        scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+        return cls(device.type, dtype, scaler)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+            return
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            yield
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+    def state(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
