@@ -11,17 +11,19 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from carecl.metrics import forgetting
+from carecl.config import DataConfig, EvalConfig, ExperimentConfig, MethodConfig
+from carecl.metrics import TaskEvaluation, forgetting
 from carecl.report import (
     ReportError,
     RunSettings,
     add_command,
     build_report,
+    curve_x,
     forgetting_per_group,
     load_run,
     with_unique_labels,
 )
-from carecl.rundir import RunDirectoryError
+from carecl.rundir import RunDirectory, RunDirectoryError
 
 # Three tasks of 10 classes each: row i = after task i, column j = task j's classes.
 THREE_TASK_MATRIX = [[90.0, None, None], [80.0, 85.0, None], [70.0, 78.0, 88.0]]
@@ -186,3 +188,168 @@ def test_argparse_registration(two_runs, tmp_path, capsys):
     assert args.handler(args) == 0
     assert (tmp_path / "out" / "report.md").is_file()
     assert "report.md" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- runs evaluated every k tasks
+
+SPARSE_TASKS = 7  # tasks of 10 classes; evaluated every 3 tasks: after tasks 3, 6 and 7 (the last)
+
+
+def hand_group_accuracy(task: int, group: int) -> float:
+    """Accuracy on `group`'s classes after `task` (0-based): 95 - group when learned, 4 points lost per later task."""
+    return 95.0 - group - 4.0 * (task - group)
+
+
+def hand_evaluation(task: int) -> TaskEvaluation:
+    groups = [hand_group_accuracy(task, group) for group in range(task + 1)]
+    return TaskEvaluation(task=task, top1=float(np.mean(groups)), topk=99.0, k=5, group_accuracy=groups,
+                          old_accuracy=float(np.mean(groups[:-1])) if task else float("nan"),
+                          new_accuracy=groups[-1], n_samples=10 * (task + 1))
+
+
+def write_engine_run(path: Path, method: str, seed: int, every_n_tasks: int, evaluated: list[int],
+                     n_finished: int) -> Path:
+    """A run directory written by the engine's own writer (RunDirectory.write_metrics) from hand-made evaluations."""
+    config = ExperimentConfig(seed=seed, data=DataConfig(dataset="cifar100", init_cls=10, increment=10),
+                              eval=EvalConfig(every_n_tasks=every_n_tasks), method=MethodConfig(name=method))
+    run = RunDirectory.create(path, config)
+    run.write_metrics([hand_evaluation(task) for task in evaluated],
+                      {"class_order": list(range(10 * SPARSE_TASKS)), "task_sizes": [10] * SPARSE_TASKS,
+                       "wall_time_s": [2.0] * n_finished, "skipped_images": []})
+    return path
+
+
+def make_sparse_runs(root: Path) -> tuple[Path, Path, Path]:
+    """Every task evaluated; every third (and the last); and a run killed after 5 tasks, evaluated once (task 3)."""
+    return (write_engine_run(root / "dense", "simplecil", 1, 1, list(range(SPARSE_TASKS)), SPARSE_TASKS),
+            write_engine_run(root / "sparse", "care", 2, 3, [2, 5, 6], SPARSE_TASKS),
+            write_engine_run(root / "partial", "care", 3, 3, [2], 5))
+
+
+@pytest.fixture(scope="module")
+def sparse_report(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sparse_runs")
+    return build_report(list(make_sparse_runs(root)), root / "report")
+
+
+def test_sparse_run_positions_matrix_and_numbers(tmp_path):
+    dense_dir, sparse_dir, _ = make_sparse_runs(tmp_path)
+    sparse, dense = load_run(sparse_dir), load_run(dense_dir)
+
+    assert sparse.evaluated_task_numbers.tolist() == [3, 6, 7] and sparse.n_tasks == 7 and sparse.is_sparse
+    assert curve_x(sparse, by_classes=False).tolist() == [3, 6, 7]
+    assert curve_x(sparse, by_classes=True).tolist() == [30, 60, 70]
+    assert curve_x(dense, by_classes=True).tolist() == [10, 20, 30, 40, 50, 60, 70] and not dense.is_sparse
+
+    # Rows = the three evaluations, columns = the 7 task groups; nan where a group was not learned yet.
+    assert sparse.matrix.shape == (3, 7) and dense.matrix.shape == (7, 7)
+    for row, task in enumerate([2, 5, 6]):
+        assert sparse.matrix[row, : task + 1].tolist() == [hand_group_accuracy(task, j) for j in range(task + 1)]
+        assert np.isnan(sparse.matrix[row, task + 1 :]).all()
+
+    curve = [np.mean([hand_group_accuracy(task, j) for j in range(task + 1)]) for task in (2, 5, 6)]
+    assert sparse.top1_curve.tolist() == pytest.approx(curve)
+    assert sparse.a_last == pytest.approx(curve[-1]) and sparse.average_accuracy == pytest.approx(np.mean(curve))
+    # Groups 1-3 were last measured before the end at task 3 (4 tasks earlier: 16 points lost), groups 4-6
+    # at task 6 (4 points); group 7 only at the end. The dense run loses 4 points per task after each group's.
+    assert sparse.forgetting_per_group.tolist() == [16.0, 16.0, 16.0, 4.0, 4.0, 4.0]
+    assert sparse.forgetting == pytest.approx(10.0)
+    assert dense.forgetting == pytest.approx(np.mean([4.0 * (6 - j) for j in range(6)]))
+    # The same definitions metrics.json was written with.
+    summary = json.loads((sparse_dir / "metrics.json").read_text())["summary"]
+    assert sparse.forgetting == pytest.approx(summary["forgetting"])
+    assert sparse.average_accuracy == pytest.approx(summary["average_accuracy"])
+
+
+def test_forgetting_per_group_skips_groups_never_measured_before_the_end():
+    # Evaluated after task 2 and task 4: group 3 appears at the last evaluation only.
+    matrix = np.array([[90.0, 86.0, np.nan, np.nan], [70.0, 80.0, 84.0, 88.0]])
+    drops = forgetting_per_group(matrix)
+    assert drops[:2].tolist() == [20.0, 6.0] and np.isnan(drops[2])
+    assert math.isclose(np.nanmean(drops), forgetting(matrix))
+
+
+def test_sparse_report_table_note_and_csv(sparse_report):
+    rows = markdown_rows(sparse_report)
+    dense, sparse, partial = (rows[f"{method} · cifar100 B0 Inc10{suffix}"] for method, suffix in
+                              (("simplecil", ""), ("care", " · seed 2"), ("care", " · seed 3")))
+    assert "†" not in dense["Ā (%)"] and sparse["Ā (%)"].endswith("†") and partial["Ā (%)"].endswith("†")
+    curve = [np.mean([hand_group_accuracy(task, j) for j in range(task + 1)]) for task in (2, 5, 6)]
+    assert float(sparse["Ā (%)"].rstrip(" †")) == pytest.approx(np.mean(curve), abs=0.005)
+    assert float(sparse["A_last (%)"]) == pytest.approx(curve[-1], abs=0.005)
+    assert float(sparse["forgetting (points)"]) == pytest.approx(10.0, abs=0.005)
+    assert sparse["tasks"] == "7" and sparse["classes"] == "70" and sparse["wall time"] == "14.0 s"
+    assert partial["tasks"] == "5 of 7" and partial["classes"] == "50" and partial["wall time"] == "10.0 s"
+    assert float(partial["A_last (%)"]) == pytest.approx(curve[0], abs=0.005) and partial["forgetting (points)"] == "n/a"
+
+    text = sparse_report.read_text(encoding="utf-8")
+    assert "not the paper's Ā" in text
+    assert "care · cifar100 B0 Inc10 · seed 2: evaluated after tasks 3, 6, 7 (3 of 7 learned)" in text
+    assert "care · cifar100 B0 Inc10 · seed 3: evaluated after task 3 (1 of 5 learned); A_last is after task 3" in text
+    assert "Evaluated only once (after task 3)" in text
+
+    with open(sparse_report.parent / "summary.csv", newline="", encoding="utf-8") as stream:
+        by_label = {row["label"]: row for row in csv.DictReader(stream)}
+    assert by_label["care · cifar100 B0 Inc10 · seed 2"]["evaluations"] == "3"
+    assert by_label["care · cifar100 B0 Inc10 · seed 3"]["last_evaluated_task"] == "3"
+    assert by_label["simplecil · cifar100 B0 Inc10"]["evaluations"] == "7"
+
+
+def test_sparse_report_writes_readable_images(sparse_report):
+    output = sparse_report.parent
+    # Curves, three matrices, forgetting for the dense and the sparse run (the partial one has one evaluation).
+    assert len(list(output.glob("matrix_*.png"))) == 3 and len(list(output.glob("forgetting_*.png"))) == 2
+    for png in output.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.width > 400 and image.height > 300
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(2)) > 10
+    # The sparse heatmap has 3 rows for 7 columns: its cells are stretched, so the figure is wider than tall.
+    with Image.open(next(output.glob("matrix_*-sparse.png"))) as image:
+        assert image.width > image.height
+
+
+def edit_summary(run: Path, change) -> None:
+    path = run / "metrics.json"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["summary"].update(evaluated_tasks=[2, 5]),
+     r"summary\.evaluated_tasks has 2 entries for the 3 evaluations"),
+    (lambda d: d["summary"].update(evaluated_tasks=[2, 6, 5]), r"summary\.evaluated_tasks\[2\] is 5"),
+    (lambda d: d["summary"].update(evaluated_tasks="2 5 6"), r"summary\.evaluated_tasks has a str"),
+    (lambda d: d["summary"]["matrix"][0].append(50.0),
+     r"row 0 has 8 columns, more than the 7 task groups.*after task 7 by summary\.evaluated_tasks"),
+    (lambda d: d["summary"]["matrix"].pop(), r"2 rows for 3 evaluated tasks"),
+    (lambda d: (d["summary"].pop("evaluated_tasks"), d["tasks"][1].update(task="six")),
+     r"tasks\[\]\.task\[1\] is 'six'"),
+])
+def test_malformed_sparse_record_names_the_file(tmp_path, change, message):
+    run = write_engine_run(tmp_path / "sparse", "care", 2, 3, [2, 5, 6], SPARSE_TASKS)
+    edit_summary(run, change)
+    with pytest.raises(ReportError, match=f"{run / 'metrics.json'}: .*{message}"):
+        load_run(run)
+
+
+def test_sparse_run_without_an_evaluation_yet(tmp_path):
+    run = write_engine_run(tmp_path / "early", "care", 2, 3, [], 2)
+    with pytest.raises(ReportError, match=r"2 task\(s\) finished but none evaluated yet"):
+        load_run(run)
+
+
+def test_evaluated_tasks_fall_back_to_task_records_then_to_every_task(tmp_path):
+    sparse = write_engine_run(tmp_path / "sparse", "care", 2, 3, [2, 5, 6], SPARSE_TASKS)
+    edit_summary(sparse, lambda d: d["summary"].pop("evaluated_tasks"))
+    assert load_run(sparse).evaluated_task_numbers.tolist() == [3, 6, 7]
+    # With neither record, every task counts as evaluated: 3 rows cannot hold 7 task groups.
+    edit_summary(sparse, lambda d: d.pop("tasks"))
+    with pytest.raises(ReportError, match="row 0 has 7 columns, more than the 3 task groups.*no evaluated_tasks"):
+        load_run(sparse)
+    # Metrics written before evaluated_tasks existed (every task evaluated) read as tasks 1..n.
+    dense = write_engine_run(tmp_path / "dense", "care", 2, 1, [0, 1, 2], 3)
+    edit_summary(dense, lambda d: (d["summary"].pop("evaluated_tasks"), d.pop("tasks")))
+    record = load_run(dense)
+    assert record.evaluated_task_numbers.tolist() == [1, 2, 3] and record.matrix.shape == (3, 3)
+    assert not record.is_sparse and record.forgetting == pytest.approx(np.mean([8.0, 4.0]))

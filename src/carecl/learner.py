@@ -143,9 +143,12 @@ class Learner:
         data = self.config.data
         workers = data.num_workers if data.num_workers is not None else default_workers(source.samples, distributed)
         pin = data.pin_memory if data.pin_memory is not None else self.device.type == "cuda"
+        # A loader of its own: iterating never draws from the global RNG (dropout's), so evaluating
+        # more or less often cannot change training; it seeds the workers.
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + seed)
         return SkippingDataLoader(
-            dataset, self.skipped_images, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=pin,
-            persistent_workers=data.persistent_workers and workers > 0,
+            dataset, self.skipped_images, batch_size=batch, sampler=sampler, generator=generator, num_workers=workers,
+            pin_memory=pin, persistent_workers=data.persistent_workers and workers > 0,
         )
 
     def train_loader(self, task: Task) -> DataLoader:

@@ -69,36 +69,54 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One run directory, read and checked: everything the report shows about it."""
+    """One run directory, read and checked: everything the report shows about it.
+
+    A run evaluates after every task (E = T evaluations) or, with `eval.every_n_tasks`, after some:
+    curve and matrix rows are per evaluation, `evaluated_tasks` says after which task each ran.
+    """
 
     path: Path
     settings: RunSettings
     label: str
-    top1_curve: np.ndarray  # (T,) top-1 accuracy after each learned task
-    matrix: np.ndarray  # (T, T): accuracy on task j's classes after task i, nan above the diagonal
+    top1_curve: np.ndarray  # (E,) top-1 accuracy on all seen classes at each evaluation
+    matrix: np.ndarray  # (E, G): accuracy on task j's classes at evaluation i, nan where j was not learned yet
+    evaluated_tasks: np.ndarray  # (E,) 0-based index of the task after which each evaluation ran
+    n_tasks: int  # tasks learned (finished), evaluated or not
     task_sizes: tuple[int, ...]  # classes per task of the whole scenario (empty when not recorded)
     wall_time_s: float  # nan when not recorded
     added_parameters: int | None  # elements in learner.safetensors; None when the file is absent
 
     @property
-    def n_tasks(self) -> int:
+    def n_evaluations(self) -> int:
         return len(self.top1_curve)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Evaluated after only some of its learned tasks (eval.every_n_tasks > 1, or 0)."""
+        return self.n_evaluations < self.n_tasks
+
+    @property
+    def evaluated_task_numbers(self) -> np.ndarray:
+        """1-based task number of each evaluation: the x position of each curve point."""
+        return self.evaluated_tasks + 1
 
     @property
     def n_planned_tasks(self) -> int:
         return max(len(self.task_sizes), self.n_tasks)
 
     @property
-    def classes_seen(self) -> np.ndarray | None:
-        """Number of classes seen after each learned task, when the task sizes are known."""
+    def classes_at_evaluations(self) -> np.ndarray | None:
+        """Number of classes seen at each evaluation, when the task sizes are known."""
         if len(self.task_sizes) < self.n_tasks:
             return None
-        return np.cumsum(self.task_sizes)[: self.n_tasks]
+        return np.cumsum(self.task_sizes)[self.evaluated_tasks]
 
     @property
     def n_classes(self) -> int | None:
-        seen = self.classes_seen
-        return int(seen[-1]) if seen is not None else None
+        """Classes of the tasks learned, when the task sizes are known."""
+        if len(self.task_sizes) < self.n_tasks:
+            return None
+        return int(np.sum(self.task_sizes[: self.n_tasks]))
 
     @property
     def a_last(self) -> float:
@@ -106,6 +124,7 @@ class RunRecord:
 
     @property
     def average_accuracy(self) -> float:
+        """Ā as metrics.json defines it: the mean over evaluations (over every task only for dense runs)."""
         return float(np.mean(self.top1_curve))
 
     @property
@@ -118,9 +137,15 @@ class RunRecord:
 
 
 def forgetting_per_group(matrix: np.ndarray) -> np.ndarray:
-    """For each old group j < T-1: best accuracy on it before the last task minus its final accuracy."""
-    n = matrix.shape[0]
-    return np.array([np.nanmax(matrix[j : n - 1, j]) - matrix[n - 1, j] for j in range(n - 1)], dtype=float)
+    """For each task group but the last column: best accuracy at an earlier evaluation minus accuracy at
+    the last one, as `carecl.metrics.forgetting` averages them; nan for a group no earlier evaluation measured."""
+    drops = np.full(max(matrix.shape[1] - 1, 0), np.nan)
+    earlier, last = matrix[:-1], matrix[-1]
+    for j in range(len(drops)):
+        measured = earlier[:, j][~np.isnan(earlier[:, j])]
+        if len(measured):
+            drops[j] = measured.max() - last[j]
+    return drops
 
 
 def _as_float(value: Any) -> float:
@@ -143,30 +168,62 @@ def read_metrics_document(run_dir: Path) -> dict[str, Any]:
     return document
 
 
-def curve_and_matrix(document: dict[str, Any], path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 curve and accuracy matrix from `summary` (or, failing that, from the per-task records)."""
-    summary = document.get("summary") or {}
+def curve_and_matrix(document: dict[str, Any], path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-1 curve (E,), accuracy matrix (E, G) and the 0-based task of each evaluation (E,), from
+    `summary` (or, failing that, from the per-task records); G = task groups learned by the last evaluation."""
+    summary, tasks = document.get("summary") or {}, document.get("tasks") or []
+    if not isinstance(summary, dict) or not isinstance(tasks, list):
+        raise ReportError(f"{path}: expected summary to be an object and tasks a list")
+    if not ("top1_curve" in summary and "matrix" in summary) and not tasks:
+        raise ReportError(f"{path}: neither summary.top1_curve/summary.matrix nor tasks[] recorded")
     try:
         if "top1_curve" in summary and "matrix" in summary:
             curve = [_as_float(v) for v in summary["top1_curve"]]
             rows = [[_as_float(v) for v in row] for row in summary["matrix"]]
-        elif document.get("tasks"):
-            curve = [_as_float(task["top1"]) for task in document["tasks"]]
-            rows = [[_as_float(v) for v in task["group_accuracy"]] for task in document["tasks"]]
         else:
-            raise ReportError(f"{path}: neither summary.top1_curve/summary.matrix nor tasks[] recorded")
+            curve = [_as_float(task["top1"]) for task in tasks]
+            rows = [[_as_float(v) for v in task["group_accuracy"]] for task in tasks]
     except (TypeError, ValueError, KeyError) as error:
         raise ReportError(f"{path}: malformed accuracy record ({type(error).__name__}: {error})") from None
     n = len(curve)
     if n == 0:
+        finished = document.get("wall_time_s")
+        if isinstance(finished, list) and finished:
+            raise ReportError(f"{path}: {len(finished)} task(s) finished but none evaluated yet "
+                              "(eval.every_n_tasks evaluates after every n-th task and the last)")
         raise ReportError(f"{path}: no task has been evaluated yet (empty top1_curve)")
-    if len(rows) != n or any(len(row) > n for row in rows):
+    if len(rows) != n:
         raise ReportError(f"{path}: accuracy matrix has {len(rows)} rows for {n} evaluated tasks")
-    matrix = np.full((n, n), np.nan)
-    for i, row in enumerate(rows):
-        # Only the lower triangle is meaningful: row i holds the groups of tasks 0..i.
-        matrix[i, : min(len(row), i + 1)] = row[: i + 1]
-    return np.array(curve), matrix
+    evaluated, source = evaluated_task_indices(summary, tasks, n, path)
+    n_groups = int(evaluated[-1]) + 1
+    matrix = np.full((n, n_groups), np.nan)
+    for i, (task, row) in enumerate(zip(evaluated, rows)):
+        if len(row) > n_groups:
+            after = f"after task {n_groups} by {source}" if source else "no evaluated_tasks recorded: one per task"
+            raise ReportError(f"{path}: accuracy matrix row {i} has {len(row)} columns, more than the {n_groups} "
+                              f"task groups learned at the last evaluation ({after})")
+        # Only groups 0..task are meaningful: later tasks were not learned yet at this evaluation.
+        matrix[i, : min(len(row), task + 1)] = row[: task + 1]
+    return np.array(curve), matrix, evaluated
+
+
+def evaluated_task_indices(summary: dict[str, Any], tasks: list[Any], n: int,
+                           path: Path) -> tuple[np.ndarray, str | None]:
+    """0-based task of each of the n evaluations and where it was read: summary.evaluated_tasks, else
+    tasks[i].task, else (None) 0..n-1, as metrics written before eval.every_n_tasks evaluated every task."""
+    if "evaluated_tasks" in summary:
+        source, values = "summary.evaluated_tasks", summary["evaluated_tasks"]
+    elif len(tasks) == n and all(isinstance(task, dict) and "task" in task for task in tasks):
+        source, values = "tasks[].task", [task["task"] for task in tasks]
+    else:
+        return np.arange(n), None
+    if not isinstance(values, list) or len(values) != n:
+        found = f"{len(values)} entries" if isinstance(values, list) else f"a {type(values).__name__}"
+        raise ReportError(f"{path}: {source} has {found} for the {n} evaluations of top1_curve")
+    for i, value in enumerate(values):
+        if type(value) is not int or value < 0 or (i > 0 and value <= values[i - 1]):
+            raise ReportError(f"{path}: {source}[{i}] is {value!r}: expected increasing 0-based task indices")
+    return np.array(values, dtype=int), source
 
 
 def read_settings(run_dir: Path) -> RunSettings:
@@ -208,8 +265,13 @@ def load_run(run_dir: str | Path) -> RunRecord:
     run_dir = Path(run_dir)
     document = read_metrics_document(run_dir)
     path = run_dir / METRICS_JSON
-    curve, matrix = curve_and_matrix(document, path)
-    wall_times = [_as_float(t) for t in document.get("wall_time_s") or []]
+    curve, matrix, evaluated_tasks = curve_and_matrix(document, path)
+    try:
+        wall_times = [_as_float(t) for t in document.get("wall_time_s") or []]  # one per finished task
+        task_sizes = tuple(int(size) for size in document.get("task_sizes") or [])
+    except (TypeError, ValueError) as error:
+        raise ReportError(f"{path}: malformed wall_time_s or task_sizes "
+                          f"({type(error).__name__}: {error})") from None
     settings = read_settings(run_dir)
     return RunRecord(
         path=run_dir,
@@ -217,7 +279,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
         label=settings.label,
         top1_curve=curve,
         matrix=matrix,
-        task_sizes=tuple(int(size) for size in document.get("task_sizes") or []),
+        evaluated_tasks=evaluated_tasks,
+        n_tasks=max(len(wall_times), int(evaluated_tasks[-1]) + 1),
+        task_sizes=task_sizes,
         wall_time_s=float(np.sum(wall_times)) if wall_times else float("nan"),
         added_parameters=count_saved_elements(run_dir),
     )
@@ -274,18 +338,29 @@ def integer_ticks(axis: Any, n: int, max_ticks: int = 12) -> None:
         axis.set_major_locator(MaxNLocator(nbins=max_ticks, integer=True, min_n_ticks=3))
 
 
+def curve_x(run: RunRecord, by_classes: bool) -> np.ndarray:
+    """Where each evaluation sits on the curves' x axis: classes seen, or the 1-based task number."""
+    return run.classes_at_evaluations if by_classes else run.evaluated_task_numbers
+
+
 def plot_accuracy_curves(runs: Sequence[RunRecord], styles: Sequence[RunStyle], output: Path) -> Path:
-    """Top-1 accuracy after each task, every run overlaid (in the spirit of CaRE's Figure 1)."""
+    """Top-1 accuracy at each evaluation, every run overlaid (in the spirit of CaRE's Figure 1).
+
+    x is the task number (or classes seen) of each evaluation, so runs evaluated every k tasks share
+    the axis of runs evaluated after each task; markers sit on measured points only.
+    """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    by_classes = all(run.classes_seen is not None for run in runs)
+    by_classes = all(run.classes_at_evaluations is not None for run in runs)
     figure = Figure(figsize=(7.5, 4.8), layout="constrained")
     axes = figure.add_subplot()
     for run, style in zip(runs, styles):
-        x = run.classes_seen if by_classes else np.arange(1, run.n_tasks + 1)
-        axes.plot(x, run.top1_curve, label=run.label, color=style.color, marker=style.marker, markersize=5,
-                  linewidth=1.8, markevery=max(1, math.ceil(run.n_tasks / MAX_MARKERS_PER_CURVE)), clip_on=False)
+        sparse_note = f" (evaluated after {run.n_evaluations} of {run.n_tasks} tasks)" if run.is_sparse else ""
+        label = run.label + sparse_note
+        axes.plot(curve_x(run, by_classes), run.top1_curve, label=label, color=style.color, marker=style.marker,
+                  markersize=5, linewidth=1.8, clip_on=False,
+                  markevery=max(1, math.ceil(run.n_evaluations / MAX_MARKERS_PER_CURVE)))
     axes.set_xlabel("number of classes seen" if by_classes else "task (number of tasks learned)")
     axes.set_ylabel("top-1 accuracy on all seen classes (%)")
     axes.set_title("Top-1 accuracy after each task")
@@ -300,36 +375,42 @@ def plot_accuracy_curves(runs: Sequence[RunRecord], styles: Sequence[RunStyle], 
 
 
 def _annotate_cells(axes: Any, matrix: np.ndarray, floor: float) -> None:
-    n = matrix.shape[0]
-    fontsize = 8 if n <= 10 else 6.5
+    small = max(matrix.shape) <= 10
     for (i, j), value in np.ndenumerate(matrix):
         if not math.isnan(value):
-            text = f"{value:.1f}" if n <= 10 else f"{value:.0f}"
+            text = f"{value:.1f}" if small else f"{value:.0f}"
             # The lower half of viridis is dark and needs light text.
-            axes.text(j + 1, i + 1, text, ha="center", va="center", fontsize=fontsize,
+            axes.text(j + 1, i + 1, text, ha="center", va="center", fontsize=8 if small else 6.5,
                       color="white" if value < (floor + 100.0) / 2 else "black")
 
 
+def heatmap_side(n_cells: int) -> float:
+    """Inches along one heatmap axis: room for cell numbers up to MAX_ANNOTATED_TASKS, no more beyond."""
+    return min(9.0, max(4.5, 0.35 * n_cells + 2.0)) if n_cells <= MAX_ANNOTATED_TASKS else 6.5
+
+
 def plot_accuracy_matrix(run: RunRecord, output: Path, stem: str) -> Path:
-    """Heatmap: row i = after learning task i, column j = accuracy on task j's classes."""
+    """Heatmap: row i = the evaluation after task t_i (every task for dense runs), column j = task j's classes."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
-    n = run.n_tasks
-    # Big enough for readable cell numbers up to MAX_ANNOTATED_TASKS; unannotated maps need no more.
-    side = min(9.0, max(4.5, 0.35 * n + 2.0)) if n <= MAX_ANNOTATED_TASKS else 6.5
-    figure = Figure(figsize=(side + 1.0, side), layout="constrained")
+    n_rows, n_columns = run.matrix.shape
+    figure = Figure(figsize=(heatmap_side(n_columns) + 1.0, heatmap_side(n_rows)), layout="constrained")
     axes = figure.add_subplot()
     colormap = colormaps["viridis"].with_extremes(bad="white")
     # Scale colours from just under the lowest cell: a 0-100 scale paints 80 and 92 the same green.
     floor = accuracy_floor(run.matrix)
-    # Cell centres at 1..n so ticks read as task numbers.
+    # Cell centres at 1..n so ticks read as task numbers; sparse runs have fewer rows than columns.
     image = axes.imshow(np.ma.masked_invalid(run.matrix), cmap=colormap, vmin=floor, vmax=100,
-                        extent=(0.5, n + 0.5, n + 0.5, 0.5), interpolation="nearest")
-    if n <= MAX_ANNOTATED_TASKS:
+                        extent=(0.5, n_columns + 0.5, n_rows + 0.5, 0.5), interpolation="nearest",
+                        aspect="equal" if n_rows == n_columns else "auto")
+    if max(n_rows, n_columns) <= MAX_ANNOTATED_TASKS:
         _annotate_cells(axes, run.matrix, floor)
-    integer_ticks(axes.xaxis, n)
-    integer_ticks(axes.yaxis, n)
+    integer_ticks(axes.xaxis, n_columns)
+    integer_ticks(axes.yaxis, n_rows)
+    # Row r is labelled with the task it followed (r itself when every task was evaluated).
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda y, _: _row_task_label(run.evaluated_task_numbers, y)))
     axes.set_xlabel("evaluated on the classes of task j")
     axes.set_ylabel("after learning task i")
     axes.set_title(f"Accuracy matrix · {run.label}\n" + headline(run), fontsize="medium")
@@ -337,24 +418,32 @@ def plot_accuracy_matrix(run: RunRecord, output: Path, stem: str) -> Path:
     return save_figure(figure, output, stem)
 
 
+def _row_task_label(task_numbers: np.ndarray, y: float) -> str:
+    row = round(y)
+    return str(task_numbers[row - 1]) if abs(y - row) < 1e-6 and 1 <= row <= len(task_numbers) else ""
+
+
 def plot_forgetting(run: RunRecord, style: RunStyle, output: Path, stem: str) -> Path | None:
-    """Bars per old task group: best earlier accuracy minus final accuracy. None for one-task runs."""
+    """Bars per old task group: best earlier accuracy minus final accuracy (groups an earlier evaluation
+    measured). None when there is none (a single evaluation)."""
     from matplotlib.figure import Figure
 
     drops = run.forgetting_per_group
-    if len(drops) == 0:
+    measured = ~np.isnan(drops)
+    if not measured.any():
         return None
     groups = np.arange(1, len(drops) + 1)
     many = len(drops) > 60
     figure = Figure(figsize=(7.5, 4.0), layout="constrained")
     axes = figure.add_subplot()
     axes.set_axisbelow(True)
-    axes.bar(groups, drops, width=1.0 if many else 0.75, color=style.color, linewidth=0)
+    axes.bar(groups[measured], drops[measured], width=1.0 if many else 0.75, color=style.color, linewidth=0)
     axes.axhline(0.0, color="black", linewidth=0.8)
     axes.axhline(run.forgetting, color="0.3", linestyle="--", linewidth=1.2, label=f"mean forgetting {_number(run.forgetting)}")
     integer_ticks(axes.xaxis, len(drops))
     axes.set_xlim(0.4, len(drops) + 0.6)
-    axes.set_xlabel("task whose classes are measured (all but the last)")
+    measured_groups = "those measured at an earlier evaluation" if run.is_sparse else "all but the last"
+    axes.set_xlabel(f"task whose classes are measured ({measured_groups})")
     axes.set_ylabel("best earlier − final accuracy (points)")
     axes.set_title(f"Forgetting per task · {run.label}", fontsize="medium")
     axes.grid(True, axis="y", alpha=0.35)
@@ -380,11 +469,18 @@ def _duration(seconds: float) -> str:
 
 
 def headline(run: RunRecord) -> str:
-    return f"A_last {_number(run.a_last)} · Ā {_number(run.average_accuracy)} · forgetting {_number(run.forgetting)}"
+    line = f"A_last {_number(run.a_last)} · Ā {_number(run.average_accuracy)} · forgetting {_number(run.forgetting)}"
+    return (line + f" · evaluated after {run.n_evaluations} of {run.n_tasks} tasks") if run.is_sparse else line
+
+
+def _task_numbers(numbers: Sequence[int], shown: int = 10) -> str:
+    """1, 2, 3 — or the first and last few of a long list."""
+    numbers = [str(number) for number in numbers]
+    return ", ".join(numbers if len(numbers) <= shown else numbers[:5] + ["…"] + numbers[-2:])
 
 
 SUMMARY_COLUMNS = ("label", "run_dir", "tasks", "planned_tasks", "classes", "a_last", "average_accuracy",
-                   "forgetting", "added_parameters", "wall_time_s")
+                   "forgetting", "added_parameters", "wall_time_s", "evaluations", "last_evaluated_task")
 
 
 def summary_row(run: RunRecord) -> dict[str, str]:
@@ -400,6 +496,8 @@ def summary_row(run: RunRecord) -> dict[str, str]:
         "forgetting": _number(run.forgetting, 4),
         "added_parameters": "n/a" if run.added_parameters is None else str(run.added_parameters),
         "wall_time_s": _number(run.wall_time_s, 3),
+        "evaluations": str(run.n_evaluations),
+        "last_evaluated_task": str(run.evaluated_task_numbers[-1]),
     }
 
 
@@ -415,25 +513,48 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+# Marks Ā of runs evaluated after only some tasks; sparse_runs_note explains it.
+SPARSE_MARK = "†"
+
+
 def markdown_table(runs: Sequence[RunRecord]) -> str:
     header = ["run", "directory", "tasks", "classes", "A_last (%)", "Ā (%)", "forgetting (points)",
               "added parameters", "wall time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for run in runs:
         tasks = str(run.n_tasks) if run.n_tasks == run.n_planned_tasks else f"{run.n_tasks} of {run.n_planned_tasks}"
+        average = _number(run.average_accuracy) + (f" {SPARSE_MARK}" if run.is_sparse else "")
         cells = [
             _md_escape(run.label),
             f"`{_md_escape(str(run.path))}`",
             tasks,
             "n/a" if run.n_classes is None else str(run.n_classes),
             _number(run.a_last),
-            _number(run.average_accuracy),
+            average,
             _number(run.forgetting),
             "n/a" if run.added_parameters is None else f"{run.added_parameters:,}",
             _duration(run.wall_time_s),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def sparse_runs_note(runs: Sequence[RunRecord]) -> list[str]:
+    """report.md lines, blank line last, on runs evaluated only every k tasks (none when all were dense)."""
+    sparse = [run for run in runs if run.is_sparse]
+    if not sparse:
+        return []
+    explanation = (f"{SPARSE_MARK} Evaluated only after some tasks (`eval.every_n_tasks`): Ā is the mean over those "
+                   "evaluations, not the paper's Ā (the mean after every task), so it is not comparable with the Ā "
+                   "of a run evaluated after each task; forgetting compares the evaluations, A_last is the last one.")
+    lines = [explanation, ""]
+    for run in sparse:
+        tasks = "task" if run.n_evaluations == 1 else "tasks"
+        line = (f"- {_md_escape(run.label)}: evaluated after {tasks} {_task_numbers(run.evaluated_task_numbers)} "
+                f"({run.n_evaluations} of {run.n_tasks} learned)")
+        last = int(run.evaluated_task_numbers[-1])
+        lines.append(line + (f"; A_last is after task {last}" if last < run.n_tasks else ""))
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------- the report
@@ -450,6 +571,13 @@ def _figure_markdown(title: str, png: Path) -> str:
     return f"![{title}]({png.name})  \n[SVG]({png.with_suffix('.svg').name})"
 
 
+def _no_forgetting_text(run: RunRecord) -> str:
+    if run.n_tasks == 1:
+        return "A single task was learned: there is nothing to forget yet."
+    return (f"Evaluated only once (after task {run.evaluated_task_numbers[-1]}): forgetting needs an earlier "
+            "evaluation to compare with.")
+
+
 def markdown_report(runs: Sequence[RunRecord], curves_png: Path, figures: Sequence[RunFigures]) -> str:
     parts = [
         "# carecl report",
@@ -460,6 +588,7 @@ def markdown_report(runs: Sequence[RunRecord], curves_png: Path, figures: Sequen
         "",
         markdown_table(runs),
         "",
+        *sparse_runs_note(runs),
         f"Numbers as CSV: [{SUMMARY_CSV}]({SUMMARY_CSV})",
         "",
         "## Top-1 accuracy after each task",
@@ -471,7 +600,7 @@ def markdown_report(runs: Sequence[RunRecord], curves_png: Path, figures: Sequen
                   "### Accuracy matrix", "", _figure_markdown(f"Accuracy matrix, {item.run.label}", item.matrix_png),
                   "", "### Forgetting per task", ""]
         if item.forgetting_png is None:
-            parts.append("A single task was learned: there is nothing to forget yet.")
+            parts.append(_no_forgetting_text(item.run))
         else:
             parts.append(_figure_markdown(f"Forgetting per task, {item.run.label}", item.forgetting_png))
     return "\n".join(parts) + "\n"
