@@ -2,7 +2,7 @@
 are written into checkpoints (carecl.checkpoint) and restored from them for a resume.
 
 A checkpoint holds the learner and everything else the loop's future depends on (RNG states, the
-training loader's generator, optimiser and scheduler, metrics so far), so a restored run goes on
+optimiser, scheduler and gradient scaler, metrics so far), so a restored run goes on
 to the same numbers as a run never interrupted.
 """
 
