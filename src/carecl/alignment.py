@@ -107,34 +107,26 @@ class ClassFeatureSums:
     turned into statistics: the same numbers whichever way the samples were split.
     """
 
-    def __init__(self, low: int, high: int, storage: str = "covariance") -> None:
+    def __init__(self, low: int, high: int, width: int, storage: str = "covariance") -> None:
         self.low, self.high, self.storage = low, high, storage
-        self.counts = torch.zeros(high - low, dtype=torch.float64)
-        self.sums: torch.Tensor | None = None
-        self.seconds: torch.Tensor | None = None
+        classes = high - low
+        self.counts = torch.zeros(classes, dtype=torch.float64)
+        self.sums = torch.zeros(classes, width, dtype=torch.float64)
+        shape = (classes, width, width) if storage == "covariance" else (classes, width)
+        self.seconds = torch.zeros(shape, dtype=torch.float64)
 
     def add(self, features: torch.Tensor, class_ids: torch.Tensor) -> None:
-        """(n, C) features of samples whose class ids lie in [low, high)."""
+        """(n, width) features of samples whose class ids lie in [low, high)."""
         features = features.detach().to("cpu", torch.float64)
         local = class_ids.to("cpu", torch.long) - self.low
-        if self.sums is None:
-            self._allocate(features.shape[1])
         self.counts.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
         self.sums.index_add_(0, local, features)
         for index in local.unique().tolist():
             _, _, second = class_feature_sums(features[local == index], self.storage)
             self.seconds[index] += second
 
-    def _allocate(self, width: int) -> None:
-        classes = self.high - self.low
-        self.sums = torch.zeros(classes, width, dtype=torch.float64)
-        shape = (classes, width, width) if self.storage == "covariance" else (classes, width)
-        self.seconds = torch.zeros(shape, dtype=torch.float64)
-
-    def reduce_(self, distributed: Distributed, width: int) -> None:
+    def reduce_(self, distributed: Distributed) -> None:
         """Sum over ranks (a rank that saw none of these samples still takes part, with zeros)."""
-        if self.sums is None:
-            self._allocate(width)
         for tensor in (self.counts, self.sums, self.seconds):
             distributed.all_reduce_sum_(tensor)
 

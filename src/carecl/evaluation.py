@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from carecl.methods.base import Method
 from carecl.distributed import SINGLE_PROCESS, Distributed
-from carecl.metrics import TaskEvaluation, topk_correct
+from carecl.metrics import TaskEvaluation, correct_predictions
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def evaluate(method: Method, loader: DataLoader, device: torch.device, task: int
              distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
     """Accuracy on `loader`; under torchrun each rank scores its shard and per-sample results are gathered."""
     scores, targets = collect_scores(method, loader, device, progress)
-    top1, in_topk = scores.argmax(axis=1) == targets, topk_correct(scores, targets, topk)
+    top1, in_topk = correct_predictions(scores, targets, topk)
     shards = distributed.all_gather_objects((top1, in_topk, targets))
     top1, in_topk, targets = (np.concatenate(parts) for parts in zip(*shards))
     return TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)

@@ -132,12 +132,11 @@ class Learner:
         source = self.data.train if split == "train" else self.data.test
         transform = self.data.train_transform if train else self.data.test_transform
         dataset = TaskDataset(source, self.scenario.label_map, low, high, transform, skip_unreadable=not self.config.data.strict)
-        distributed = self.distributed
+        distributed, stream = self.distributed, self.config.seed * 1000 + seed
         if train:
             batch = per_process_batch(self.config.train.batch_size, distributed)
             # Rank r takes every world_size-th index of one permutation: together, a single process's batch.
-            sampler = DistributedSampler(dataset, distributed.world_size, distributed.rank, shuffle=True,
-                                         seed=self.config.seed * 1000 + seed)
+            sampler = DistributedSampler(dataset, distributed.world_size, distributed.rank, shuffle=True, seed=stream)
         else:
             batch, sampler = self.config.eval.batch_size, ShardSampler(len(dataset), distributed)
         data = self.config.data
@@ -145,7 +144,7 @@ class Learner:
         pin = data.pin_memory if data.pin_memory is not None else self.device.type == "cuda"
         # A loader of its own: iterating never draws from the global RNG (dropout's), so evaluating
         # more or less often cannot change training; it seeds the workers.
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + seed)
+        generator = torch.Generator().manual_seed(stream)
         return SkippingDataLoader(
             dataset, self.skipped_images, batch_size=batch, sampler=sampler, generator=generator, num_workers=workers,
             pin_memory=pin, persistent_workers=data.persistent_workers and workers > 0,

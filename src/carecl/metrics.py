@@ -14,6 +14,11 @@ def topk_correct(scores: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
     return (top == targets[:, None]).any(axis=1)
 
 
+def correct_predictions(scores: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (top-1 correct, target among the top k) from (n, classes) scores."""
+    return scores.argmax(axis=1) == targets, topk_correct(scores, targets, k)
+
+
 def accuracy(correct: np.ndarray) -> float:
     return float(100.0 * correct.mean()) if len(correct) else float("nan")
 
@@ -36,7 +41,7 @@ class TaskEvaluation:
         cls, task: int, scores: np.ndarray, targets: np.ndarray, boundaries: np.ndarray, k: int
     ) -> "TaskEvaluation":
         """scores: (n, n_seen) class scores; targets: positions in the class order."""
-        return cls.from_correct(task, scores.argmax(axis=1) == targets, topk_correct(scores, targets, k), targets, boundaries, k)
+        return cls.from_correct(task, *correct_predictions(scores, targets, k), targets, boundaries, k)
 
     @classmethod
     def from_correct(

@@ -115,10 +115,10 @@ class CaRE(Method):
         (from sums reduced over ranks: exactly the single-process statistics under torchrun)."""
         self.eval()
         task = context.task
-        sums = ClassFeatureSums(task.low, task.high, self.statistics.storage)
+        sums = ClassFeatureSums(task.low, task.high, self.model.embed_dim, self.statistics.storage)
         for images, targets in context.statistics_loader():
             sums.add(self.features(images.to(context.device), task=task.index).float(), targets)
-        sums.reduce_(context.distributed, self.model.embed_dim)
+        sums.reduce_(context.distributed)
         sums.store_into(self.statistics)
 
     def align(self, context: TaskContext, phase: Phase) -> None:
