@@ -54,16 +54,24 @@ def device_title(run: dict) -> str:
 # ---------------------------------------------------------------- sections
 
 
+def section_intro(title: str, script: str, measured: bool, description: str) -> list[str]:
+    """A section's heading and what its script measures; a pointer to the script until it has run."""
+    lines = [f"## {title}", "", f"`python benchmarks/{script}` — {description}", ""]
+    return lines if measured else lines + [f"Not measured yet: run `python benchmarks/{script}`.", ""]
+
+
 def inference_section(data: dict | None, targets: list[list[str]]) -> list[str]:
-    lines = ["## Task-free inference vs number of tasks", "",
-             "`python benchmarks/inference.py` — ViT-B/16 shapes (random weights), the published BR-MoE sizes "
-             "(shared adapter 64, experts 16, top-3 experts, top-2 routers), 10 classes per task. Each row is the "
-             "median of interleaved rounds in one process; ratios are to the plain frozen timm ViT forward of the "
-             "same images, measured in the same rounds. *Dense* is the batched dense formulation "
-             "(`benchmarks/dense.py`: every expert on every token, all routers on all experts, the release's "
-             "-100 masking).", ""]
+    lines = section_intro(
+        "Task-free inference vs number of tasks", "inference.py", data is not None,
+        "ViT-B/16 shapes (random weights), the published BR-MoE sizes "
+        "(shared adapter 64, experts 16, top-3 experts, top-2 routers), 10 classes per task. Each row is the "
+        "median of interleaved rounds in one process; ratios are to the plain frozen timm ViT forward of the "
+        "same images, measured in the same rounds. *Dense* is the batched dense formulation "
+        "(`benchmarks/dense.py`: every expert on every token, all routers on all experts, the release's "
+        "-100 masking)."
+    )
     if data is None:
-        return lines + ["Not measured yet: run `python benchmarks/inference.py`.", ""]
+        return lines
     for run in data["runs"]:
         timings = run["timings"]
         lines += [f"### {device_title(run)}: time per forward (median of {run['repeats']} rounds; every "
@@ -132,13 +140,15 @@ def memory_lines(run: dict, targets: list[list[str]]) -> list[str]:
 
 
 def training_section(data: dict | None, targets: list[list[str]]) -> list[str]:
-    lines = ["## Training step vs number of tasks", "",
-             "`python benchmarks/training.py` — one CaRE step while learning the newest task: "
-             "`CaRE.training_loss` (task-known forward, cosine CE on the task's classes, per-block auxiliary "
-             "losses, shared-adapter anchoring), backward, SGD step; ViT-B/16 shapes, 10 classes per task, "
-             "steps of all T interleaved in one process.", ""]
+    lines = section_intro(
+        "Training step vs number of tasks", "training.py", data is not None,
+        "one CaRE step while learning the newest task: "
+        "`CaRE.training_loss` (task-known forward, cosine CE on the task's classes, per-block auxiliary "
+        "losses, shared-adapter anchoring), backward, SGD step; ViT-B/16 shapes, 10 classes per task, "
+        "steps of all T interleaved in one process."
+    )
     if data is None:
-        return lines + ["Not measured yet: run `python benchmarks/training.py`.", ""]
+        return lines
     for run in data["runs"]:
         steps = run["step_seconds"]
         first = run["tasks"][0]
@@ -155,13 +165,15 @@ def training_section(data: dict | None, targets: list[list[str]]) -> list[str]:
 
 
 def iterative_section(data: dict | None) -> list[str]:
-    lines = ["## Iterative prediction vs number of tasks", "",
-             "`python benchmarks/iterative.py` — `CaRE.iterative_scores` (the release's `iter_pred`: one "
-             "task-known forward per learned task plus the task-free one) against `CaRE.logits` (the task-free "
-             "single pass) of the same learner. Linear in T by design; the release stops using it after 60 tasks "
-             "(`iter_pred_max_tasks`), and the OmniBenchmark-1K configs never use it.", ""]
+    lines = section_intro(
+        "Iterative prediction vs number of tasks", "iterative.py", data is not None,
+        "`CaRE.iterative_scores` (the release's `iter_pred`: one "
+        "task-known forward per learned task plus the task-free one) against `CaRE.logits` (the task-free "
+        "single pass) of the same learner. Linear in T by design; the release stops using it after 60 tasks "
+        "(`iter_pred_max_tasks`), and the OmniBenchmark-1K configs never use it."
+    )
     if data is None:
-        return lines + ["Not measured yet: run `python benchmarks/iterative.py`.", ""]
+        return lines
     for run in data["runs"]:
         single, iterative = run["single_seconds"], run["iterative_seconds"]
         rows = [[f"T = {t}", seconds(single[str(t)]), seconds(iterative[str(t)]),
@@ -173,14 +185,16 @@ def iterative_section(data: dict | None) -> list[str]:
 
 
 def alignment_section(data: dict | None, training: dict | None, targets: list[list[str]]) -> list[str]:
-    lines = ["## Class statistics and classifier alignment per task", "",
-             "`python benchmarks/alignment.py` — B100 Inc3 (OmniBenchmark-1K, 301 tasks) at ViT-B width 768: "
-             "each task adds the Gaussian statistics of 3 classes (120 features each), then aligns the cosine "
-             "classifier on samples of every seen class (3 epochs, 5 × 16 samples per class, decayed means). "
-             "Older classes' statistics and Cholesky factors exist beforehand, as in a run. CaRE does both "
-             "after each half of a task's training, so a task costs twice the figures below.", ""]
+    lines = section_intro(
+        "Class statistics and classifier alignment per task", "alignment.py", data is not None,
+        "B100 Inc3 (OmniBenchmark-1K, 301 tasks) at ViT-B width 768: "
+        "each task adds the Gaussian statistics of 3 classes (120 features each), then aligns the cosine "
+        "classifier on samples of every seen class (3 epochs, 5 × 16 samples per class, decayed means). "
+        "Older classes' statistics and Cholesky factors exist beforehand, as in a run. CaRE does both "
+        "after each half of a task's training, so a task costs twice the figures below."
+    )
     if data is None:
-        return lines + ["Not measured yet: run `python benchmarks/alignment.py`.", ""]
+        return lines
     epoch = epoch_estimate(training)
     for run in data["runs"]:
         rows = [[str(r["seen_classes"]), seconds(r["statistics_seconds"]), seconds(r["alignment_seconds"]),
@@ -217,12 +231,14 @@ def epoch_estimate(training: dict | None) -> dict | None:
 
 
 def end_to_end_section(data: dict | None) -> list[str]:
-    lines = ["## End to end", "",
-             "`python benchmarks/end_to_end.py` — a whole CaRE run through `carecl.engine` (by default "
-             "`configs/demo.yaml`, the `carecl demo` run); the split comes from timing CaRE's hooks "
-             "(see the script's docstring). Evaluation includes the iterative prediction over the test set.", ""]
+    lines = section_intro(
+        "End to end", "end_to_end.py", data is not None,
+        "a whole CaRE run through `carecl.engine` (by default "
+        "`configs/demo.yaml`, the `carecl demo` run); the split comes from timing CaRE's hooks "
+        "(see the script's docstring). Evaluation includes the iterative prediction over the test set."
+    )
     if data is None:
-        return lines + ["Not measured yet: run `python benchmarks/end_to_end.py`.", ""]
+        return lines
     for run in data["runs"]:
         rows = [[str(t["task"]), seconds(t["wall"]), seconds(t["train"]), seconds(t["statistics"]),
                  seconds(t["alignment"]), seconds(t["evaluation"]), seconds(t["other"])] for t in run["tasks"]]
