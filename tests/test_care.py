@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
-from carecl.engine import Learner, learn_task, load_learner, run_experiment
+from carecl.alignment import StackedGaussians
+from carecl.engine import Learner, RunRecord, learn_task, load_learner, run_experiment
+from carecl.loggers import RunLogger
 from carecl.methods.care import CaRE
 from carecl.rundir import RunDirectory
 
@@ -17,15 +19,59 @@ def care_config(**overrides):
     return tiny_config(method=method, **overrides)
 
 
-def test_two_phase_schedule_for_later_tasks():
-    learner = Learner.build(care_config(train={"epochs": 6, "lr": 0.1, "min_lr": 0.0}))
-    method: CaRE = learner.method
-    first, = method.training_phases(learner.scenario.task(0))
-    assert (first.epochs, first.lr, first.schedule_epochs) == (6, 0.1, 6)
-    a, b = method.training_phases(learner.scenario.task(1))
-    assert (a.epochs, a.lr, a.schedule_epochs) == (3, 0.1, 6)
-    assert a.final_lr == pytest.approx(0.05)  # half-way down the full cosine
-    assert (b.epochs, b.lr, b.schedule_epochs, b.min_lr) == (3, pytest.approx(0.05), 3, 0.0)
+class LearningRates(RunLogger):
+    def __init__(self) -> None:
+        self.by_step: list[float] = []
+
+    def log_step(self, global_step: int, scalars) -> None:
+        self.by_step.append(scalars["lr"])
+
+
+def release_schedule(epochs: int, eta_min: float, lr: float, steps_per_epoch: int) -> list[float]:
+    """The lr of each step under the release: CosineAnnealingLR(T_max=epochs, eta_min) stepped per epoch."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=eta_min)
+    rates = []
+    for _ in range(epochs):
+        rates += [optimizer.param_groups[0]["lr"]] * steps_per_epoch
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_learning_rate_of_every_step_follows_the_release_schedule(single_thread):
+    # 12 training images per class, batch 8: 3 steps per epoch on a 2-class task.
+    lr, min_lr, epochs = 0.1, 0.001, 6
+    learner = Learner.build(care_config(train={"epochs": epochs, "lr": lr, "min_lr": min_lr, "batch_size": 8},
+                                        method={"alignment": {"epochs": 1, "samples_per_class": 4}}))
+    first, second = (LearningRates(), LearningRates())
+    learn_task(learner, learner.scenario.task(0), record=RunRecord(), logger=first)
+    learn_task(learner, learner.scenario.task(1), record=RunRecord(), logger=second)
+    assert first.by_step == pytest.approx(release_schedule(epochs, min_lr, lr, 3))
+    # Later tasks: a full cosine of its own to lr/2 over epochs//2, then from there to min_lr.
+    half = epochs // 2
+    expected = release_schedule(half, lr / 2, lr, 3) + release_schedule(half, min_lr, lr / 2, 3)
+    assert second.by_step == pytest.approx(expected)
+
+
+def test_published_decay_scales_newest_classes_most_at_a_later_task(monkeypatch, single_thread):
+    # Spec §6, measured against the release: 4 classes per task, alignment at task 3.
+    config = care_config(data={"synthetic_classes": 16, "init_cls": 4, "increment": 4},
+                         method={"alignment": {"epochs": 1, "samples_per_class": 2, "decay": True}})
+    assert config.method.alignment.decay_formula == "release"
+    learner = Learner.build(config)
+    scales = []
+    original = StackedGaussians.sample
+
+    def record(self, n_per_class, mean_scale=None, generator=None):
+        scales.append(mean_scale)
+        return original(self, n_per_class, mean_scale, generator)
+
+    monkeypatch.setattr(StackedGaussians, "sample", record)
+    for task in learner.scenario.tasks():
+        learn_task(learner, task)
+    expected = [.925, .9, .9, .9, .9, .875, .875, .875, .875, .85, .85, .85, .85, .825, .825, .825]
+    torch.testing.assert_close(scales[-1], torch.tensor(expected))
 
 
 def test_optimised_parameters_are_current_parts_shared_adapters_and_classifier():
@@ -104,6 +150,16 @@ def test_iterative_prediction_combines_two_distributions():
     assert torch.allclose(scores.sum(dim=1), torch.full((3,), 2.0), atol=1e-5)
     method.options.iter_pred_max_tasks = 1  # past the cap: single pass
     assert torch.allclose(method.predict(images), method.logits(images))
+
+
+def test_iterative_prediction_runs_through_task_index_60_as_in_the_release():
+    method: CaRE = Learner.build(care_config(train={"epochs": 0})).method
+    used = {}
+    for learned in (1, 2, 60, 61, 62):
+        method.n_learned_tasks = learned
+        used[learned] = method.uses_iterative_prediction()
+    # Release: `_cur_task == 0 or _cur_task > 60` -> single pass; _cur_task = learned - 1.
+    assert used == {1: False, 2: True, 60: True, 61: True, 62: False}
 
 
 def test_care_learns_generated_glyphs_over_three_tasks(tmp_path):

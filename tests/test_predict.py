@@ -212,7 +212,8 @@ def folder_run(tmp_path_factory):
     write_image_folder(root / "data")
     backbone = {"name": "vit_tiny_patch16_224", "pretrained": False,
                 "model_kwargs": {**TINY_VIT, "img_size": 224, "patch_size": 16}}
-    run_experiment(tiny_config(data={"dataset": "imagenet-r", "root": str(root / "data")}, backbone=backbone), root / "run")
+    data = {"dataset": "imagenet-r", "root": str(root / "data"), "image_size": None}
+    run_experiment(tiny_config(data=data, backbone=backbone), root / "run")
     images = sorted((root / "data" / "imagenet-r" / "test").rglob("*.png"))
     # Copies outside the dataset, so they stay readable while the dataset is moved away.
     shutil.copytree(root / "data" / "imagenet-r" / "test", root / "inputs")

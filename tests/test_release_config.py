@@ -134,11 +134,10 @@ def test_clean_release_values_raise_no_disagreement_warnings():
         assert word not in joined
 
 
-def test_decay_formula_difference_is_reported():
-    _, with_decay = load_release_json(FIXTURES / "care_inr_inc10.json")
-    _, without = load_release_json(FIXTURES / "care_cifar_odd_values.json")
-    assert any("decay_formula" in warning for warning in with_decay.warnings)
-    assert not any("decay_formula" in warning for warning in without.warnings)
+def test_imported_decay_uses_the_release_formula_without_warning():
+    config, report = load_release_json(FIXTURES / "care_inr_inc10.json")
+    assert config.method.alignment.decay and config.method.alignment.decay_formula == "release"
+    assert not any("decay" in warning for warning in report.warnings)
 
 
 # ---------------------------------------------------------------- seeds

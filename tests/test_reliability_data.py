@@ -62,7 +62,8 @@ def make_tree(root: Path, per_class: int = 3) -> Path:
 
 def folder_config(root: Path, **data):
     vit = dict(TINY_VIT, img_size=224, patch_size=32)
-    config = tiny_config(data={"dataset": "imagenet-r", "root": str(root), "init_cls": 1, "increment": 1, **data},
+    config = tiny_config(data={"dataset": "imagenet-r", "root": str(root), "init_cls": 1, "increment": 1,
+                               "image_size": None, **data},
                          train={"batch_size": 2}, eval={"batch_size": 1, "topk": 1})
     config.backbone.model_kwargs = vit
     return config

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_the_transform_without_data_is_the_datasets(data):
     config = tiny_config(data=data)
     built = build_dataset(config.data)
-    assert evaluation_transform(config.data) is built.test_transform  # the module-level identity
+    assert evaluation_transform(config) is built.test_transform  # the module-level identity
 
 
 def test_a_dataset_without_transforms_cannot_be_predicted_without_data():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -10,6 +11,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from carecl.config import BackboneConfig
+from carecl.data.transforms import DEFAULT_BACKBONE_PREPROCESSING, Preprocessing
 from carecl.errors import CareclError
 
 # Names used by the CaRE/PILOT release that timm has since renamed.
@@ -35,12 +37,48 @@ def resolve_name(name: str) -> str:
     return name
 
 
-def create_backbone(config: BackboneConfig) -> VisionTransformer:
-    """Build the ViT named in `config` without a classification head, frozen and in eval mode."""
+def backbone_preprocessing(config: BackboneConfig) -> Preprocessing:
+    """Input size, mean/std, interpolation and crop of the backbone's timm pretrained config (no model is built).
+
+    `model_kwargs.img_size` overrides the input size; a name timm has no pretrained config for gets
+    ImageNet-21K ViT conventions.
+    """
+    name = resolve_name(config.name)
+    pretrained = timm.models.get_pretrained_cfg(name)
+    if pretrained is None:
+        base = DEFAULT_BACKBONE_PREPROCESSING
+    else:
+        base = Preprocessing(pretrained.input_size[-1], tuple(pretrained.mean), tuple(pretrained.std),
+                             pretrained.interpolation or "bicubic", pretrained.crop_pct or 1.0)
+    if base.interpolation not in ("bicubic", "bilinear", "nearest"):
+        base = replace(base, interpolation="bicubic")
+    size = config.model_kwargs.get("img_size")
+    return base if size is None else replace(base, image_size=_side(size))
+
+
+def _side(size) -> int:
+    return int(size[-1]) if isinstance(size, (list, tuple)) else int(size)
+
+
+def create_backbone(config: BackboneConfig, image_size: int | None = None) -> VisionTransformer:
+    """Build the ViT named in `config` without a classification head, frozen and in eval mode.
+
+    `image_size` (the data's input side) is passed to timm as `img_size` when the model would otherwise
+    expect another size (timm then resamples pretrained position embeddings); a conflicting
+    `model_kwargs.img_size` is an error.
+    """
     name = resolve_name(config.name)
     use_hub = config.pretrained and config.weights is None
+    kwargs = dict(config.model_kwargs)
+    if image_size is not None:
+        expected = backbone_preprocessing(config).image_size
+        if "img_size" in kwargs and expected != image_size:
+            raise BackboneError(f"backbone.model_kwargs.img_size {kwargs['img_size']} does not fit the data's "
+                                f"{image_size} px images (data.image_size); make them equal")
+        if expected != image_size:
+            kwargs["img_size"] = image_size
     try:
-        model = timm.create_model(name, pretrained=use_hub, num_classes=0, **config.model_kwargs)
+        model = timm.create_model(name, pretrained=use_hub, num_classes=0, **kwargs)
     except TypeError as error:
         raise BackboneError(f"backbone.model_kwargs {config.model_kwargs} rejected by {name}: {error}") from None
     except (OSError, RuntimeError) as error:

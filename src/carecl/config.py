@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -27,15 +27,30 @@ class ConfigError(CareclError, ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "digits"
-    # Folder holding <dataset folder>/train and /test (ImageFolder), or the CIFAR archive.
+    # Folder holding <dataset folder>/train and /test (ImageFolder), or the CIFAR archive;
+    # for `imagefolder`: DIR/train/<class>/ and DIR/test/<class>/, or DIR/<class>/ with test_fraction.
     root: str | None = None
+    # imagefolder with one folder of classes: the fraction of each class's images held out for
+    # testing (a fixed, seed-independent split of the sorted file list).
+    test_fraction: float | None = None
     init_cls: int = 2
     increment: int = 2
     shuffle: bool = True
     # Explicit class order (original class ids); overrides `shuffle`.
     class_order: list[int] | None = None
-    # Side length for in-memory datasets (digits, synthetic); benchmarks use 224.
-    image_size: int = 32
+    # Input side in pixels; null = the dataset's default: 224 for the published benchmarks, the
+    # backbone's pretrained input size for imagefolder, 32 for in-memory sets (digits, synthetic, glyphs).
+    image_size: int | None = None
+    # Normalisation; null = the dataset's default (the release's for the published benchmarks, the
+    # backbone's pretrained mean/std for imagefolder). Set both, e.g. [0.485, 0.456, 0.406].
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # Resize interpolation and centre-crop fraction at test time; null = the dataset's default
+    # (imagefolder: the backbone's pretrained config).
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
+    crop_pct: float | None = None
+    # Training augmentation; null = the dataset's default (crop_flip). none = train on test transforms.
+    augment: Literal["crop_flip", "crop", "flip", "none"] | None = None
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
@@ -48,6 +63,20 @@ class DataConfig:
     persistent_workers: bool = True
     # Unreadable image files: false = skip and count them (metrics.json), true = stop naming the file.
     strict: bool = False
+
+    def validate(self) -> None:
+        if self.image_size is not None and self.image_size <= 0:
+            raise ConfigError(f"data.image_size must be positive, got {self.image_size}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("data.mean and data.std must be set together (or both left null)")
+        if self.mean is not None and (len(self.mean) != len(self.std) or len(self.mean) not in (1, 3)):
+            raise ConfigError(f"data.mean and data.std need 1 or 3 values each, got {self.mean} and {self.std}")
+        if self.std is not None and any(value <= 0 for value in self.std):
+            raise ConfigError(f"data.std values must be positive, got {self.std}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
 @dataclass
@@ -162,6 +191,11 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -11,15 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from carecl.backbones import create_backbone
-from carecl.config import DataConfig, ExperimentConfig
-from carecl.data import (
-    DATASETS,
-    BenchmarkData,
-    DatasetError,
-    build_dataset,
-    transforms_for,
-)
+from carecl.backbones import backbone_preprocessing, create_backbone
+from carecl.config import ExperimentConfig
+from carecl.data import BenchmarkData, build_dataset, resolve_preprocessing, transforms_for
+from carecl.data.base import canonical_dataset
 from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform
 from carecl.distributed import Distributed, DistributedError, ShardSampler
 from carecl.distributed import current as current_distributed
@@ -61,12 +56,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluation_transform(data: DataConfig) -> Transform:
-    """The test transform `data.dataset` is built with (what evaluation applies), without building the dataset."""
-    try:
-        return transforms_for(DATASETS.canonical(data.dataset)).test
-    except KeyError as error:
-        raise DatasetError(f"data.dataset: {error.args[0]}") from None
+def evaluation_transform(config: ExperimentConfig) -> Transform:
+    """The test transform the config's dataset is built with (what evaluation applies), without building the dataset."""
+    return transforms_for(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).test
+
+
+def input_size(config: ExperimentConfig) -> int:
+    """The side of the model's input images under `config` (the data's resolved image size)."""
+    return resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).image_size
 
 
 @dataclass
@@ -89,14 +86,14 @@ class Learner:
     @classmethod
     def build(cls, config: ExperimentConfig, data: BenchmarkData | None = None) -> "Learner":
         """The learner of `config` with its dataset (`data`: that dataset, if already built)."""
-        data = data if data is not None else build_dataset(config.data)
+        data = data if data is not None else build_dataset(config.data, backbone_preprocessing(config.backbone))
         return cls._assemble(config, data.n_classes, data=data)
 
     @classmethod
     def for_inference(cls, config: ExperimentConfig, classes: RunClasses) -> "Learner":
         """A learner without its dataset, for prediction: the scenario from the recorded class count (the order
         from the config, as in training), the test transform from `data.dataset`; it has no loaders."""
-        evaluation_transform(config.data)  # an unknown dataset fails here, not at the first image
+        evaluation_transform(config)  # an unknown dataset fails here, not at the first image
         return cls._assemble(config, classes.n_classes, recorded_classes=classes)
 
     @classmethod
@@ -108,7 +105,7 @@ class Learner:
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # random-init backbones are reproducible from the config
-            backbone = create_backbone(config.backbone)
+            backbone = create_backbone(config.backbone, input_size(config))
         device = resolve_device(config.train.device)
         method = build_method(config, backbone, scenario).to(device)
         return cls(config, data, scenario, method, device, recorded_classes=recorded_classes)
@@ -123,7 +120,7 @@ class Learner:
     @property
     def test_transform(self) -> Transform:
         """What evaluation passes test images through (the same transform when the learner has no dataset)."""
-        return self.data.test_transform if self.data is not None else evaluation_transform(self.config.data)
+        return self.data.test_transform if self.data is not None else evaluation_transform(self.config)
 
     # ---- loaders ---------------------------------------------------------------------
     def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0) -> DataLoader:

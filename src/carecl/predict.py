@@ -87,8 +87,7 @@ PROBABILITIES: Registry[Callable[[Method, Tensor], Tensor]] = Registry("probabil
 def care_probabilities(method: Method, images: Tensor) -> Tensor:
     """softmax(τ · cosine logits) in the single pass; the iterative prediction's sum of two softmaxes, halved."""
     options = method.options
-    # The same choice as CaRE.predict: iterative from the second task up to iter_pred_max_tasks.
-    if options.iter_pred and 1 < method.n_learned_tasks <= options.iter_pred_max_tasks:
+    if method.uses_iterative_prediction():
         return method.iterative_scores(images) / 2
     return (options.scale * method.logits(images)).float().softmax(dim=1)
 
@@ -182,8 +181,10 @@ def predict_images(learner: Learner, images: ImageInput | Sequence[ImageInput], 
 
 
 def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: int) -> list[ImagePrediction]:
+    from carecl.learner import input_size
+
     names, order = learner.class_names, learner.scenario.order
-    transform, image_size = learner.test_transform, learner.config.data.image_size
+    transform, image_size = learner.test_transform, input_size(learner.config)
     predictions, inputs = [], []
     for index, item in enumerate(items, start):
         prediction = ImagePrediction(_describe(item, index))

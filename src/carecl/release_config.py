@@ -197,16 +197,6 @@ def warn_if_not_pretrained(value: Any) -> str | None:
     return None
 
 
-def warn_decay_formula(value: Any) -> str | None:
-    if value is True or value == 1:
-        return (
-            "decay=true: carecl scales old-class means with the intended task index "
-            "(method.alignment.decay_formula=intended); the release's negative task size shrinks "
-            "them slightly more; add --set method.alignment.decay_formula=release to match it"
-        )
-    return None
-
-
 # ---------------------------------------------------------------- the table
 
 
@@ -290,7 +280,7 @@ RELEASE_KEYS: dict[str, Rule] = {
     "crct_epochs": to("method.alignment.epochs", convert=non_negative_int),
     "ca_lr": to("method.alignment.lr", convert=positive_float),
     "ca_storage_efficient_method": to("method.alignment.storage", convert=choice("covariance", "variance")),
-    "decay": to("method.alignment.decay", convert=boolean, check=warn_decay_formula),
+    "decay": to("method.alignment.decay", convert=boolean),
     "ca_storage_efficient_method_choices": Ignore("list of allowed storage values; documentation, not a setting"),
     "n_centroids": Ignore("only for 'multi-centroid' storage, which the CaRE release does not implement"),
     # bookkeeping of the release's runner

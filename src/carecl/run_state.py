@@ -30,6 +30,7 @@ from carecl.checkpoint import (
     restore_rng,
 )
 from carecl.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
+from carecl.backbones import backbone_preprocessing
 from carecl.data import BenchmarkData, DatasetError, build_dataset
 from carecl.learner import Learner, seed_everything
 from carecl.metrics import TaskEvaluation
@@ -208,7 +209,7 @@ def _dataset_of_run(run: RunDirectory, config: ExperimentConfig, recorded: RunCl
                     need_data: bool) -> BenchmarkData | None:
     """The run's dataset, checked against its recorded classes; None where prediction can do without it."""
     try:
-        data = build_dataset(config.data)
+        data = build_dataset(config.data, backbone_preprocessing(config.backbone))
     except DatasetError as error:
         if need_data:
             raise

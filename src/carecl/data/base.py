@@ -60,9 +60,10 @@ class BenchmarkData:
     class_names: list[str]
     train: ImageSplit
     test: ImageSplit
-    # Applied to a PIL image (files, uint8 arrays) or to a (3, H, W) tensor (float tensors).
-    train_transform: Transform
-    test_transform: Transform
+    # Applied to a PIL image (files, uint8 arrays) or to a (3, H, W) tensor (float tensors);
+    # set by `carecl.data.build_dataset` from the dataset's transform recipe.
+    train_transform: Transform | None = None
+    test_transform: Transform | None = None
 
     @property
     def n_classes(self) -> int:
@@ -244,19 +245,16 @@ class SkippingDataLoader(DataLoader):
                 yield images, labels
 
 
-# Dataset name -> builder(cfg: DataConfig) -> BenchmarkData; filled by the sibling modules.
-DATASETS: Registry[Callable[[DataConfig], BenchmarkData]] = Registry("dataset")
+# Dataset name -> builder(cfg: DataConfig, image_size: int) -> BenchmarkData (without transforms);
+# filled by the sibling modules. `image_size` matters to datasets generated in memory only.
+DATASETS: Registry[Callable[[DataConfig, int], BenchmarkData]] = Registry("dataset")
 
 
-def build_dataset(cfg: DataConfig) -> BenchmarkData:
-    """Load (or scan) the configured dataset and check it fits the config, before any training."""
+def canonical_dataset(cfg: DataConfig) -> str:
     try:
-        builder = DATASETS.get(cfg.dataset)
+        return DATASETS.canonical(cfg.dataset)
     except KeyError as error:
         raise DatasetError(f"data.dataset: {error.args[0]}") from None
-    data = builder(cfg)
-    check_config_fits(cfg, data)
-    return data
 
 
 def check_config_fits(cfg: DataConfig, data: BenchmarkData) -> None:

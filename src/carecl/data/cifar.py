@@ -13,7 +13,6 @@ from torchvision.datasets import CIFAR100
 
 from carecl.config import DataConfig
 from carecl.data.base import DATASETS, BenchmarkData, DatasetError, ImageSplit
-from carecl.data.transforms import transforms_for
 
 
 def read_cifar100_split(root: Path, train: bool) -> tuple[ImageSplit, list[str]]:
@@ -27,7 +26,8 @@ def read_cifar100_split(root: Path, train: bool) -> tuple[ImageSplit, list[str]]
 
 
 @DATASETS.register("cifar100", "cifar224")
-def build_cifar100(cfg: DataConfig) -> BenchmarkData:
+def build_cifar100(cfg: DataConfig, image_size: int) -> BenchmarkData:
+    """`image_size` is the transforms' business: the archive holds 32x32 pixels."""
     if not cfg.root:
         raise DatasetError(f"data.root must be set for cifar100 (the folder holding {CIFAR100.base_folder}/)")
     root = Path(cfg.root).expanduser()
@@ -39,12 +39,9 @@ def build_cifar100(cfg: DataConfig) -> BenchmarkData:
         raise DatasetError(f"CIFAR-100 archive not found: expected the extracted folder {archive} (train, test, meta)")
     train, class_names = read_cifar100_split(root, train=True)
     test, _ = read_cifar100_split(root, train=False)
-    transforms = transforms_for("cifar100")
     return BenchmarkData(
         name="cifar100",
         class_names=class_names,
         train=train,
         test=test,
-        train_transform=transforms.train,
-        test_transform=transforms.test,
     )

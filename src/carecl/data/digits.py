@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from carecl.config import DataConfig
-from carecl.data.base import DATASETS, BenchmarkData, ImageSplit, require_positive
-from carecl.data.transforms import transforms_for
+from carecl.data.base import DATASETS, BenchmarkData, ImageSplit
 
 TEST_FRACTION = 0.3
 # A fixed seed local to the split, so the split never depends on (or moves) the global RNG.
@@ -25,22 +24,18 @@ def digits_to_images(pixels: np.ndarray, image_size: int) -> torch.Tensor:
 
 
 @DATASETS.register("digits")
-def build_digits(cfg: DataConfig) -> BenchmarkData:
+def build_digits(cfg: DataConfig, image_size: int) -> BenchmarkData:
     # Imported here: scikit-learn takes ~1 s to import and only this dataset needs it.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    require_positive(cfg.image_size, "data.image_size")
     digits = load_digits()
     train_x, test_x, train_y, test_y = train_test_split(
         digits.images, digits.target, test_size=TEST_FRACTION, stratify=digits.target, random_state=SPLIT_SEED
     )
-    transforms = transforms_for("digits")
     return BenchmarkData(
         name="digits",
         class_names=[str(c) for c in range(10)],
-        train=ImageSplit(digits_to_images(train_x, cfg.image_size), train_y),
-        test=ImageSplit(digits_to_images(test_x, cfg.image_size), test_y),
-        train_transform=transforms.train,
-        test_transform=transforms.test,
+        train=ImageSplit(digits_to_images(train_x, image_size), train_y),
+        test=ImageSplit(digits_to_images(test_x, image_size), test_y),
     )

@@ -12,7 +12,6 @@ import torch
 
 from carecl.config import DataConfig
 from carecl.data.base import DATASETS, BenchmarkData, ImageSplit, require_positive
-from carecl.data.transforms import transforms_for
 
 GLYPHS_SEED = 7
 STROKES_PER_GLYPH = 3
@@ -45,20 +44,17 @@ def render_glyphs(rng: np.random.Generator, strokes: np.ndarray, per_class: int,
 
 
 @DATASETS.register("glyphs")
-def build_glyphs(cfg: DataConfig) -> BenchmarkData:
-    for key in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class", "image_size"):
+def build_glyphs(cfg: DataConfig, image_size: int) -> BenchmarkData:
+    for key in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class"):
         require_positive(getattr(cfg, key), f"data.{key}")
     rng = np.random.default_rng(GLYPHS_SEED)
     strokes = random_strokes(rng, cfg.synthetic_classes)
-    train_x, train_y = render_glyphs(rng, strokes, cfg.synthetic_train_per_class, cfg.image_size)
-    test_x, test_y = render_glyphs(rng, strokes, cfg.synthetic_test_per_class, cfg.image_size)
+    train_x, train_y = render_glyphs(rng, strokes, cfg.synthetic_train_per_class, image_size)
+    test_x, test_y = render_glyphs(rng, strokes, cfg.synthetic_test_per_class, image_size)
     width = len(str(cfg.synthetic_classes - 1))
-    transforms = transforms_for("glyphs")
     return BenchmarkData(
         name="glyphs",
         class_names=[f"glyph{c:0{width}d}" for c in range(cfg.synthetic_classes)],
         train=ImageSplit(train_x, train_y.numpy()),
         test=ImageSplit(test_x, test_y.numpy()),
-        train_transform=transforms.train,
-        test_transform=transforms.test,
     )

@@ -1,7 +1,10 @@
-"""ImageFolder benchmarks: `<root>/<name>/{train,test}/<class>/<image>`, classes numbered by sorted name.
+"""Image folders: the published benchmarks (`<root>/<name>/{train,test}/<class>/...`) and `imagefolder`,
+a user's own tree (`<root>/{train,test}/<class>/...`, or `<root>/<class>/...` split by `data.test_fraction`).
 
-The whole tree is scanned (with os.scandir, fast enough for OmniBenchmark-1K's 188k files)
-and checked when the dataset is built, so a broken layout fails before any training.
+Classes are numbered by sorted folder name; a class folder's images may sit in sub-folders (as
+torchvision's ImageFolder reads them). The whole tree is scanned (os.scandir, fast enough for
+OmniBenchmark-1K's 188k files) and checked when the dataset is built, so a broken layout fails
+before any training, listing every folder or file at fault.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import numpy as np
 
 from carecl.config import DataConfig
 from carecl.data.base import DATASETS, BenchmarkData, DatasetError, ImageSplit
-from carecl.data.transforms import transforms_for
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -46,9 +48,31 @@ def list_class_folders(split_dir: Path) -> dict[str, str]:
 
 
 def list_images(class_dir: str) -> list[str]:
-    """Sorted image paths directly inside one class folder (sorted, so runs are reproducible)."""
+    """Sorted image paths inside one class folder and its visible sub-folders (sorted: runs are reproducible)."""
+    found: list[str] = []
     with os.scandir(class_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                found.extend(list_images(entry.path))
+            elif is_image_file(entry.name) and entry.is_file():
+                found.append(entry.path)
+    return sorted(found)
+
+
+def loose_images(folder: Path) -> list[str]:
+    """Image files directly inside a folder that should hold only class folders."""
+    with os.scandir(folder) as entries:
         return sorted(e.path for e in entries if is_image_file(e.name) and e.is_file())
+
+
+def refuse_loose_images(folder: Path) -> None:
+    loose = loose_images(folder)
+    if loose:
+        more = f" and {len(loose) - MAX_LISTED_FOLDERS} more" if len(loose) > MAX_LISTED_FOLDERS else ""
+        raise DatasetError(f"{len(loose)} image file(s) in {folder} belong to no class (move each into a class "
+                           f"folder {folder}/<class>/): {', '.join(loose[:MAX_LISTED_FOLDERS])}{more}")
 
 
 def resolve_dataset_dir(root: str | None, folder_name: str) -> Path:
@@ -74,6 +98,7 @@ def split_class_folders(dataset_dir: Path) -> tuple[dict[str, str], dict[str, st
         if not split_dir.is_dir():
             raise DatasetError(f"missing split folder {split_dir}")
         classes = list_class_folders(split_dir)
+        refuse_loose_images(split_dir)
         if not classes:
             raise DatasetError(f"split folder {split_dir} has no class folders")
         folders.append(classes)
@@ -103,30 +128,89 @@ def scan_split(class_folders: dict[str, str], class_names: list[str]) -> tuple[I
     return ImageSplit(samples=paths, targets=np.concatenate(targets)), empty
 
 
-def load_image_folder(dataset_dir: Path, name: str) -> BenchmarkData:
-    """Scan and check one ImageFolder benchmark; transforms are those of `name`."""
-    train_folders, test_folders = split_class_folders(dataset_dir)
-    class_names = sorted(train_folders)
-    train, empty_train = scan_split(train_folders, class_names)
-    test, empty_test = scan_split(test_folders, class_names)
-    empty = empty_train + empty_test
+def refuse_empty(empty: list[str]) -> None:
     if empty:
         more = f" and {len(empty) - MAX_LISTED_FOLDERS} more" if len(empty) > MAX_LISTED_FOLDERS else ""
         raise DatasetError(f"{len(empty)} class folder(s) contain no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
                            f"{', '.join(empty[:MAX_LISTED_FOLDERS])}{more}")
-    transforms = transforms_for(name)
-    return BenchmarkData(
-        name=name,
-        class_names=class_names,
-        train=train,
-        test=test,
-        train_transform=transforms.train,
-        test_transform=transforms.test,
-    )
 
 
-def build_image_folder_benchmark(cfg: DataConfig, folder_name: str) -> BenchmarkData:
+def load_image_folder(dataset_dir: Path, name: str) -> BenchmarkData:
+    """Scan and check a `train/` + `test/` tree of class folders."""
+    train_folders, test_folders = split_class_folders(dataset_dir)
+    class_names = sorted(train_folders)
+    train, empty_train = scan_split(train_folders, class_names)
+    test, empty_test = scan_split(test_folders, class_names)
+    refuse_empty(empty_train + empty_test)
+    return BenchmarkData(name=name, class_names=class_names, train=train, test=test)
+
+
+def build_image_folder_benchmark(cfg: DataConfig, image_size: int, folder_name: str) -> BenchmarkData:
     return load_image_folder(resolve_dataset_dir(cfg.root, folder_name), folder_name)
+
+
+
+# ---------------------------------------------------------------- a user's own images
+
+# The held-out split of a single folder never depends on the run's seed: every run tests on the same images.
+SPLIT_SEED = 0
+
+
+def held_out_split(paths: list[str], test_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, test) paths of one class: a fixed shuffle of the sorted list, at least one image on each side."""
+    order = np.random.RandomState(SPLIT_SEED).permutation(len(paths))
+    n_test = min(max(1, int(round(test_fraction * len(paths)))), len(paths) - 1)
+    test = sorted(paths[i] for i in order[:n_test])
+    train = sorted(paths[i] for i in order[n_test:])
+    return train, test
+
+
+def load_single_folder(root: Path, test_fraction: float) -> BenchmarkData:
+    """`root/<class>/...` with each class's images split `test_fraction` held out for testing."""
+    refuse_loose_images(root)
+    folders = list_class_folders(root)
+    if not folders:
+        raise DatasetError(f"data.root {root} holds no class folders (expected {root}/<class>/<image>)")
+    class_names = sorted(folders)
+    splits: dict[str, list] = {"train": [], "test": []}
+    targets: dict[str, list] = {"train": [], "test": []}
+    empty, too_small = [], []
+    for class_id, name in enumerate(class_names):
+        images = list_images(folders[name])
+        if len(images) < 2:
+            (empty if not images else too_small).append(folders[name])
+            continue
+        for split, paths in zip(("train", "test"), held_out_split(images, test_fraction)):
+            splits[split].extend(paths)
+            targets[split].extend([class_id] * len(paths))
+    refuse_empty(empty)
+    if too_small:
+        raise DatasetError(f"{len(too_small)} class folder(s) hold a single image, too few to split into train and "
+                           f"test: {', '.join(too_small[:MAX_LISTED_FOLDERS])}")
+    train, test = (ImageSplit(samples=splits[s], targets=np.asarray(targets[s], dtype=np.int64)) for s in ("train", "test"))
+    return BenchmarkData(name="imagefolder", class_names=class_names, train=train, test=test)
+
+
+@DATASETS.register("imagefolder", "image_folder")
+def build_user_image_folder(cfg: DataConfig, image_size: int) -> BenchmarkData:
+    """A user's own images: `root/train` + `root/test`, or one folder of classes with `data.test_fraction`."""
+    if not cfg.root:
+        raise DatasetError("data.root must be set for dataset 'imagefolder' (DIR/train/<class>/ and DIR/test/<class>/, "
+                           "or DIR/<class>/ with data.test_fraction)")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data.root {root} does not exist or is not a folder")
+    has_splits = (root / "train").is_dir() or (root / "test").is_dir()
+    if has_splits:
+        if cfg.test_fraction is not None:
+            raise DatasetError(f"data.test_fraction is set but {root} already has train/ and test/ folders; "
+                               "remove data.test_fraction to use them")
+        return load_image_folder(root, "imagefolder")
+    if cfg.test_fraction is None:
+        raise DatasetError(f"{root} has no train/ and test/ folders: either create {root}/train/<class>/ and "
+                           f"{root}/test/<class>/, or set data.test_fraction (e.g. 0.2) to hold out part of each "
+                           f"class folder {root}/<class>/ for testing")
+    return load_single_folder(root, cfg.test_fraction)
 
 
 for _name, _aliases in IMAGE_FOLDER_BENCHMARKS.items():

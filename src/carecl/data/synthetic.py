@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from carecl.config import DataConfig
 from carecl.data.base import DATASETS, BenchmarkData, ImageSplit, require_positive
-from carecl.data.transforms import transforms_for
 
 # A local Generator seed: the data never depends on (or moves) the global RNGs.
 SYNTHETIC_SEED = 20240613
@@ -49,22 +48,18 @@ def sample_images(rng: np.random.Generator, patterns: np.ndarray, per_class: int
 
 
 @DATASETS.register("synthetic")
-def build_synthetic(cfg: DataConfig) -> BenchmarkData:
+def build_synthetic(cfg: DataConfig, image_size: int) -> BenchmarkData:
     require_positive(cfg.synthetic_classes, "data.synthetic_classes")
     require_positive(cfg.synthetic_train_per_class, "data.synthetic_train_per_class")
     require_positive(cfg.synthetic_test_per_class, "data.synthetic_test_per_class")
-    require_positive(cfg.image_size, "data.image_size")
     rng = np.random.default_rng(SYNTHETIC_SEED)
-    patterns = class_patterns(rng, cfg.synthetic_classes, cfg.image_size)
+    patterns = class_patterns(rng, cfg.synthetic_classes, image_size)
     train_x, train_y = sample_images(rng, patterns, cfg.synthetic_train_per_class)
     test_x, test_y = sample_images(rng, patterns, cfg.synthetic_test_per_class)
     width = len(str(cfg.synthetic_classes - 1))
-    transforms = transforms_for("synthetic")
     return BenchmarkData(
         name="synthetic",
         class_names=[f"class{c:0{width}d}" for c in range(cfg.synthetic_classes)],
         train=ImageSplit(torch.from_numpy(train_x), train_y),
         test=ImageSplit(torch.from_numpy(test_x), test_y),
-        train_transform=transforms.train,
-        test_transform=transforms.test,
     )

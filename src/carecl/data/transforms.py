@@ -1,21 +1,36 @@
-"""Per-benchmark image transforms, as the CaRE release uses them (research-settings "Inputs").
+"""Image transforms: each dataset's recipe, sized and normalised by one resolved `Preprocessing`.
 
-Benchmark transforms take a PIL image and return a (3, 224, 224) float tensor; the
-in-memory toy datasets (digits, synthetic) already hold final tensors and use `identity`.
+- The published benchmarks keep the CaRE release's transforms (research-settings "Inputs"):
+  224 px, their own normalisation (mean = std = 0.5, or none at all) and augmentation.
+- `imagefolder` (a user's own images) follows the backbone's timm pretrained config: its input
+  size, mean/std, interpolation and crop fraction.
+- The in-memory toy datasets (digits, synthetic, glyphs) hold final tensors already.
+
+Any `data.image_size`, `data.mean`/`data.std`, `data.interpolation`, `data.crop_pct` or
+`data.augment` in the config overrides the recipe's default for that one setting.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
+import torch
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
+from carecl.config import DataConfig
 from carecl.data.base import Transform
+from carecl.registry import Registry
 
 INPUT_SIZE = 224
-RESIZE_SIZE = 256
+# The release resizes to 256 before its 224 centre crop.
+RELEASE_CROP_PCT = INPUT_SIZE / 256
 HALF = (0.5, 0.5, 0.5)
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}
+# Side of the generated / in-memory images when `data.image_size` is not set.
+IN_MEMORY_SIZE = 32
 
 
 class TransformPair(NamedTuple):
@@ -23,92 +38,163 @@ class TransformPair(NamedTuple):
     test: Transform
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input. mean/std None: pixels stay in [0, 1]."""
+
+    image_size: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    interpolation: str = "bicubic"
+    crop_pct: float = RELEASE_CROP_PCT
+    # Training augmentation: crop_flip (random resized crop + horizontal flip), crop, flip or none.
+    augment: str = "crop_flip"
+
+    @property
+    def resize_size(self) -> int:
+        return int(round(self.image_size / self.crop_pct))
+
+
+# Unknown backbones (or none given): ImageNet-21K ViT conventions.
+DEFAULT_BACKBONE_PREPROCESSING = Preprocessing(INPUT_SIZE, HALF, HALF, "bicubic", 0.9)
+
+
 def identity(image):
     """Deterministic no-op (a module-level function, so DataLoader workers can pickle it)."""
     return image
 
 
-def _resize_center_crop() -> list:
-    return [
-        T.Resize(RESIZE_SIZE, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(INPUT_SIZE),
-    ]
+def _normalise(preprocessing: Preprocessing) -> list:
+    if preprocessing.mean is None:
+        return []
+    return [T.Normalize(preprocessing.mean, preprocessing.std)]
 
 
-def _to_tensor(normalise: bool) -> list:
-    return [T.ToTensor(), T.Normalize(HALF, HALF)] if normalise else [T.ToTensor()]
+def _to_tensor(preprocessing: Preprocessing) -> list:
+    return [T.ToTensor(), *_normalise(preprocessing)]
 
 
-def cifar_transforms() -> TransformPair:
-    train = [
-        T.RandomResizedCrop(RESIZE_SIZE, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(INPUT_SIZE),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.25),
-    ]
-    return TransformPair(
-        T.Compose(train + _to_tensor(True)),
-        T.Compose(_resize_center_crop() + _to_tensor(True)),
-    )
+def _resize_center_crop(preprocessing: Preprocessing) -> list:
+    interpolation = INTERPOLATIONS[preprocessing.interpolation]
+    return [T.Resize(preprocessing.resize_size, interpolation=interpolation), T.CenterCrop(preprocessing.image_size)]
 
 
-def _random_interpolation_transforms(color_jitter: bool) -> TransformPair:
-    train = [
-        RandomResizedCropAndInterpolation(INPUT_SIZE, interpolation="random"),
-        T.RandomHorizontalFlip(),
-    ]
-    if color_jitter:
-        train.append(T.ColorJitter(brightness=0.25))
-    return TransformPair(
-        T.Compose(train + _to_tensor(True)),
-        T.Compose(_resize_center_crop() + _to_tensor(True)),
-    )
+def test_transform(preprocessing: Preprocessing) -> Transform:
+    return T.Compose(_resize_center_crop(preprocessing) + _to_tensor(preprocessing))
 
 
-def imagenet_a_transforms() -> TransformPair:
-    return _random_interpolation_transforms(color_jitter=False)
+# ---------------------------------------------------------------- recipes
 
 
-def vtab_transforms() -> TransformPair:
-    return _random_interpolation_transforms(color_jitter=True)
+@dataclass(frozen=True)
+class TransformRecipe:
+    """A dataset's transforms: its default preprocessing (None: the backbone's) and how to build them."""
+
+    build: Callable[[Preprocessing], TransformPair]
+    defaults: Preprocessing | None
+
+    def resolve(self, data: DataConfig, backbone: Preprocessing) -> Preprocessing:
+        """The recipe's defaults (or the backbone's), with every setting the config names replaced."""
+        base = self.defaults if self.defaults is not None else backbone
+        overrides = {key: getattr(data, key) for key in ("image_size", "interpolation", "crop_pct", "augment")
+                     if getattr(data, key) is not None}
+        if data.mean is not None:
+            overrides["mean"], overrides["std"] = tuple(data.mean), tuple(data.std)
+        return replace(base, **overrides)
+
+    def transforms(self, data: DataConfig, backbone: Preprocessing) -> TransformPair:
+        preprocessing = self.resolve(data, backbone)
+        pair = self.build(preprocessing)
+        # augment: none trains on exactly what evaluation sees, whatever the recipe's augmentation.
+        return TransformPair(pair.test, pair.test) if preprocessing.augment == "none" else pair
 
 
-def unnormalised_transforms() -> TransformPair:
-    """ImageNet-R / ObjectNet / OmniBenchmark(-1K) / CUB: pixels stay in [0, 1]."""
-    train = [
-        T.RandomResizedCrop(INPUT_SIZE, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-        T.RandomHorizontalFlip(),
-    ]
-    return TransformPair(
-        T.Compose(train + _to_tensor(False)),
-        T.Compose(_resize_center_crop() + _to_tensor(False)),
-    )
+def release_cifar(p: Preprocessing) -> TransformPair:
+    # Release quirk: RandomResizedCrop to the resize size, then a centre crop.
+    train = [T.RandomResizedCrop(p.resize_size, interpolation=INTERPOLATIONS[p.interpolation]),
+             T.CenterCrop(p.image_size), *_flip(p), T.ColorJitter(brightness=0.25)]
+    return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
 
 
-def identity_transforms() -> TransformPair:
-    return TransformPair(identity, identity)
+def release_random_interpolation(color_jitter: bool) -> Callable[[Preprocessing], TransformPair]:
+    """ImageNet-A (and VTAB with colour jitter): timm's crop with a random interpolation per image."""
+
+    def build(p: Preprocessing) -> TransformPair:
+        train = [RandomResizedCropAndInterpolation(p.image_size, interpolation="random"), *_flip(p)]
+        if color_jitter:
+            train.append(T.ColorJitter(brightness=0.25))
+        return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
+
+    return build
 
 
-# Canonical dataset name -> builder of its (train, test) transforms.
-TRANSFORMS_BY_DATASET: dict[str, Callable[[], TransformPair]] = {
-    "cifar100": cifar_transforms,
-    "imagenet-a": imagenet_a_transforms,
-    "vtab": vtab_transforms,
-    "imagenet-r": unnormalised_transforms,
-    "objectnet": unnormalised_transforms,
-    "omnibenchmark": unnormalised_transforms,
-    "omnibenchmark1k": unnormalised_transforms,
-    "cub": unnormalised_transforms,
-    "digits": identity_transforms,
-    "synthetic": identity_transforms,
-    "glyphs": identity_transforms,
-}
+def release_wide_crop(p: Preprocessing) -> TransformPair:
+    """ImageNet-R / ObjectNet / OmniBenchmark(-1K) / CUB: crops down to 5 % of the image."""
+    train = [T.RandomResizedCrop(p.image_size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)), *_flip(p)]
+    return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
 
 
-def transforms_for(dataset: str) -> TransformPair:
-    """The (train, test) transforms of a canonical dataset name."""
-    try:
-        return TRANSFORMS_BY_DATASET[dataset]()
-    except KeyError:
-        known = ", ".join(sorted(TRANSFORMS_BY_DATASET))
-        raise KeyError(f"no transforms defined for dataset {dataset!r} (known: {known})") from None
+def backbone_style(p: Preprocessing) -> TransformPair:
+    """A user's images: random resized crop (timm's default scale) and flip for training, as `augment` says."""
+    interpolation = INTERPOLATIONS[p.interpolation]
+    if p.augment in ("crop_flip", "crop"):
+        train = [T.RandomResizedCrop(p.image_size, scale=(0.08, 1.0), interpolation=interpolation), *_flip(p)]
+    else:
+        train = [*_resize_center_crop(p), *_flip(p)]
+    return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
+
+
+def _flip(p: Preprocessing) -> list:
+    return [T.RandomHorizontalFlip()] if p.augment in ("crop_flip", "flip") else []
+
+
+class TensorNormalise:
+    """In-memory tensors in [0, 1]: normalised when mean/std are set, else passed through."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+
+def in_memory(p: Preprocessing) -> TransformPair:
+    transform = identity if p.mean is None else TensorNormalise(p.mean, p.std)
+    return TransformPair(transform, transform)
+
+
+def _release(build: Callable[[Preprocessing], TransformPair], normalised: bool) -> TransformRecipe:
+    mean = HALF if normalised else None
+    return TransformRecipe(build, Preprocessing(INPUT_SIZE, mean, mean, "bicubic", RELEASE_CROP_PCT))
+
+
+# Canonical dataset name -> its recipe; every registered dataset has one (a test checks).
+TRANSFORMS: Registry[TransformRecipe] = Registry("transform recipe")
+for _name, _recipe in {
+    "cifar100": _release(release_cifar, normalised=True),
+    "imagenet-a": _release(release_random_interpolation(color_jitter=False), normalised=True),
+    "vtab": _release(release_random_interpolation(color_jitter=True), normalised=True),
+    "imagenet-r": _release(release_wide_crop, normalised=False),
+    "objectnet": _release(release_wide_crop, normalised=False),
+    "omnibenchmark": _release(release_wide_crop, normalised=False),
+    "omnibenchmark1k": _release(release_wide_crop, normalised=False),
+    "cub": _release(release_wide_crop, normalised=False),
+    "imagefolder": TransformRecipe(backbone_style, None),
+    "digits": TransformRecipe(in_memory, Preprocessing(IN_MEMORY_SIZE, None, None)),
+    "synthetic": TransformRecipe(in_memory, Preprocessing(IN_MEMORY_SIZE, None, None)),
+    "glyphs": TransformRecipe(in_memory, Preprocessing(IN_MEMORY_SIZE, None, None)),
+}.items():
+    TRANSFORMS.register(_name)(_recipe)
+
+
+def resolve_preprocessing(dataset: str, data: DataConfig, backbone: Preprocessing = DEFAULT_BACKBONE_PREPROCESSING
+                          ) -> Preprocessing:
+    """The preprocessing a canonical dataset name uses under `data` (and the backbone's defaults)."""
+    return TRANSFORMS.get(dataset).resolve(data, backbone)
+
+
+def transforms_for(dataset: str, data: DataConfig | None = None,
+                   backbone: Preprocessing = DEFAULT_BACKBONE_PREPROCESSING) -> TransformPair:
+    """The (train, test) transforms of a canonical dataset name (its defaults when `data` is None)."""
+    return TRANSFORMS.get(dataset).transforms(data if data is not None else DataConfig(dataset=dataset), backbone)

@@ -62,8 +62,9 @@ class CaRE(Method):
         if task.index == 0:
             return [Phase("train", train.epochs, train.lr, train.min_lr, train.epochs)]
         half = train.epochs // 2
-        # Release: stop half-way down the full cosine, align, then restart from that lr.
-        first = Phase("first half", half, train.lr, train.min_lr, train.epochs)
+        # Release (models/care.py): a full cosine of its own down to lr/2, align, then a fresh
+        # optimiser from that lr down to min_lr (not the first half of one long cosine).
+        first = Phase("first half", half, train.lr, train.lr / 2, half)
         second = Phase("second half", half, first.final_lr, train.min_lr, half)
         return [first, second]
 
@@ -135,10 +136,14 @@ class CaRE(Method):
         )
 
     # ---- prediction ------------------------------------------------------------------------
+    def uses_iterative_prediction(self) -> bool:
+        """Release: iterative from the second task while the task index is <= 60 (iter_pred_max_tasks = 61 learned)."""
+        options: CareConfig = self.options
+        return options.iter_pred and 1 < self.n_learned_tasks <= options.iter_pred_max_tasks
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        options: CareConfig = self.options
-        if options.iter_pred and 1 < self.n_learned_tasks <= options.iter_pred_max_tasks:
+        if self.uses_iterative_prediction():
             return self.iterative_scores(images)
         return self.logits(images)
 

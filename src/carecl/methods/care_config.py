@@ -20,8 +20,8 @@ class CareConfig(BRMoEConfig, MethodConfig):
     aux_cos_loss: bool = True
     self_dist_loss: bool = True
     iter_pred: bool = True
-    # The release never uses iterative prediction after this many tasks.
-    iter_pred_max_tasks: int = 60
+    # Iterative prediction is used while at most this many tasks are learned (the release: task index <= 60).
+    iter_pred_max_tasks: int = 61
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
     def brmoe(self) -> BRMoEConfig:
