@@ -28,7 +28,7 @@ if str(ROOT / "src") not in sys.path:
 
 import timm  # noqa: E402
 
-from carecl.brmoe import BRMoEConfig, BRMoEViT  # noqa: E402
+from carecl.tuners.brmoe import BRMoEConfig, BRMoEViT  # noqa: E402
 from carecl.methods.care_config import CareConfig  # noqa: E402
 
 VIT_B = "vit_base_patch16_224"

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carecl.brmoe import BRMoEViT
-from carecl.brmoe.adapter import LAYER_NORM_EPS
+from carecl.tuners.brmoe import BRMoEViT
+from carecl.tuners.brmoe.adapter import LAYER_NORM_EPS
 
 MASKED_SCORE = -100.0  # the release's fill value for experts outside a router's top-K
 

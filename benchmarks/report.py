@@ -233,7 +233,7 @@ def epoch_estimate(training: dict | None) -> dict | None:
 def end_to_end_section(data: dict | None) -> list[str]:
     lines = section_intro(
         "End to end", "end_to_end.py", data is not None,
-        "a whole CaRE run through `carecl.engine` (by default "
+        "a whole CaRE run through `carecl.engine.loop` (by default "
         "`configs/demo.yaml`, the `carecl demo` run); the split comes from timing CaRE's hooks "
         "(see the script's docstring). Evaluation includes the iterative prediction over the test set."
     )

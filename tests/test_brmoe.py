@@ -11,7 +11,7 @@ from torch import nn
 
 import brmoe_oracle as oracle
 from brmoe_oracle import dense_forward
-from carecl.brmoe import BRMoEConfig, BRMoEViT
+from carecl.tuners.brmoe import BRMoEConfig, BRMoEViT
 from carecl.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")

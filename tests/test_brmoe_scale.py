@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from carecl.brmoe import BRMoEConfig, BRMoEViT
+from carecl.tuners.brmoe import BRMoEConfig, BRMoEViT
 
 DIM, DEPTH, IMAGE, PATCH = 32, 2, 32, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1

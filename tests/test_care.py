@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from carecl.alignment import StackedGaussians
-from carecl.engine import Learner, RunRecord, learn_task, load_learner, run_experiment
-from carecl.loggers import RunLogger
+from carecl.engine.loop import Learner, RunRecord, learn_task, load_learner, run_experiment
+from carecl.engine.loggers import RunLogger
 from carecl.methods.care import CaRE
-from carecl.rundir import RunDirectory
+from carecl.runs.directory import RunDirectory
 
 from conftest import tiny_config
 
@@ -131,7 +131,7 @@ def test_care_end_to_end_and_reload(tmp_path):
     assert method.logits(images).shape == (5, 10)
     assert method.features(images, task=1).shape == (5, 64)
     # Statistics and weights survive the round trip: re-evaluation equals the recorded result.
-    from carecl.evaluation import evaluate
+    from carecl.engine.evaluation import evaluate
 
     again = evaluate(method, learner.test_loader(10), learner.device, 2, 2)
     assert again.top1 == pytest.approx(summary.a_last)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from brmoe_oracle import dense_forward
 from conftest import TINY_VIT, tiny_config
 
-from carecl.cli import main
+from carecl.cli.main import main
 from carecl.compat import (
     ReferenceCheckpointError,
     export_reference,
@@ -25,9 +25,9 @@ from carecl.compat import (
 from carecl.compat.reference import build_from_reference
 from carecl.compat.reference_layout import group_keys
 from carecl.config import load_config
-from carecl.engine import load_learner, run_experiment
+from carecl.engine.loop import load_learner, run_experiment
 from carecl.errors import CareclError
-from carecl.rundir import RunDirectory
+from carecl.runs.directory import RunDirectory
 from carecl.scenario import class_order
 
 pytestmark = pytest.mark.usefixtures("single_thread")

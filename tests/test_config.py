@@ -61,7 +61,7 @@ def test_errors_name_the_file(tmp_path):
 
 
 def test_shipped_demo_config_loads():
-    from carecl.cli import demo_config_path
+    from carecl.cli.main import demo_config_path
 
     config = load_config(demo_config_path())
     assert config.data.dataset == "digits" and config.data.init_cls == 2 and config.data.increment == 2

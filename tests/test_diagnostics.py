@@ -10,10 +10,10 @@ import pytest
 import timm
 import torch
 
-from carecl.brmoe import BRMoEConfig, BRMoEViT
-from carecl.cli import main
-from carecl.diagnostics import DiagnosticsError, diagnose_model, diagnose_routing
-from carecl.engine import Learner, learn_task, run_experiment
+from carecl.tuners.brmoe import BRMoEConfig, BRMoEViT
+from carecl.cli.main import main
+from carecl.tuners.brmoe.diagnostics import DiagnosticsError, diagnose_model, diagnose_routing
+from carecl.engine.loop import Learner, learn_task, run_experiment
 
 from conftest import TINY_VIT, tiny_config
 

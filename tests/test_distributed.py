@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from carecl.checkpoint import KILL_AT_ENV
+from carecl.runs.checkpoints import KILL_AT_ENV
 from carecl.config import load_config, save_config
 from carecl.distributed import SINGLE_PROCESS, Distributed, ShardSampler
-from carecl.rundir import STATE_FILE
+from carecl.runs.directory import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo (digits, tiny glyph ViT, CaRE) cut to 3 tasks; no dropout, so that the training of

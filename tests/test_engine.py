@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from carecl import checkpoint
-from carecl.cli import main
-from carecl.engine import Learner, load_learner, run_experiment
-from carecl.evaluation import evaluate
-from carecl.rundir import RunDirectory, RunDirectoryError
+from carecl.runs import checkpoints as checkpoint
+from carecl.cli.main import main
+from carecl.engine.loop import Learner, load_learner, run_experiment
+from carecl.engine.evaluation import evaluate
+from carecl.runs.directory import RunDirectory, RunDirectoryError
 
 from conftest import tiny_config
 

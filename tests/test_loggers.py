@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # in the dev extra
 
 from carecl.config import ConfigError, LoggingConfig
-from carecl.loggers import TENSORBOARD_DIR, RunLogger, TensorBoardLogger, build_logger, step_scalars, task_scalars
+from carecl.engine.loggers import TENSORBOARD_DIR, RunLogger, TensorBoardLogger, build_logger, step_scalars, task_scalars
 from carecl.methods.base import StepOutput
 from carecl.metrics import TaskEvaluation
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from carecl.cli import main
+from carecl.cli.main import main
 from carecl.data import DatasetError
-from carecl.engine import Learner, load_learner, run_experiment
+from carecl.engine.loop import Learner, load_learner, run_experiment
 from carecl.predict import PredictionError, expand_inputs
-from carecl.rundir import CLASSES_FILE, RunDirectory, RunDirectoryError
+from carecl.runs.directory import CLASSES_FILE, RunDirectory, RunDirectoryError
 
 from conftest import TINY_VIT, tiny_config
 

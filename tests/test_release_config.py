@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from carecl.config import ConfigError, load_config
-from carecl.release_config import RELEASE_KEYS, UNKNOWN_REASON, load_release_json, release_to_config
+from carecl.compat.release_json import RELEASE_KEYS, UNKNOWN_REASON, load_release_json, release_to_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "data" / "release"

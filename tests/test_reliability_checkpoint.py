@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from carecl.checkpoint import (
+from carecl.runs.checkpoints import (
     CheckpointError,
     CheckpointStore,
     CheckpointWriteError,
@@ -24,11 +24,11 @@ from carecl.checkpoint import (
     restore_rng,
     sha256_file,
 )
-from carecl.cli import main
+from carecl.cli.main import main
 from carecl.config import ConfigError, save_config
-from carecl.engine import Learner, load_learner, resume_experiment, run_experiment, save_learner
-from carecl.evaluation import evaluate
-from carecl.rundir import RunDirectory, RunDirectoryError
+from carecl.engine.loop import Learner, load_learner, resume_experiment, run_experiment, save_learner
+from carecl.engine.evaluation import evaluate
+from carecl.runs.directory import RunDirectory, RunDirectoryError
 
 from conftest import tiny_config
 
@@ -148,7 +148,7 @@ def test_permission_denied_checkpoint_write_is_named_and_keeps_the_previous_chec
 def test_read_only_output_directory_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "locked")
     (tmp_path / "locked").mkdir()
-    monkeypatch.setattr("carecl.engine.Learner.build", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("carecl.engine.loop.Learner.build", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(RunDirectoryError, match=f"output directory .*: {tmp_path / 'locked'} is not writable"):
         run_experiment(tiny_config(), tmp_path / "locked" / "run")
 
@@ -184,7 +184,7 @@ def test_save_state_runs_evaluate_but_do_not_resume(tmp_path):
     """The path an imported model takes: RunDirectory.create + save_learner, no trainer state."""
     config = tiny_config(data={"synthetic_classes": 4})
     learner = Learner.build(config)
-    from carecl.engine import learn_task
+    from carecl.engine.loop import learn_task
 
     learn_task(learner, learner.scenario.task(0))
     run = RunDirectory.create(tmp_path / "run", config)

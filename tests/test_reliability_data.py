@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from carecl.checkpoint import CheckpointError, CheckpointStore
-from carecl.cli import main
+from carecl.runs.checkpoints import CheckpointError, CheckpointStore
+from carecl.cli.main import main
 from carecl.config import save_config
 from carecl.data.base import DatasetError, ImageSplit, SkippedImages, SkippingDataLoader, TaskDataset
-from carecl.engine import TrainingError, resume_experiment, run_experiment
+from carecl.engine.loop import TrainingError, resume_experiment, run_experiment
 from carecl.methods.base import StepOutput
 from carecl.methods.care import CaRE
 
@@ -168,7 +168,7 @@ def test_non_finite_alignment_loss_is_a_training_error(tmp_path, monkeypatch):
     ids=["unknown-key", "init-cls-too-large", "increment-zero", "no-such-backbone", "negative-checkpoint-every", "bad-bool"],
 )
 def test_config_mistakes_fail_before_any_work(tmp_path, capsys, monkeypatch, override, words):
-    monkeypatch.setattr("carecl.engine.learn_all_tasks", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr("carecl.engine.loop.learn_all_tasks", lambda *a, **k: pytest.fail("training started"))
     config_file = tmp_path / "config.yaml"
     save_config(tiny_config(), config_file)
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run"), "--set", override]) == 2
@@ -181,7 +181,7 @@ def test_output_directory_holding_a_run_is_refused_before_any_work(tmp_path, cap
     save_config(tiny_config(data={"synthetic_classes": 2}), config_file)
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run")]) == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
-    monkeypatch.setattr("carecl.engine.Learner.build", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("carecl.engine.loop.Learner.build", lambda *a, **k: pytest.fail("work started"))
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"output directory {tmp_path / 'run'} already holds a run" in err and "--resume" in err

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from carecl.config import DataConfig, EvalConfig, ExperimentConfig, MethodConfig
 from carecl.metrics import TaskEvaluation, forgetting
-from carecl.report import (
+from carecl.report.build import (
     ReportError,
     RunSettings,
     add_command,
@@ -23,7 +23,7 @@ from carecl.report import (
     load_run,
     with_unique_labels,
 )
-from carecl.rundir import RunDirectory, RunDirectoryError
+from carecl.runs.directory import RunDirectory, RunDirectoryError
 
 # Three tasks of 10 classes each: row i = after task i, column j = task j's classes.
 THREE_TASK_MATRIX = [[90.0, None, None], [80.0, 85.0, None], [70.0, 78.0, 88.0]]

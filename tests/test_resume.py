@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from carecl import alignment
-from carecl import checkpoint as ckpt
-from carecl.checkpoint import CheckpointStore
-from carecl.cli import main
+from carecl.runs import checkpoints as ckpt
+from carecl.runs.checkpoints import CheckpointStore
+from carecl.cli.main import main
 from carecl.config import save_config
-from carecl.engine import resume_experiment, run_experiment
+from carecl.engine.loop import resume_experiment, run_experiment
 
 from conftest import tiny_config
 
@@ -52,7 +52,7 @@ if spec:
         alignment.GaussianClassStatistics.add_from_sums = killing(alignment.GaussianClassStatistics.add_from_sums)
     else:
         alignment._align_epoch = killing(alignment._align_epoch)
-from carecl.cli import main
+from carecl.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -11,10 +11,10 @@ import torch
 from carecl.compat import import_reference
 from carecl.compat.reference_layout import ReferenceCheckpointError
 from carecl.data import DatasetError, build_dataset
-from carecl.engine import Learner, run_experiment
-from carecl.learner import evaluation_transform
-from carecl.run_state import grow_and_load
-from carecl.rundir import CLASSES_FILE, RunClasses, RunDirectory, RunDirectoryError
+from carecl.engine.loop import Learner, run_experiment
+from carecl.engine.experiment import evaluation_transform
+from carecl.runs.state import grow_and_load
+from carecl.runs.directory import CLASSES_FILE, RunClasses, RunDirectory, RunDirectoryError
 
 from conftest import tiny_config
 from test_compat import N_CLASSES, TASK_SIZES, TINY, care_config, release_checkpoint, save

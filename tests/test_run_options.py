@@ -9,14 +9,14 @@ import logging
 import pytest
 import torch
 
-from carecl import run_state
-from carecl.checkpoint import TRAINER_INFO, CheckpointStore
+from carecl.runs import state as run_state
+from carecl.runs.checkpoints import TRAINER_INFO, CheckpointStore
 from carecl.config import ConfigError
 from carecl.distributed import SINGLE_PROCESS, Distributed
-from carecl.engine import run_experiment
-from carecl.learner import Learner, default_workers
-from carecl.loggers import TENSORBOARD_DIR
-from carecl.training_step import Precision
+from carecl.engine.loop import run_experiment
+from carecl.engine.experiment import Learner, default_workers
+from carecl.engine.loggers import TENSORBOARD_DIR
+from carecl.engine.precision import Precision
 
 from conftest import tiny_config
 from test_loggers import read_scalars
@@ -55,7 +55,7 @@ def test_fp16_scaler_skips_a_step_whose_gradients_overflowed():
 
 
 def test_fp16_mid_phase_checkpoints_keep_the_scaler_state(tmp_path, monkeypatch):
-    import carecl.engine as engine
+    import carecl.engine.loop as engine
 
     written = []
 
@@ -141,7 +141,7 @@ def test_loader_options_reach_the_data_loaders():
 
 
 def test_global_batch_must_split_evenly_over_processes():
-    from carecl.learner import per_process_batch
+    from carecl.engine.experiment import per_process_batch
     from carecl.distributed import DistributedError
 
     assert per_process_batch(48, Distributed(1, 4)) == 12

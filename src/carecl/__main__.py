@@ -1,5 +1,5 @@
 import sys
 
-from carecl.cli import main
+from carecl.cli.main import main
 
 sys.exit(main())

@@ -283,7 +283,7 @@ def load_config_with_report(path: str | Path, overrides: list[str] | tuple[str, 
         raise ConfigError(f"config file not found: {path}")
     report = None
     if path.suffix == ".json":
-        from carecl.release_config import load_release_json
+        from carecl.compat.release_json import load_release_json
 
         config, report = load_release_json(path)
         data = config_to_dict(config)

@@ -33,10 +33,10 @@ from carecl.registry import Registry
 
 if TYPE_CHECKING:
     from carecl.data.base import Transform
-    from carecl.learner import Learner
+    from carecl.engine.experiment import Learner
     from carecl.methods.base import Method
 
-# carecl.data and carecl.learner are imported where used: they import timm, slow to load, and
+# carecl.data and carecl.engine.experiment are imported where used: they import timm, slow to load, and
 # `carecl --help` needs none of it.
 
 ImageInput = str | os.PathLike | Image.Image | Tensor
@@ -181,7 +181,7 @@ def predict_images(learner: Learner, images: ImageInput | Sequence[ImageInput], 
 
 
 def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: int) -> list[ImagePrediction]:
-    from carecl.learner import input_size
+    from carecl.engine.experiment import input_size
 
     names, order = learner.class_names, learner.scenario.order
     transform, image_size = learner.test_transform, input_size(learner.config)
@@ -262,7 +262,7 @@ def command_predict(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     if not files:
         raise PredictionError(f"no image files to classify in {', '.join(args.inputs)}")
-    from carecl.learner import Learner
+    from carecl.engine.experiment import Learner
 
     learner = Learner.load(args.run, data_root=args.data_root)
     width = max(len("image"), *(len(str(f)) for f in files))

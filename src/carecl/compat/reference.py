@@ -35,7 +35,7 @@ from carecl.config import (
     config_to_dict,
     load_config_with_report,
 )
-from carecl.rundir import RunDirectory, atomic_write_bytes
+from carecl.runs.directory import RunDirectory, atomic_write_bytes
 from carecl.scenario import Scenario, ScenarioError, task_sizes
 
 # Written into an imported run directory; its config's backbone.weights names it (run-relative).
@@ -269,8 +269,8 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
     reference_import.json (source file, sha256, task sizes, ignored keys, notes); no metrics.json:
     nothing was evaluated.
     """
-    from carecl.learner import Learner
-    from carecl.run_state import save_learner
+    from carecl.engine.experiment import Learner
+    from carecl.runs.state import save_learner
 
     checkpoint = Path(checkpoint)
     imported = build_from_reference(read_reference_checkpoint(checkpoint), resolve_config(config, overrides),
@@ -300,7 +300,7 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
 
 def export_reference(run_dir: str | Path, output: str | Path) -> dict[str, Tensor]:
     """Write a carecl CaRE run's learner in the release's layout (needs the run's data, as `carecl eval`)."""
-    from carecl.run_state import load_learner
+    from carecl.runs.state import load_learner
     from carecl.methods.care import CaRE
 
     learner = load_learner(RunDirectory.open(run_dir))

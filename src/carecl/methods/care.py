@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carecl.alignment import ClassFeatureSums, GaussianClassStatistics, align_classifier
-from carecl.brmoe import BRMoEViT
+from carecl.tuners.brmoe import BRMoEViT
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig
 from carecl.methods.base import METHODS, Method, Phase, StepOutput, TaskContext

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from carecl.alignment import AlignmentConfig
-from carecl.brmoe.config import BRMoEConfig
+from carecl.tuners.brmoe.config import BRMoEConfig
 from carecl.config import METHOD_CONFIGS, MethodConfig
 
 

@@ -1,5 +1,5 @@
 """Where a run stands: its record of finished tasks, the loop state inside a task, and how both
-are written into checkpoints (carecl.checkpoint) and restored from them for a resume.
+are written into checkpoints (carecl.runs.checkpoints) and restored from them for a resume.
 
 A checkpoint holds the learner and everything else the loop's future depends on (RNG states, the
 optimiser, scheduler and gradient scaler, metrics so far), so a restored run goes on
@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from carecl import checkpoint as ckpt
-from carecl.checkpoint import (
+from carecl.runs import checkpoints as ckpt
+from carecl.runs.checkpoints import (
     LEARNER_INFO,
     LEARNER_TENSORS,
     TRAINER_INFO,
@@ -32,9 +32,9 @@ from carecl.checkpoint import (
 from carecl.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from carecl.backbones import backbone_preprocessing
 from carecl.data import BenchmarkData, DatasetError, build_dataset
-from carecl.learner import Learner, seed_everything
+from carecl.engine.experiment import Learner, seed_everything
 from carecl.metrics import TaskEvaluation
-from carecl.rundir import CLASSES_FILE, CONFIG_FILE, RunClasses, RunDirectory, RunDirectoryError
+from carecl.runs.directory import CLASSES_FILE, CONFIG_FILE, RunClasses, RunDirectory, RunDirectoryError
 from carecl.scenario import Scenario
 
 log = logging.getLogger("carecl")

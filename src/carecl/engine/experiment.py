@@ -20,7 +20,7 @@ from carecl.distributed import Distributed, DistributedError, ShardSampler
 from carecl.distributed import current as current_distributed
 from carecl.methods import build_method
 from carecl.methods.base import Method, TaskContext
-from carecl.rundir import RunClasses, RunDirectory
+from carecl.runs.directory import RunClasses, RunDirectory
 from carecl.scenario import Scenario, Task
 
 
@@ -165,7 +165,7 @@ class Learner:
     def load(cls, path: str | Path, data_root: str | Path | None = None) -> "Learner":
         """The learner of a run directory, as after its last finished task: with its dataset when that can be
         built (`data_root` replaces data.root), else without (prediction only), from the run's classes.json."""
-        from carecl.run_state import load_learner
+        from carecl.runs.state import load_learner
 
         return load_learner(RunDirectory.open(path), need_data=False, data_root=data_root)
 

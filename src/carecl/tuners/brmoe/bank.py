@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from carecl.brmoe.adapter import Adapter, FoldedAdapter
+from carecl.tuners.brmoe.adapter import Adapter, FoldedAdapter
 
 # Capacity multiplier when a table runs out of rows (bounds spare memory to 25%).
 GROWTH = 1.25

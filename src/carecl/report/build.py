@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from carecl.metrics import forgetting
-from carecl.rundir import CONFIG_FILE, METRICS_JSON, STATE_FILE, RunDirectoryError
+from carecl.runs.directory import CONFIG_FILE, METRICS_JSON, STATE_FILE, RunDirectoryError
 
 log = logging.getLogger("carecl")
 

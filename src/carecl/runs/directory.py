@@ -1,4 +1,4 @@
-"""The run directory: resolved config, metrics, log and crash-safe checkpoints (see carecl.checkpoint)."""
+"""The run directory: resolved config, metrics, log and crash-safe checkpoints (see carecl.runs.checkpoints)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from carecl.checkpoint import (
+from carecl.runs.checkpoints import (
     CHECKPOINTS_DIR,
     LEARNER_INFO,
     LEARNER_TENSORS,

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.brmoe.adapter import (LAYER_NORM_EPS, Adapter, FoldedAdapter, add_parameters, initialise_from_mean,
+from carecl.tuners.brmoe.adapter import (LAYER_NORM_EPS, Adapter, FoldedAdapter, add_parameters, initialise_from_mean,
                                   make_perceptron, make_router, normalise, parameter_sums)
-from carecl.brmoe.bank import PartsBank, parameter_version
-from carecl.brmoe.config import BRMoEConfig
-from carecl.brmoe.routing import expert_mixture, negative_entropy, packed_router_scores, select_routers
+from carecl.tuners.brmoe.bank import PartsBank, parameter_version
+from carecl.tuners.brmoe.config import BRMoEConfig
+from carecl.tuners.brmoe.routing import expert_mixture, negative_entropy, packed_router_scores, select_routers
 
 
 @dataclass

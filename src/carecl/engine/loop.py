@@ -1,6 +1,6 @@
 """The one training loop: tasks, phases, epochs, evaluation, run directory and checkpoints.
 
-Checkpoints (carecl.checkpoint, written by carecl.run_state) are written after every task and,
+Checkpoints (carecl.runs.checkpoints, written by carecl.runs.state) are written after every task and,
 with `train.checkpoint_every_epochs: N`, every N epochs of a phase and after each phase;
 `resume_experiment` continues a killed run exactly where its last checkpoint left it.
 """
@@ -20,20 +20,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from carecl import checkpoint as ckpt
-from carecl.checkpoint import CheckpointError, load_optimizer_state
+from carecl.runs import checkpoints as ckpt
+from carecl.runs.checkpoints import CheckpointError, load_optimizer_state
 from carecl.config import ConfigError, ExperimentConfig, TrainConfig
 from carecl.data.base import SkippedImages
 from carecl.distributed import SINGLE_PROCESS, Distributed
 from carecl.distributed import setup as setup_distributed
 from carecl.errors import CareclError
-from carecl.evaluation import evaluate
-from carecl.learner import Learner, per_process_batch, seed_everything
-from carecl.loggers import RunLogger, build_logger, step_scalars
+from carecl.engine.evaluation import evaluate
+from carecl.engine.experiment import Learner, per_process_batch, seed_everything
+from carecl.engine.loggers import RunLogger, build_logger, step_scalars
 from carecl.methods.base import Method, Phase, StepOutput, TaskContext
 from carecl.metrics import RunSummary, TaskEvaluation
-from carecl.rundir import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
-from carecl.run_state import (  # noqa: F401  (load_learner, save_learner: public through carecl.engine too)
+from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
+from carecl.runs.state import (  # noqa: F401  (load_learner, save_learner: public through carecl.engine.loop too)
     RunRecord,
     TaskResume,
     TrainerState,
@@ -44,7 +44,7 @@ from carecl.run_state import (  # noqa: F401  (load_learner, save_learner: publi
     save_learner,
 )
 from carecl.scenario import Task
-from carecl.training_step import Precision, wrap_training_step
+from carecl.engine.precision import Precision, wrap_training_step
 
 log = logging.getLogger("carecl")
 

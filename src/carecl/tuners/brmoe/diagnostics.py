@@ -40,8 +40,8 @@ from carecl.errors import CareclError
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
-    from carecl.brmoe import BRMoELayer, BRMoEViT, RoutingRecord
-    from carecl.learner import Learner
+    from carecl.tuners.brmoe import BRMoELayer, BRMoEViT, RoutingRecord
+    from carecl.engine.experiment import Learner
 
 OUTPUT_DIR = "diagnostics"
 TABLE_MD = "routing.md"
@@ -243,7 +243,7 @@ class RoutingDiagnostics:
         """Recall per block, entropy-gap distributions, expert weight shares, R@M per true task: PNG + SVG."""
         from matplotlib.figure import Figure
 
-        from carecl.report import save_figure
+        from carecl.report.build import save_figure
 
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
@@ -377,7 +377,7 @@ def diagnose_model(model: BRMoEViT, batches: Iterable[tuple[Tensor, Tensor]],
 def brmoe_model_of(method: torch.nn.Module) -> BRMoEViT:
     """The learner's BR-MoE ViT (CaRE's `model`); an error for methods without one."""
     # Imported here: timm is slow to import and `carecl --help` needs none of it.
-    from carecl.brmoe import BRMoEViT
+    from carecl.tuners.brmoe import BRMoEViT
 
     models = [module for module in method.modules() if isinstance(module, BRMoEViT)]
     if len(models) != 1:
@@ -448,8 +448,8 @@ def add_command(subparsers: Any) -> None:
 
 
 def command_diagnose(args: argparse.Namespace) -> int:
-    from carecl.run_state import load_learner
-    from carecl.rundir import RunDirectory
+    from carecl.runs.state import load_learner
+    from carecl.runs.directory import RunDirectory
 
     learner = load_learner(RunDirectory.open(args.run))
     diagnostics = diagnose_routing(learner)

@@ -15,8 +15,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from carecl.brmoe.config import BRMoEConfig
-from carecl.brmoe.layer import BRMoELayer
+from carecl.tuners.brmoe.config import BRMoEConfig
+from carecl.tuners.brmoe.layer import BRMoELayer
 
 
 @dataclass

@@ -17,9 +17,9 @@ log = logging.getLogger("carecl")
 
 # Modules that register further subcommands; each defines `add_command(subparsers)`.
 COMMAND_MODULES = (
-    "carecl.report",
-    "carecl.compat.cli",
-    "carecl.diagnostics",
+    "carecl.report.build",
+    "carecl.cli.compat",
+    "carecl.tuners.brmoe.diagnostics",
     "carecl.predict",
 )
 
@@ -100,8 +100,8 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def run_and_report(config, output: Path, resume: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:
     """Run (or with `resume`, continue: `config` then only checks) an experiment and print its accuracy table."""
-    from carecl.engine import resume_experiment, run_experiment
-    from carecl.report_text import accuracy_table
+    from carecl.engine.loop import resume_experiment, run_experiment
+    from carecl.report.text import accuracy_table
 
     from carecl.distributed import current, teardown
 
@@ -116,9 +116,9 @@ def run_and_report(config, output: Path, resume: bool = False, overrides: list[s
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from carecl.run_state import load_learner
-    from carecl.evaluation import evaluate
-    from carecl.rundir import RunDirectory
+    from carecl.runs.state import load_learner
+    from carecl.engine.evaluation import evaluate
+    from carecl.runs.directory import RunDirectory
 
     run = RunDirectory.open(args.run)
     learner = load_learner(run)

@@ -12,7 +12,7 @@ def add_command(subparsers: Any) -> None:
         "import-reference", help="turn a checkpoint saved by the CaRE release into a carecl run directory",
         description="Read a state dict saved by the CaRE release (torch.save(network.state_dict()), read with "
                     "weights_only=True), check every key against the model the config describes, and write a "
-                    "run directory that `carecl eval` and carecl.run_state.load_learner can use.")
+                    "run directory that `carecl eval` and carecl.runs.state.load_learner can use.")
     importer.add_argument("--checkpoint", type=Path, required=True, metavar="FILE", help="the release's .pth file")
     importer.add_argument("--config", type=Path, required=True, metavar="RELEASE_JSON",
                           help="the release JSON the model was trained with (or a carecl YAML)")
