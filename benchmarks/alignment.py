@@ -20,7 +20,9 @@ from contextlib import contextmanager
 import torch
 
 import common
-from carecl.alignment import AlignmentConfig, GaussianClassStatistics, align_classifier
+from carecl.alignment import align_classifier
+from carecl.alignment_config import AlignmentConfig
+from carecl.statistics import GaussianClassStatistics
 from carecl.classifiers import CosineClassifier
 
 FEATURE_DIM = 768

@@ -3,7 +3,7 @@
     python benchmarks/end_to_end.py                   # configs/demo.yaml (the `carecl demo` run)
     python benchmarks/end_to_end.py --config FILE --set key=value ...
 
-The run goes through `carecl.engine.loop.run_experiment` unchanged; the split comes from timing
+The run goes through `carecl.engine.run_experiment` unchanged; the split comes from timing
 CaRE's hooks (wrapped on the class for the duration of the run): training = from the end of
 `begin_phase` to the start of `end_phase` (the engine's epochs), statistics = `update_statistics`,
 alignment = `align`, evaluation = the engine's wall time of the task minus the time from
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import common
 from carecl.config import load_config
-from carecl.engine.loop import run_experiment
+from carecl.engine import run_experiment
 from carecl.methods.care import CaRE
 
 

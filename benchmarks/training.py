@@ -44,10 +44,8 @@ def care_learner(vit, n_tasks: int, batch: int, device: str) -> CaRE:
     scenario = Scenario.build(n_tasks * per_task, per_task, per_task, seed=0, shuffle=False)
     torch.manual_seed(n_tasks)
     method = CaRE(config, vit, scenario)
-    for task in scenario.tasks():
-        method.begin_task(task)
+    method.regrow(n_tasks, n_tasks - 1)
     common.randomise_experts(method.model, seed=n_tasks)
-    method.n_learned_tasks = n_tasks - 1
     return method.to(device)
 
 

@@ -28,9 +28,9 @@ def tiny_config(method: dict | None = None, **sections) -> "ExperimentConfig":  
     return config_from_dict(raw)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    """Every test: tiny tensors, where intra-op threads only add contention on a shared 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from carecl.alignment import StackedGaussians
-from carecl.engine.loop import Learner, RunRecord, learn_task, load_learner, run_experiment
+from carecl.statistics import StackedGaussians
+from carecl.engine import Experiment, RunProgress, learn_task, load_experiment, run_experiment
 from carecl.engine.loggers import RunLogger
 from carecl.methods.care import CaRE
 from carecl.runs.directory import RunDirectory
@@ -42,11 +42,11 @@ def release_schedule(epochs: int, eta_min: float, lr: float, steps_per_epoch: in
 def test_learning_rate_of_every_step_follows_the_release_schedule(single_thread):
     # 12 training images per class, batch 8: 3 steps per epoch on a 2-class task.
     lr, min_lr, epochs = 0.1, 0.001, 6
-    learner = Learner.build(care_config(train={"epochs": epochs, "lr": lr, "min_lr": min_lr, "batch_size": 8},
+    experiment = Experiment.build(care_config(train={"epochs": epochs, "lr": lr, "min_lr": min_lr, "batch_size": 8},
                                         method={"alignment": {"epochs": 1, "samples_per_class": 4}}))
     first, second = (LearningRates(), LearningRates())
-    learn_task(learner, learner.scenario.task(0), record=RunRecord(), logger=first)
-    learn_task(learner, learner.scenario.task(1), record=RunRecord(), logger=second)
+    learn_task(experiment, experiment.scenario.task(0), progress=RunProgress(), logger=first)
+    learn_task(experiment, experiment.scenario.task(1), progress=RunProgress(), logger=second)
     assert first.by_step == pytest.approx(release_schedule(epochs, min_lr, lr, 3))
     # Later tasks: a full cosine of its own to lr/2 over epochs//2, then from there to min_lr.
     half = epochs // 2
@@ -59,7 +59,7 @@ def test_published_decay_scales_newest_classes_most_at_a_later_task(monkeypatch,
     config = care_config(data={"synthetic_classes": 16, "init_cls": 4, "increment": 4},
                          method={"alignment": {"epochs": 1, "samples_per_class": 2, "decay": True}})
     assert config.method.alignment.decay_formula == "release"
-    learner = Learner.build(config)
+    experiment = Experiment.build(config)
     scales = []
     original = StackedGaussians.sample
 
@@ -68,18 +68,18 @@ def test_published_decay_scales_newest_classes_most_at_a_later_task(monkeypatch,
         return original(self, n_per_class, mean_scale, generator)
 
     monkeypatch.setattr(StackedGaussians, "sample", record)
-    for task in learner.scenario.tasks():
-        learn_task(learner, task)
+    for task in experiment.scenario.tasks():
+        learn_task(experiment, task)
     expected = [.925, .9, .9, .9, .9, .875, .875, .875, .875, .85, .85, .85, .85, .825, .825, .825]
     torch.testing.assert_close(scales[-1], torch.tensor(expected))
 
 
 def test_optimised_parameters_are_current_parts_shared_adapters_and_classifier():
-    learner = Learner.build(care_config())
-    method: CaRE = learner.method
-    for task in learner.scenario.tasks()[:2]:
-        learn_task(learner, task)
-    method.begin_task(learner.scenario.task(2))
+    experiment = Experiment.build(care_config())
+    method: CaRE = experiment.method
+    for task in experiment.scenario.tasks()[:2]:
+        learn_task(experiment, task)
+    method.begin_task(experiment.scenario.task(2))
     trainable = {id(p) for p in method.trainable_parameters()}
     names = {name for name, p in method.named_parameters() if id(p) in trainable}
     assert all(not p.requires_grad for p in method.backbone.parameters())
@@ -92,7 +92,7 @@ def test_optimised_parameters_are_current_parts_shared_adapters_and_classifier()
     images = torch.rand(4, 3, 16, 16)
     targets = torch.tensor([4, 5, 4, 5])
     method.train()
-    method.training_loss(images, targets, learner.scenario.task(2)).loss.backward()
+    method.training_loss(images, targets, experiment.scenario.task(2)).loss.backward()
     for name, p in method.named_parameters():
         if id(p) not in trainable:
             assert p.grad is None, name
@@ -102,11 +102,11 @@ def test_auxiliary_loss_switches_change_the_loss():
     torch.manual_seed(0)
     losses = {}
     for aux_cos, self_dist in [(True, True), (False, True), (True, False)]:
-        learner = Learner.build(care_config(method={"aux_cos_loss": aux_cos, "self_dist_loss": self_dist}))
-        task = learner.scenario.task(0)
-        learner.method.begin_task(task)
-        learner.method.eval()  # no dropout: the same forward for every variant
-        losses[(aux_cos, self_dist)] = learner.method.training_loss(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]), task).loss.item()
+        experiment = Experiment.build(care_config(method={"aux_cos_loss": aux_cos, "self_dist_loss": self_dist}))
+        task = experiment.scenario.task(0)
+        experiment.method.begin_task(task)
+        experiment.method.eval()  # no dropout: the same forward for every variant
+        losses[(aux_cos, self_dist)] = experiment.method.training_loss(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]), task).loss.item()
     assert len({round(v, 6) for v in losses.values()}) == 3
 
 
@@ -124,25 +124,25 @@ def test_care_end_to_end_and_reload(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 3
     assert summary.a_last > 40.0  # chance is 10%
-    learner = load_learner(RunDirectory.open(tmp_path / "run"))
+    experiment = load_experiment(RunDirectory.open(tmp_path / "run"))
     images = torch.rand(5, 3, 16, 16)
-    method: CaRE = learner.method
+    method: CaRE = experiment.method
     method.eval()
     assert method.logits(images).shape == (5, 10)
     assert method.features(images, task=1).shape == (5, 64)
     # Statistics and weights survive the round trip: re-evaluation equals the recorded result.
     from carecl.engine.evaluation import evaluate
 
-    again = evaluate(method, learner.test_loader(10), learner.device, 2, 2)
+    again = evaluate(method, experiment.test_loader(10), experiment.device, 2, 2)
     assert again.top1 == pytest.approx(summary.a_last)
     assert sorted(method.statistics.class_ids) == list(range(10))
 
 
 def test_iterative_prediction_combines_two_distributions():
-    learner = Learner.build(care_config(train={"epochs": 0}))
-    for task in learner.scenario.tasks()[:2]:
-        learn_task(learner, task)
-    method: CaRE = learner.method
+    experiment = Experiment.build(care_config(train={"epochs": 0}))
+    for task in experiment.scenario.tasks()[:2]:
+        learn_task(experiment, task)
+    method: CaRE = experiment.method
     method.eval()
     images = torch.rand(3, 3, 16, 16)
     scores = method.predict(images)
@@ -153,10 +153,10 @@ def test_iterative_prediction_combines_two_distributions():
 
 
 def test_iterative_prediction_runs_through_task_index_60_as_in_the_release():
-    method: CaRE = Learner.build(care_config(train={"epochs": 0})).method
+    method: CaRE = Experiment.build(care_config(train={"epochs": 0})).method
     used = {}
     for learned in (1, 2, 60, 61, 62):
-        method.n_learned_tasks = learned
+        method.regrow(0, learned)
         used[learned] = method.uses_iterative_prediction()
     # Release: `_cur_task == 0 or _cur_task > 60` -> single pass; _cur_task = learned - 1.
     assert used == {1: False, 2: True, 60: True, 61: True, 62: False}

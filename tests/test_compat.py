@@ -24,8 +24,8 @@ from carecl.compat import (
 )
 from carecl.compat.reference import build_from_reference
 from carecl.compat.reference_layout import group_keys
-from carecl.config import load_config
-from carecl.engine.loop import load_learner, run_experiment
+from carecl.compat.release_json import load_experiment_file
+from carecl.engine import load_experiment, run_experiment
 from carecl.errors import CareclError
 from carecl.runs.directory import RunDirectory
 from carecl.scenario import class_order
@@ -207,10 +207,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-def outputs(learner, x: torch.Tensor, n_tasks: int) -> dict:
+def outputs(experiment, x: torch.Tensor, n_tasks: int) -> dict:
     with torch.no_grad():
-        result = {task: learner.features(x, task=task) for task in [None, *range(n_tasks)]}
-        result["logits"] = learner.logits(x)
+        result = {task: experiment.features(x, task=task) for task in [None, *range(n_tasks)]}
+        result["logits"] = experiment.logits(x)
     return result
 
 
@@ -230,18 +230,18 @@ def test_imported_outputs_match_release_forward_and_dense_oracle(checkpoint, top
     reference = {"heads": TINY.heads, "patch": TINY.patch, "topk_experts": topk_experts, "topk_routers": topk_routers}
     x = images(dtype=torch.float64)
 
-    learner = load_reference(checkpoint, config)
-    assert learner.n_learned_tasks == len(TASK_SIZES) and learner.n_seen_classes == sum(TASK_SIZES)
-    assert learner.model.task_sizes == TASK_SIZES
-    assert len(learner.statistics) == 0
-    float32 = outputs(learner, x.float(), len(TASK_SIZES))
-    float64 = outputs(learner.double(), x, len(TASK_SIZES))
+    experiment = load_reference(checkpoint, config)
+    assert experiment.n_learned_tasks == len(TASK_SIZES) and experiment.n_seen_classes == sum(TASK_SIZES)
+    assert experiment.model.task_sizes == TASK_SIZES
+    assert len(experiment.statistics) == 0
+    float32 = outputs(experiment, x.float(), len(TASK_SIZES))
+    float64 = outputs(experiment.double(), x, len(TASK_SIZES))
     for task in [None, *range(len(TASK_SIZES))]:
         features, logits = release_forward(release64, x, task, **reference)
         assert relative_error(float64[task], features) < 1e-10, f"task={task}"
         assert relative_error(float32[task], features) < 1e-4, f"task={task}"
         with torch.no_grad():
-            oracle_features, _ = dense_forward(learner.model, x, task=task)
+            oracle_features, _ = dense_forward(experiment.model, x, task=task)
         assert relative_error(float64[task], oracle_features) < 1e-10, f"task={task}"
         if task is None:
             assert float64["logits"].shape == (len(x), sum(TASK_SIZES))
@@ -262,19 +262,19 @@ def test_imported_outputs_match_release_forward_and_dense_oracle(checkpoint, top
 
 def test_tensors_land_where_the_spec_says(checkpoint):
     raw = read_reference_checkpoint(checkpoint)
-    learner = load_reference(checkpoint, care_config())
-    attention = learner.model.vit.blocks[1].attn
+    experiment = load_reference(checkpoint, care_config())
+    attention = experiment.model.vit.blocks[1].attn
     expected_qkv = torch.cat([raw[f"backbone.blocks.1.attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(attention.qkv.weight, expected_qkv)
-    assert torch.equal(learner.model.vit.blocks[0].mlp.fc2.bias, raw["backbone.blocks.0.fc2.bias"])
-    layer = learner.model.layers[1]
+    assert torch.equal(experiment.model.vit.blocks[0].mlp.fc2.bias, raw["backbone.blocks.0.fc2.bias"])
+    layer = experiment.model.layers[1]
     moe = "backbone.adapter.adapter_layer1."
     assert torch.equal(layer.shared.scale, raw[moe + "shared_adapter.scale"])
     assert torch.equal(layer.experts[2].norm.weight, raw[moe + "adapter.2.adapter_layer_norm_before.weight"])
     assert torch.equal(layer.experts[3].up_proj.weight, raw[moe + "adapter.3.up_proj.weight"])
     assert torch.equal(layer.routers[2].weight, raw[moe + "router.2.weight"])
     assert torch.equal(layer.perceptrons[0][1].weight, raw[moe + "latent_head.0.1.weight"])
-    assert torch.equal(learner.classifier.heads[3], raw["fc.heads.3.0.weight"])
+    assert torch.equal(experiment.classifier.heads[3], raw["fc.heads.3.0.weight"])
 
 
 def test_anchor_copies_and_data_parallel_prefix_are_ignored(checkpoint, tmp_path):
@@ -293,9 +293,9 @@ def test_anchor_copies_and_data_parallel_prefix_are_ignored(checkpoint, tmp_path
 
 def test_class_order_comes_from_the_config_over_the_datasets_classes(checkpoint, tmp_path):
     config = care_config()
-    learner = load_reference(checkpoint, config)
-    assert learner.scenario.n_classes == N_CLASSES  # from backbone.head.weight, not the 9 seen classes
-    assert learner.scenario.order.tolist() == class_order(N_CLASSES, config.seed).tolist()
+    experiment = load_reference(checkpoint, config)
+    assert experiment.scenario.n_classes == N_CLASSES  # from backbone.head.weight, not the 9 seen classes
+    assert experiment.scenario.order.tolist() == class_order(N_CLASSES, config.seed).tolist()
     unshuffled = load_reference(checkpoint, care_config(shuffle=False))
     assert unshuffled.scenario.order.tolist() == list(range(N_CLASSES))
 
@@ -313,22 +313,22 @@ def test_vit_base_layout_with_unequal_first_task():
     shape = Shape(dim=768, depth=12, heads=12, patch=16, image=32, mlp=3072, adapter_dim=64, expert_dim=16)
     sizes = [100, 3, 3]
     state = release_checkpoint(shape, sizes, n_classes=1000, seed=5)
-    config = load_config(RELEASE_CONFIGS / "care_ob1k_b100inc3.json", ["backbone.model_kwargs.img_size=32"])
+    config, _ = load_experiment_file(RELEASE_CONFIGS / "care_ob1k_b100inc3.json", ["backbone.model_kwargs.img_size=32"])
     assert config.data.root is None  # nothing is read from a dataset
-    learner = build_from_reference(state, config, "vit-b state").method  # load_reference minus torch.load
-    assert learner.model.task_sizes == sizes and learner.scenario.n_classes == 1000
-    assert learner.model.vit.blocks[11].attn.qkv.weight.shape == (3 * 768, 768)
-    assert learner.model.layers[11].shared.down_proj.weight.shape == (64, 768)
-    assert learner.model.layers[11].experts[2].down_proj.weight.shape == (16, 768)
-    assert learner.model.layers[11].routers[2].weight.shape == (3, 768)
+    experiment = build_from_reference(state, config, "vit-b state").method  # load_reference minus torch.load
+    assert experiment.model.task_sizes == sizes and experiment.scenario.n_classes == 1000
+    assert experiment.model.vit.blocks[11].attn.qkv.weight.shape == (3 * 768, 768)
+    assert experiment.model.layers[11].shared.down_proj.weight.shape == (64, 768)
+    assert experiment.model.layers[11].experts[2].down_proj.weight.shape == (16, 768)
+    assert experiment.model.layers[11].routers[2].weight.shape == (3, 768)
     x = images(batch=2, size=32)
     options = config.method
     reference = {"heads": 12, "patch": 16, "topk_experts": options.topk_experts, "topk_routers": options.topk_routers}
     with torch.no_grad():
         for task in (None, 0, 2):
             features, _ = release_forward(state, x, task, **reference)
-            assert relative_error(learner.features(x, task=task), features) < 1e-4, f"task={task}"
-        assert relative_error(learner.logits(x), release_forward(state, x, None, **reference)[1]) < 1e-4
+            assert relative_error(experiment.features(x, task=task), features) < 1e-4, f"task={task}"
+        assert relative_error(experiment.logits(x), release_forward(state, x, None, **reference)[1]) < 1e-4
 
 
 # ---------------------------------------------------------------- errors
@@ -472,10 +472,10 @@ def test_import_eval_export_round_trip(checkpoint, tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "after task 4/5" in out and "(recorded -)" in out
 
-    learner = load_learner(RunDirectory.open(moved)).method.eval()
+    experiment = load_experiment(RunDirectory.open(moved)).method.eval()
     direct = load_reference(checkpoint, config, overrides=TINY_OVERRIDES[1::2])
     x = images()
-    assert_same_outputs(outputs(learner, x, 4), outputs(direct, x, 4))
+    assert_same_outputs(outputs(experiment, x, 4), outputs(direct, x, 4))
 
     exported = tmp_path / "exported.pth"
     assert main(["export-reference", "--run", str(moved), "--output", str(exported)]) == 0
@@ -501,7 +501,7 @@ def test_export_of_a_carecl_trained_run_reimports_exactly(tmp_path):
     config.method.alignment.epochs = 1
     config.method.alignment.samples_per_class = 4
     run_experiment(config, tmp_path / "run")
-    trained = load_learner(RunDirectory.open(tmp_path / "run")).method.eval()
+    trained = load_experiment(RunDirectory.open(tmp_path / "run")).method.eval()
     state = export_reference(tmp_path / "run", tmp_path / "care.pth")
     assert "backbone.blocks.0.attn.q_proj.weight" in state and "backbone.blocks.0.attn.qkv.weight" not in state
     assert state["backbone.head.weight"].shape == (N_CLASSES, TINY.dim)

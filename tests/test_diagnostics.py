@@ -13,7 +13,8 @@ import torch
 from carecl.tuners.brmoe import BRMoEConfig, BRMoEViT
 from carecl.cli.main import main
 from carecl.tuners.brmoe.diagnostics import DiagnosticsError, diagnose_model, diagnose_routing
-from carecl.engine.loop import Learner, learn_task, run_experiment
+from carecl.engine import Experiment, learn_task, load_experiment, run_experiment
+from carecl.runs.directory import RunDirectory
 
 from conftest import TINY_VIT, tiny_config
 
@@ -137,13 +138,11 @@ def test_traces_are_switched_off_afterwards_even_on_error():
 
 
 def test_learner_true_tasks_come_from_the_class_order():
-    learner = Learner.build(tiny_config(method={**CARE, "topk_experts": 1}))
-    for task in learner.scenario.tasks():
-        learner.method.begin_task(task)
-    learner.method.n_learned_tasks = 3
-    force_routing(learner.method.model)
-    diagnostics = diagnose_routing(learner)
-    labels = learner.test_loader(6).dataset.labels
+    experiment = Experiment.build(tiny_config(method={**CARE, "topk_experts": 1}))
+    experiment.method.regrow(3, 3)
+    force_routing(experiment.method.model)
+    diagnostics = diagnose_routing(experiment)
+    labels = experiment.test_loader(6).dataset.labels
     tasks = labels // 2  # three tasks of two classes, in class-order positions
     assert diagnostics.true_tasks.tolist() == tasks.tolist()
     assert diagnostics.router_recall[0] == pytest.approx(100.0 * np.isin(tasks, [0, 2]).mean())
@@ -152,10 +151,10 @@ def test_learner_true_tasks_come_from_the_class_order():
 
 
 def test_methods_without_brmoe_are_refused():
-    learner = Learner.build(tiny_config())
-    learn_task(learner, learner.scenario.task(0))
+    experiment = Experiment.build(tiny_config())
+    learn_task(experiment, experiment.scenario.task(0))
     with pytest.raises(DiagnosticsError, match="simplecil"):
-        diagnose_routing(learner)
+        diagnose_routing(experiment)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +170,7 @@ def test_cli_writes_table_csv_and_figure(care_run, tmp_path, capsys):
     assert "R@2" in printed and "E@3" in printed
     rows = list(csv.DictReader((tmp_path / "out" / "routing.csv").open()))
     assert [row["block"] for row in rows] == ["1", "2", "mean"]
-    diagnostics = diagnose_routing(Learner.load(care_run))
+    diagnostics = diagnose_routing(load_experiment(RunDirectory.open(care_run)))
     for row, recall, expert in zip(rows, diagnostics.router_recall, diagnostics.expert_recall):
         assert float(row["R@2"]) == pytest.approx(recall, abs=1e-4)
         assert float(row["E@3"]) == pytest.approx(expert, abs=1e-4)

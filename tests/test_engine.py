@@ -6,7 +6,7 @@ import torch
 
 from carecl.runs import checkpoints as checkpoint
 from carecl.cli.main import main
-from carecl.engine.loop import Learner, load_learner, run_experiment
+from carecl.engine import Experiment, load_experiment, run_experiment
 from carecl.engine.evaluation import evaluate
 from carecl.runs.directory import RunDirectory, RunDirectoryError
 
@@ -26,8 +26,8 @@ def test_simplecil_end_to_end_writes_run_directory(tmp_path):
     # Prototypes of synthetic classes separate them far better than chance (1/6).
     assert summary.a_last > 60.0
     # A finished run re-evaluates to exactly its recorded final accuracy.
-    learner = load_learner(RunDirectory.open(run))
-    again = evaluate(learner.method, learner.test_loader(6), learner.device, 2, 2)
+    experiment = load_experiment(RunDirectory.open(run))
+    again = evaluate(experiment.method, experiment.test_loader(6), experiment.device, 2, 2)
     assert again.top1 == pytest.approx(summary.a_last)
 
 
@@ -61,7 +61,7 @@ def test_cli_data_error_before_training(tmp_path, capsys):
 
 def test_learner_builds_same_backbone_from_config():
     config = tiny_config()
-    a, b = Learner.build(config), Learner.build(config)
+    a, b = Experiment.build(config), Experiment.build(config)
     for (name, p), q in zip(a.method.backbone.named_parameters(), b.method.backbone.parameters()):
         assert torch.equal(p, q), name
 
@@ -84,7 +84,7 @@ def test_load_learner_reads_the_last_finished_task_even_after_a_mid_task_checkpo
     run = RunDirectory.open(tmp_path / "run")
     pointer = run.checkpoints.pointer()
     assert pointer["resume"] == "learned-0002-phase-1-epoch-0000" and pointer["task_end"] == "learned-0002"
-    learner = load_learner(run)
-    assert learner.method.n_learned_tasks == 2
-    again = evaluate(learner.method, learner.test_loader(4), learner.device, 1, 2)
+    experiment = load_experiment(run)
+    assert experiment.method.n_learned_tasks == 2
+    again = evaluate(experiment.method, experiment.test_loader(4), experiment.device, 1, 2)
     assert again.top1 == pytest.approx(run.metrics()["tasks"][1]["top1"])

@@ -113,8 +113,8 @@ def test_backbone_is_built_for_the_datas_image_size():
 @pytest.mark.parametrize("data, words", [
     ({"mean": [0.5, 0.5, 0.5]}, "data.mean and data.std must be set together"),
     ({"crop_pct": 1.5}, "data.crop_pct"),
-    ({"interpolation": "cubic"}, "data.interpolation: must be one of 'bicubic'"),
-    ({"augment": "strong"}, "data.augment: must be one of"),
+    ({"interpolation": "cubic"}, "data.interpolation must be one of 'bicubic'"),
+    ({"augment": "strong"}, "data.augment must be one of"),
     ({"test_fraction": 1.0}, "data.test_fraction"),
 ])
 def test_bad_preprocessing_values_are_config_errors(data, words):

@@ -1,4 +1,4 @@
-"""Prediction with a trained run: Learner.load / Learner.predict and `carecl predict`."""
+"""Prediction with a trained run: Predictor.load / Predictor.predict and `carecl predict`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from PIL import Image
 
 from carecl.cli.main import main
 from carecl.data import DatasetError
-from carecl.engine.loop import Learner, load_learner, run_experiment
-from carecl.predict import PredictionError, expand_inputs
+from carecl.predict import Predictor
+from carecl.engine import load_experiment, run_experiment
+from carecl.cli.predict import expand_inputs
+from carecl.predict import PredictionError
 from carecl.runs.directory import CLASSES_FILE, RunDirectory, RunDirectoryError
 
 from conftest import TINY_VIT, tiny_config
@@ -33,27 +35,27 @@ def care_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def learner(care_run):
-    return Learner.load(care_run)
+def experiment(care_run):
+    return Predictor.load(care_run)
 
 
 @pytest.fixture(scope="module")
 def randomised_learner(care_run):
     """The run's learner with random BR-MoE weights: briefly trained adapters barely move the features,
     so its task-known and task-free forwards (iterative vs single-pass prediction) would agree."""
-    learner = Learner.load(care_run)
+    experiment = Predictor.load(care_run)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for parameter in learner.method.model.layers.parameters():
+        for parameter in experiment.method.model.layers.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    learner.method.model.invalidate_caches()
-    return learner
+    experiment.method.model.invalidate_caches()
+    return experiment
 
 
 @pytest.fixture(scope="module")
-def test_pixels(learner):
+def test_pixels(experiment):
     """Five test images quantised to 8 bits, so that PNG files hold exactly the same pixels."""
-    images = torch.stack([learner.data.test.samples[i] for i in range(5)])
+    images = torch.stack([experiment.data.test.samples[i] for i in range(5)])
     return torch.round(images * 255) / 255
 
 
@@ -68,9 +70,9 @@ def write_pngs(pixels: torch.Tensor, folder) -> list:
     return paths
 
 
-def expected_probabilities(learner, pixels: torch.Tensor) -> torch.Tensor:
+def expected_probabilities(experiment, pixels: torch.Tensor) -> torch.Tensor:
     """What evaluation computes: CaRE's iterative scores (a sum of two softmaxes) or scaled cosine logits."""
-    method = learner.method
+    method = experiment.method
     method.eval()
     with torch.no_grad():
         scores = method.predict(pixels)
@@ -79,27 +81,27 @@ def expected_probabilities(learner, pixels: torch.Tensor) -> torch.Tensor:
     return (method.options.scale * scores).softmax(dim=1)
 
 
-def expected_probabilities_other_branch(learner, pixels: torch.Tensor, iterative: bool) -> torch.Tensor:
-    learner.method.options.iter_pred = not iterative
+def expected_probabilities_other_branch(experiment, pixels: torch.Tensor, iterative: bool) -> torch.Tensor:
+    experiment.method.options.iter_pred = not iterative
     try:
-        return expected_probabilities(learner, pixels)
+        return expected_probabilities(experiment, pixels)
     finally:
-        learner.method.options.iter_pred = True
+        experiment.method.options.iter_pred = True
 
 
 @pytest.mark.parametrize("iterative", [True, False])
 def test_files_get_the_evaluation_scores_as_probabilities(randomised_learner, test_pixels, tmp_path, iterative):
-    learner = randomised_learner
-    learner.method.options.iter_pred = iterative
+    experiment = randomised_learner
+    experiment.method.options.iter_pred = iterative
     try:
         paths = write_pngs(test_pixels, tmp_path / "images")
-        predictions = learner.predict([str(p) for p in paths], topk=3)
-        expected = expected_probabilities(learner, test_pixels)
+        predictions = experiment.predict([str(p) for p in paths], topk=3)
+        expected = expected_probabilities(experiment, test_pixels)
     finally:
-        learner.method.options.iter_pred = True
-    order, names = learner.scenario.order, learner.data.class_names
+        experiment.method.options.iter_pred = True
+    order, names = experiment.scenario.order, experiment.data.class_names
     # The two predictions really differ here, so each branch is checked against its own formula.
-    assert not torch.allclose(expected, expected_probabilities_other_branch(learner, test_pixels, iterative), atol=2e-4)
+    assert not torch.allclose(expected, expected_probabilities_other_branch(experiment, test_pixels, iterative), atol=2e-4)
     assert [p.source for p in predictions] == [str(p) for p in paths]
     for prediction, row in zip(predictions, expected):
         values, positions = row.topk(3)
@@ -109,11 +111,11 @@ def test_files_get_the_evaluation_scores_as_probabilities(randomised_learner, te
     assert expected.sum(dim=1).allclose(torch.ones(5), atol=1e-5)
 
 
-def test_paths_pil_images_and_tensors_agree(learner, test_pixels, tmp_path):
+def test_paths_pil_images_and_tensors_agree(experiment, test_pixels, tmp_path):
     paths = write_pngs(test_pixels, tmp_path / "images")
-    from_paths = learner.predict(paths, topk=6, batch_size=2)
-    from_pil = learner.predict([Image.open(p) for p in paths], topk=6)
-    from_tensor = learner.predict(test_pixels, topk=6)
+    from_paths = experiment.predict(paths, topk=6, batch_size=2)
+    from_pil = experiment.predict([Image.open(p) for p in paths], topk=6)
+    from_tensor = experiment.predict(test_pixels, topk=6)
     for a, b, c in zip(from_paths, from_pil, from_tensor):
         assert [x.class_id for x in a.classes] == [x.class_id for x in b.classes] == [x.class_id for x in c.classes]
         np.testing.assert_allclose([x.probability for x in a.classes], [x.probability for x in c.classes], rtol=1e-5)
@@ -122,23 +124,23 @@ def test_paths_pil_images_and_tensors_agree(learner, test_pixels, tmp_path):
     assert from_tensor[0].source == "<tensor 0>" and from_pil[1].source == "<image 1>"
 
 
-def test_unreadable_inputs_become_error_records(learner, test_pixels, tmp_path):
+def test_unreadable_inputs_become_error_records(experiment, test_pixels, tmp_path):
     paths = write_pngs(test_pixels[:2], tmp_path / "images")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    predictions = learner.predict([paths[0], broken, tmp_path / "missing.png", paths[1]], topk=2)
+    predictions = experiment.predict([paths[0], broken, tmp_path / "missing.png", paths[1]], topk=2)
     assert [p.ok for p in predictions] == [True, False, False, True]
     assert "broken.png" in predictions[1].error and predictions[1].classes == []
     assert predictions[1].to_dict() == {"image": str(broken), "error": predictions[1].error}
-    alone = learner.predict([paths[1]], topk=2)[0]
+    alone = experiment.predict([paths[1]], topk=2)[0]
     assert [c.class_id for c in predictions[3].classes] == [c.class_id for c in alone.classes]
 
 
-def test_bad_arguments_are_errors(learner):
+def test_bad_arguments_are_errors(experiment):
     with pytest.raises(PredictionError, match="topk"):
-        learner.predict(torch.rand(1, 3, 16, 16), topk=0)
+        experiment.predict(torch.rand(1, 3, 16, 16), topk=0)
     with pytest.raises(PredictionError, match="shape"):
-        learner.predict(torch.rand(16, 16))
+        experiment.predict(torch.rand(16, 16))
 
 
 def test_directories_expand_to_sorted_image_files(tmp_path):
@@ -152,7 +154,7 @@ def test_directories_expand_to_sorted_image_files(tmp_path):
     assert problems == [f"no image files in directory {tmp_path / 'empty'}"]
 
 
-def test_cli_jsonl_with_a_directory_and_a_broken_file(care_run, learner, test_pixels, tmp_path, capsys):
+def test_cli_jsonl_with_a_directory_and_a_broken_file(care_run, experiment, test_pixels, tmp_path, capsys):
     paths = write_pngs(test_pixels[:3], tmp_path / "images" / "nested")
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG truncated")
     code = main(["predict", "--run", str(care_run), str(tmp_path / "images"), "--topk", "2", "--format", "jsonl",
@@ -163,19 +165,19 @@ def test_cli_jsonl_with_a_directory_and_a_broken_file(care_run, learner, test_pi
     assert [r["image"] for r in records] == [str(tmp_path / "images" / "broken.png"), *map(str, paths)]
     assert "error" in records[0] and "top" not in records[0]
     assert "broken.png" in captured.err
-    reference = learner.predict(paths, topk=2)
+    reference = experiment.predict(paths, topk=2)
     for record, prediction in zip(records[1:], reference):
         assert [c["class_id"] for c in record["top"]] == [c.class_id for c in prediction.classes]
         assert [c["name"] for c in record["top"]] == [c.name for c in prediction.classes]
         assert record["top"][0]["probability"] == pytest.approx(prediction.classes[0].probability, rel=1e-5)
 
 
-def test_cli_table(care_run, learner, test_pixels, tmp_path, capsys):
+def test_cli_table(care_run, experiment, test_pixels, tmp_path, capsys):
     (path,) = write_pngs(test_pixels[:1], tmp_path)
     assert main(["predict", "--run", str(care_run), str(path), "--topk", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["image", "rank", "class", "probability"]
-    best = learner.predict([path], topk=3)[0].classes
+    best = experiment.predict([path], topk=3)[0].classes
     assert lines[1].split() == [str(path), "1", best[0].name, f"{best[0].probability:.4f}"]
     assert [line.split()[:2] for line in lines[2:]] == [["2", best[1].name], ["3", best[2].name]]
 
@@ -239,16 +241,16 @@ def test_prediction_without_the_dataset_uses_the_recorded_class_names(folder_run
     root, inputs = folder_run
     recorded = json.loads((root / "run" / CLASSES_FILE).read_text())
     assert recorded == {"n_classes": 4, "names": CLASS_NAMES}
-    with_data = Learner.load(root / "run")
+    with_data = Predictor.load(root / "run")
     expected = with_data.predict(inputs, topk=4)
     assert {c.name for p in expected for c in p.classes} == set(CLASS_NAMES)
 
     with dataset_moved(root):
-        learner = Learner.load(root / "run")
-        assert learner.data is None and learner.class_names == CLASS_NAMES
+        experiment = Predictor.load(root / "run")
+        assert experiment.data is None and experiment.class_names == CLASS_NAMES
         # The transform evaluation used, rebuilt from the config alone.
-        assert repr(learner.test_transform) == repr(with_data.data.test_transform)
-        without = learner.predict(inputs, topk=4)
+        assert repr(experiment.test_transform) == repr(with_data.data.test_transform)
+        without = experiment.predict(inputs, topk=4)
         assert main(["predict", "--run", str(root / "run"), str(inputs[0]), "--format", "jsonl"]) == 0
         captured = capsys.readouterr()
         # Evaluation needs the test set: it still fails, naming the missing data.
@@ -272,10 +274,10 @@ def old_run_copy(root, tmp_path):
 def test_an_old_run_without_classes_json_loads_from_its_dataset(folder_run, tmp_path):
     root, inputs = folder_run
     old = old_run_copy(root, tmp_path)
-    learner = Learner.load(old)
-    assert learner.data is not None and learner.class_names == CLASS_NAMES
-    assert_same_predictions(learner.predict(inputs, topk=3), Learner.load(root / "run").predict(inputs, topk=3))
-    assert load_learner(RunDirectory.open(old)).class_names == CLASS_NAMES
+    experiment = Predictor.load(old)
+    assert experiment.data is not None and experiment.class_names == CLASS_NAMES
+    assert_same_predictions(experiment.predict(inputs, topk=3), Predictor.load(root / "run").predict(inputs, topk=3))
+    assert load_experiment(RunDirectory.open(old)).class_names == CLASS_NAMES
 
 
 def test_an_old_run_without_its_dataset_is_a_clear_error(folder_run, tmp_path, capsys):
@@ -283,7 +285,7 @@ def test_an_old_run_without_its_dataset_is_a_clear_error(folder_run, tmp_path, c
     old = old_run_copy(root, tmp_path)
     with dataset_moved(root) as moved:
         with pytest.raises(RunDirectoryError, match=CLASSES_FILE) as error:
-            Learner.load(old)
+            Predictor.load(old)
         assert str(old / CLASSES_FILE) in str(error.value) and str(root / "data") in str(error.value)
         assert main(["predict", "--run", str(old), str(inputs[0])]) == 2
         assert f"{old / CLASSES_FILE} not found" in capsys.readouterr().err
@@ -300,10 +302,10 @@ def test_a_dataset_with_other_classes_fails_evaluation_but_not_prediction(folder
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
     with pytest.raises(DatasetError, match=f"{CLASSES_FILE}.*class 0 is 'cat' in the record, 'ant' in the dataset"):
-        load_learner(RunDirectory.open(run), need_data=True, data_root=changed)
-    learner = Learner.load(run, data_root=changed)
-    assert learner.data is None and learner.class_names == CLASS_NAMES
-    assert_same_predictions(learner.predict(inputs, topk=2), Learner.load(root / "run").predict(inputs, topk=2))
+        load_experiment(RunDirectory.open(run), need_data=True, data_overrides=[f"data.root={changed}"])
+    experiment = Predictor.load(run, data_root=changed)
+    assert experiment.data is None and experiment.class_names == CLASS_NAMES
+    assert_same_predictions(experiment.predict(inputs, topk=2), Predictor.load(root / "run").predict(inputs, topk=2))
 
 
 def test_a_damaged_classes_json_is_named(folder_run, tmp_path):
@@ -312,4 +314,4 @@ def test_a_damaged_classes_json_is_named(folder_run, tmp_path):
     shutil.copytree(root / "run", run)
     (run / CLASSES_FILE).write_text(json.dumps({"n_classes": 4, "names": ["cat", "dog"]}))
     with pytest.raises(RunDirectoryError, match=f"{run / CLASSES_FILE}: expected n_classes"):
-        Learner.load(run)
+        Predictor.load(run)

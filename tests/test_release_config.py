@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from carecl.config import ConfigError, load_config
-from carecl.compat.release_json import RELEASE_KEYS, UNKNOWN_REASON, load_release_json, release_to_config
+from carecl.compat.release_json import RELEASE_KEYS, UNKNOWN_REASON, load_experiment_file, load_release_json, release_to_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "data" / "release"
@@ -197,6 +197,8 @@ def test_impossible_value_names_file_and_key(tmp_path, key, value):
 def test_load_config_reports_bad_release_value_too(tmp_path):
     path = write_json(tmp_path / "care_bad.json", {**read_json("care_inr_inc10.json"), "init_cls": "ten"})
     with pytest.raises(ConfigError, match="init_cls"):
+        load_experiment_file(path)
+    with pytest.raises(ConfigError, match="release JSON experiment file"):
         load_config(path)
 
 
@@ -256,7 +258,7 @@ def test_care_options_of_another_method_are_reported_ignored():
 
 
 def test_load_config_dispatches_json_and_applies_overrides():
-    config = load_config(FIXTURES / "care_inr_inc10.json", ["data.root=/datasets", "train.epochs=2"])
+    config, _ = load_experiment_file(FIXTURES / "care_inr_inc10.json", ["data.root=/datasets", "train.epochs=2"])
     assert config.data.root == "/datasets"
     assert config.train.epochs == 2
     assert config.method.alignment.epochs == 30

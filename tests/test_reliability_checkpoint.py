@@ -26,7 +26,7 @@ from carecl.runs.checkpoints import (
 )
 from carecl.cli.main import main
 from carecl.config import ConfigError, save_config
-from carecl.engine.loop import Learner, load_learner, resume_experiment, run_experiment, save_learner
+from carecl.engine import Experiment, load_experiment, resume_experiment, run_experiment, save_learner
 from carecl.engine.evaluation import evaluate
 from carecl.runs.directory import RunDirectory, RunDirectoryError
 
@@ -86,7 +86,7 @@ def test_damaged_checkpoint_is_an_error_naming_the_file_and_nothing_changes(fini
     with pytest.raises(CheckpointError, match=f"checkpoint file {path} does not match its SHA-256"):
         resume_experiment(run)
     with pytest.raises(CheckpointError, match=str(path)):
-        load_learner(RunDirectory.open(run))
+        load_experiment(RunDirectory.open(run))
     assert main(["train", "--resume", str(run)]) == 2
     assert snapshot(run) == before
 
@@ -99,7 +99,7 @@ def test_damaged_pointer_and_missing_manifest_are_named(finished_run, tmp_path):
     (run / "checkpoints" / "latest.json").write_text(json.dumps({"resume": "learned-0003", "task_end": "learned-0003"}))
     (run / "checkpoints" / "learned-0003" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="has no manifest.json"):
-        load_learner(RunDirectory.open(run))
+        load_experiment(RunDirectory.open(run))
 
 
 def test_failed_checkpoint_write_stops_training_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -118,8 +118,8 @@ def test_failed_checkpoint_write_stops_training_and_keeps_the_previous_checkpoin
     assert store.open("resume").name == "learned-0001"
     assert sorted(p.name for p in store.root.iterdir()) == ["latest.json", "learned-0001"]  # no half-written folder
     monkeypatch.setattr(os, "replace", real_replace)
-    learner = load_learner(RunDirectory.open(tmp_path / "run"))
-    assert learner.method.n_learned_tasks == 1
+    experiment = load_experiment(RunDirectory.open(tmp_path / "run"))
+    assert experiment.method.n_learned_tasks == 1
     assert len(resume_experiment(tmp_path / "run").top1_curve) == 3
 
 
@@ -148,7 +148,7 @@ def test_permission_denied_checkpoint_write_is_named_and_keeps_the_previous_chec
 def test_read_only_output_directory_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "locked")
     (tmp_path / "locked").mkdir()
-    monkeypatch.setattr("carecl.engine.loop.Learner.build", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("carecl.engine.experiment.Experiment.build", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(RunDirectoryError, match=f"output directory .*: {tmp_path / 'locked'} is not writable"):
         run_experiment(tiny_config(), tmp_path / "locked" / "run")
 
@@ -156,8 +156,8 @@ def test_read_only_output_directory_is_refused_before_any_work(tmp_path, monkeyp
 def test_resume_refuses_a_different_config_but_accepts_operational_overrides(finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path / "run")
     before = snapshot(run)
-    with pytest.raises(ConfigError, match="train.lr differ"):
-        resume_experiment(run, overrides=["train.lr=0.5"])
+    with pytest.raises(ConfigError, match="train.momentum differ"):
+        resume_experiment(run, overrides=["train.momentum=0.5"])
     other = tmp_path / "other.yaml"
     save_config(tiny_config(train={"epochs": 3}), other)
     assert main(["train", "--resume", str(run), "--config", str(other)]) == 2
@@ -168,8 +168,8 @@ def test_resume_refuses_a_different_config_but_accepts_operational_overrides(fin
     assert snapshot(run) == before
     # An edited config.yaml no longer matches the config the checkpoint was written with.
     text = (run / "config.yaml").read_text()
-    (run / "config.yaml").write_text(text.replace("lr: 0.05", "lr: 0.5"))
-    with pytest.raises(CheckpointError, match="differs from the config checkpoint .* was written with, at train.lr"):
+    (run / "config.yaml").write_text(text.replace("momentum: 0.9", "momentum: 0.5"))
+    with pytest.raises(CheckpointError, match="differs from the config checkpoint .* was written with, at train.momentum"):
         resume_experiment(run, overrides=[])
 
 
@@ -183,26 +183,17 @@ def test_second_process_on_the_same_run_is_refused(finished_run, tmp_path):
 def test_save_state_runs_evaluate_but_do_not_resume(tmp_path):
     """The path an imported model takes: RunDirectory.create + save_learner, no trainer state."""
     config = tiny_config(data={"synthetic_classes": 4})
-    learner = Learner.build(config)
-    from carecl.engine.loop import learn_task
+    experiment = Experiment.build(config)
+    from carecl.engine import learn_task
 
-    learn_task(learner, learner.scenario.task(0))
+    learn_task(experiment, experiment.scenario.task(0))
     run = RunDirectory.create(tmp_path / "run", config)
-    save_learner(run, learner)
-    loaded = load_learner(RunDirectory.open(tmp_path / "run"))
+    save_learner(run, experiment)
+    loaded = load_experiment(RunDirectory.open(tmp_path / "run"))
     loader = loaded.test_loader(2)
-    assert evaluate(loaded.method, loader, loaded.device, 0, 1).top1 == evaluate(learner.method, loader, learner.device, 0, 1).top1
+    assert evaluate(loaded.method, loader, loaded.device, 0, 1).top1 == evaluate(experiment.method, loader, experiment.device, 0, 1).top1
     with pytest.raises(CheckpointError, match="holds no training state"):
         resume_experiment(tmp_path / "run")
-
-
-def test_legacy_run_directory_still_loads(finished_run, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    for file in ("config.yaml", "learner.safetensors", "learner.json"):
-        (run / file).write_bytes((finished_run / file).read_bytes())
-    tensors, info = RunDirectory.open(run).load_state()
-    assert info["n_learned_tasks"] == 3 and set(tensors) == {"prototypes"}
 
 
 def test_mid_task_only_run_cannot_be_opened_for_evaluation(tmp_path):

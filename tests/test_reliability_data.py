@@ -16,7 +16,7 @@ from carecl.runs.checkpoints import CheckpointError, CheckpointStore
 from carecl.cli.main import main
 from carecl.config import save_config
 from carecl.data.base import DatasetError, ImageSplit, SkippedImages, SkippingDataLoader, TaskDataset
-from carecl.engine.loop import TrainingError, resume_experiment, run_experiment
+from carecl.engine import TrainingError, resume_experiment, run_experiment
 from carecl.methods.base import StepOutput
 from carecl.methods.care import CaRE
 
@@ -135,7 +135,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact_and_resumes(tmp_p
         return StepOutput(step.loss * float("nan")) if task.index == 1 else step
 
     monkeypatch.setattr(CaRE, "training_loss", nan_in_task_1)
-    with pytest.raises(TrainingError, match=r"task 1 first half, epoch 1/1, batch 0: loss became nan"):
+    with pytest.raises(TrainingError, match=r"task 2 first half, epoch 1/1, batch 1: the loss became nan"):
         run_experiment(care_config(), tmp_path / "run")
     store = CheckpointStore(tmp_path / "run")
     assert store.pointer()["resume"] == "learned-0001"
@@ -150,7 +150,7 @@ def test_non_finite_alignment_loss_is_a_training_error(tmp_path, monkeypatch):
         raise FloatingPointError("classifier alignment loss is nan")
 
     monkeypatch.setattr("carecl.alignment._align_epoch", diverge)
-    with pytest.raises(TrainingError, match="task 1 first half: classifier alignment loss is nan"):
+    with pytest.raises(TrainingError, match="task 2 first half: classifier alignment loss is nan"):
         run_experiment(care_config(), tmp_path / "run")
     assert CheckpointStore(tmp_path / "run").open("task_end").name == "learned-0001"
 
@@ -168,7 +168,7 @@ def test_non_finite_alignment_loss_is_a_training_error(tmp_path, monkeypatch):
     ids=["unknown-key", "init-cls-too-large", "increment-zero", "no-such-backbone", "negative-checkpoint-every", "bad-bool"],
 )
 def test_config_mistakes_fail_before_any_work(tmp_path, capsys, monkeypatch, override, words):
-    monkeypatch.setattr("carecl.engine.loop.learn_all_tasks", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr("carecl.engine.run.learn_all_tasks", lambda *a, **k: pytest.fail("training started"))
     config_file = tmp_path / "config.yaml"
     save_config(tiny_config(), config_file)
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run"), "--set", override]) == 2
@@ -181,7 +181,7 @@ def test_output_directory_holding_a_run_is_refused_before_any_work(tmp_path, cap
     save_config(tiny_config(data={"synthetic_classes": 2}), config_file)
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run")]) == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
-    monkeypatch.setattr("carecl.engine.loop.Learner.build", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("carecl.engine.experiment.Experiment.build", lambda *a, **k: pytest.fail("work started"))
     assert main(["train", "--config", str(config_file), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"output directory {tmp_path / 'run'} already holds a run" in err and "--resume" in err

@@ -13,16 +13,11 @@ from safetensors.torch import save_file
 
 from carecl.config import DataConfig, EvalConfig, ExperimentConfig, MethodConfig
 from carecl.metrics import TaskEvaluation, forgetting
-from carecl.report.build import (
-    ReportError,
-    RunSettings,
-    add_command,
-    build_report,
-    curve_x,
-    forgetting_per_group,
-    load_run,
-    with_unique_labels,
-)
+from carecl.cli.report import add_command
+from carecl.metrics import forgetting_per_group
+from carecl.report.build import build_report
+from carecl.report.figures import curve_x
+from carecl.report.runs import ReportError, RunSettings, load_run, with_unique_labels
 from carecl.runs.directory import RunDirectory, RunDirectoryError
 
 # Three tasks of 10 classes each: row i = after task i, column j = task j's classes.

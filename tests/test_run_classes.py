@@ -11,9 +11,10 @@ import torch
 from carecl.compat import import_reference
 from carecl.compat.reference_layout import ReferenceCheckpointError
 from carecl.data import DatasetError, build_dataset
-from carecl.engine.loop import Learner, run_experiment
+from carecl.predict import Predictor
+from carecl.engine import Experiment, run_experiment
 from carecl.engine.experiment import evaluation_transform
-from carecl.runs.state import grow_and_load
+from carecl.engine.checkpointing import grow_and_load
 from carecl.runs.directory import CLASSES_FILE, RunClasses, RunDirectory, RunDirectoryError
 
 from conftest import tiny_config
@@ -32,7 +33,7 @@ def test_the_transform_without_data_is_the_datasets(data):
 def test_a_dataset_without_transforms_cannot_be_predicted_without_data():
     config = tiny_config(data={"dataset": "imagenett"})
     with pytest.raises(DatasetError, match="data.dataset: unknown dataset 'imagenett'"):
-        Learner.for_inference(config, RunClasses(6))
+        Experiment.for_inference(config, RunClasses(6))
 
 
 def test_a_trained_run_records_its_datasets_classes(tmp_path):
@@ -47,8 +48,8 @@ def test_a_learner_for_inference_has_the_trained_scenario_and_outputs(tmp_path):
     config = tiny_config(data={"synthetic_classes": 4})
     run_experiment(config, tmp_path / "run")
     run = RunDirectory.open(tmp_path / "run")
-    with_data = Learner.load(run.path)
-    without = Learner.for_inference(run.config_for_loading(), run.classes())
+    with_data = Predictor.load(run.path)
+    without = Experiment.for_inference(run.config_for_loading(), run.classes())
     np.testing.assert_array_equal(without.scenario.order, with_data.scenario.order)
     assert without.scenario.sizes == with_data.scenario.sizes and without.data is None
     # Loaded from the checkpoint, it computes what the learner with data computes.
@@ -88,7 +89,7 @@ def imported_without_data(checkpoint, output, **kwargs):
     """An import whose dataset (an ImageFolder benchmark under a missing root) is not at hand."""
     config = care_config(dataset="imagenet-r", root=str(output.parent / "no-data"))
     import_reference(checkpoint, config, output, **kwargs)
-    return Learner.load(output)
+    return Predictor.load(output)
 
 
 def test_an_import_records_the_class_count_and_given_names(checkpoint, tmp_path):

@@ -9,12 +9,11 @@ import logging
 import pytest
 import torch
 
-from carecl.runs import state as run_state
 from carecl.runs.checkpoints import TRAINER_INFO, CheckpointStore
 from carecl.config import ConfigError
 from carecl.distributed import SINGLE_PROCESS, Distributed
-from carecl.engine.loop import run_experiment
-from carecl.engine.experiment import Learner, default_workers
+from carecl.engine import run_experiment
+from carecl.engine.experiment import Experiment, default_workers
 from carecl.engine.loggers import TENSORBOARD_DIR
 from carecl.engine.precision import Precision
 
@@ -55,17 +54,18 @@ def test_fp16_scaler_skips_a_step_whose_gradients_overflowed():
 
 
 def test_fp16_mid_phase_checkpoints_keep_the_scaler_state(tmp_path, monkeypatch):
-    import carecl.engine.loop as engine
+    import carecl.engine.checkpointing as checkpointing
+    import carecl.engine.run as engine_run
 
     written = []
 
-    def save_and_read_back(run, learner, record, state=None, elapsed=0.0):
-        name = run_state.save_checkpoint(run, learner, record, state, elapsed)
+    def save_and_read_back(run, experiment, progress, state=None):
+        name = checkpointing.save_checkpoint(run, experiment, progress, state)
         if state is not None and state.optimizer is not None:
             written.append(CheckpointStore(run.path).open("resume").document(TRAINER_INFO)["scaler"])
         return name
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_and_read_back)
+    monkeypatch.setattr(engine_run, "save_checkpoint", save_and_read_back)
     run_experiment(care_config(train={"precision": "fp16", "checkpoint_every_epochs": 1}), tmp_path / "run")
     assert written and all(document["scale"] > 0 for document in written)
     # The scale falls from its initial 2**16 on the first steps' fp16 overflows, and that is recorded.
@@ -113,8 +113,8 @@ def test_tensorboard_records_every_optimiser_step_and_each_evaluation(tmp_path):
     config = care_config(logging={"tensorboard": True}, eval={"every_n_tasks": 2, "topk": 2})
     run_experiment(config, tmp_path / "run")
     scalars = read_scalars(tmp_path / "run" / TENSORBOARD_DIR)
-    learner = Learner.build(config)
-    batches = [len(learner.train_loader(task)) for task in learner.scenario.tasks()]
+    experiment = Experiment.build(config)
+    batches = [len(experiment.train_loader(task)) for task in experiment.scenario.tasks()]
     # Task 0 trains train.epochs epochs; CaRE's later tasks two halves of epochs // 2.
     expected_steps = batches[0] * 2 + sum(batches[1:]) * 2
     steps = [step for step, _ in scalars["train/loss"]]
@@ -133,11 +133,11 @@ def test_default_workers_read_files_in_parallel_and_memory_in_process():
 
 
 def test_loader_options_reach_the_data_loaders():
-    learner = Learner.build(tiny_config(data={"num_workers": 1, "pin_memory": False, "persistent_workers": False}))
-    loader = learner.train_loader(learner.scenario.task(0))
+    experiment = Experiment.build(tiny_config(data={"num_workers": 1, "pin_memory": False, "persistent_workers": False}))
+    loader = experiment.train_loader(experiment.scenario.task(0))
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (1, False, False)
-    learner = Learner.build(tiny_config(data={"num_workers": 2}))
-    assert learner.test_loader(2).persistent_workers is True
+    experiment = Experiment.build(tiny_config(data={"num_workers": 2}))
+    assert experiment.test_loader(2).persistent_workers is True
 
 
 def test_global_batch_must_split_evenly_over_processes():

@@ -10,7 +10,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from carecl.config import BackboneConfig
+from carecl.config import ASSET_PREFIX, BackboneConfig
 from carecl.data.transforms import DEFAULT_BACKBONE_PREPROCESSING, Preprocessing
 from carecl.errors import CareclError
 
@@ -113,9 +113,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise BackboneError(f"backbone.weights: {path} holds no state dict")
     return state
-
-
-ASSET_PREFIX = "asset:"
 
 
 def resolve_weights_path(weights: str | Path) -> Path:

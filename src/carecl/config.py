@@ -1,13 +1,18 @@
 """Typed experiment configuration: dataclasses, YAML load/save, `key=value` overrides.
 
-Every section is a dataclass; unknown keys are rejected with the closest valid key, and
-values are checked against the field's type, naming the full dotted key at fault.
+Every section is a dataclass; unknown keys are rejected with the closest valid key, values are
+checked against the field's type (closed choices are `Literal`s), and every range and cross-field
+rule lives in a section's `validate()`. Errors name the full dotted key, and the file or `--set`
+the value came from. This module imports nothing of carecl but `errors` and `registry`; a
+method's options class is found by name through `registry.METHODS`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +22,25 @@ from typing import Any, Literal, Union
 import yaml
 
 from carecl.errors import CareclError
-from carecl.registry import Registry
+from carecl.registry import METHODS
 
 
 class ConfigError(CareclError, ValueError):
     """A configuration file, key or value is invalid; the message names the key (and file)."""
+
+
+class FieldError(ConfigError):
+    """A section's `validate()` found field `field` invalid; the builder prefixes the dotted path."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name} {message}")
+        self.field, self.detail = field_name, message
+
+
+def require(condition: bool, field_name: str, message: str) -> None:
+    """In a `validate()`: raise a FieldError for `field_name` unless `condition` holds."""
+    if not condition:
+        raise FieldError(field_name, message)
 
 
 @dataclass
@@ -61,22 +80,30 @@ class DataConfig:
     pin_memory: bool | None = None
     # Keep workers alive between the epochs of a task (loaders are rebuilt for every task).
     persistent_workers: bool = True
+    # Decode each image file once per run and keep the pixels in memory (small datasets; saves the
+    # PNG/JPEG decode of every epoch; the transforms still run per epoch).
+    cache_images: bool = False
     # Unreadable image files: false = skip and count them (metrics.json), true = stop naming the file.
     strict: bool = False
 
     def validate(self) -> None:
-        if self.image_size is not None and self.image_size <= 0:
-            raise ConfigError(f"data.image_size must be positive, got {self.image_size}")
-        if (self.mean is None) != (self.std is None):
-            raise ConfigError("data.mean and data.std must be set together (or both left null)")
-        if self.mean is not None and (len(self.mean) != len(self.std) or len(self.mean) not in (1, 3)):
-            raise ConfigError(f"data.mean and data.std need 1 or 3 values each, got {self.mean} and {self.std}")
-        if self.std is not None and any(value <= 0 for value in self.std):
-            raise ConfigError(f"data.std values must be positive, got {self.std}")
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        require(self.init_cls > 0, "init_cls", f"must be positive, got {self.init_cls}")
+        require(self.increment > 0, "increment", f"must be positive, got {self.increment}")
+        require(self.image_size is None or self.image_size > 0, "image_size", f"must be positive, got {self.image_size}")
+        require((self.mean is None) == (self.std is None), "mean", "and data.std must be set together (or both null)")
+        if self.mean is not None:
+            require(len(self.mean) == len(self.std) and len(self.mean) in (1, 3), "mean",
+                    f"and data.std need 1 or 3 values each, got {self.mean} and {self.std}")
+            require(all(value > 0 for value in self.std), "std", f"values must be positive, got {self.std}")
+        require(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+        require(self.test_fraction is None or 0.0 < self.test_fraction < 1.0, "test_fraction",
+                f"must be in (0, 1), got {self.test_fraction}")
+        for key in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class"):
+            require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        require(self.num_workers is None or self.num_workers >= 0, "num_workers",
+                f"must be >= 0 (or null for auto), got {self.num_workers}")
+        if self.class_order is not None:
+            require(len(set(self.class_order)) == len(self.class_order), "class_order", "contains repeated class ids")
 
 
 @dataclass
@@ -84,13 +111,17 @@ class BackboneConfig:
     # Any timm ViT name; the release's legacy `vit_base_patch16_224_in21k` is accepted.
     name: str = "vit_base_patch16_224.augreg_in21k"
     pretrained: bool = True
-    # Local weights file (.safetensors, .pth/.pt/.bin, .npz); overrides hub download.
+    # Local weights file (.safetensors, .pth/.pt/.bin, .npz), or asset:NAME for one shipped with
+    # carecl; overrides the hub download.
     weights: str | None = None
     # Extra timm constructor arguments (tiny test models: depth, embed_dim, img_size, ...).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# backbone.weights naming a file shipped inside the carecl package (carecl/assets/NAME).
+ASSET_PREFIX = "asset:"
+# torch device strings train.device accepts (availability is checked when the run starts).
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -99,23 +130,35 @@ class TrainConfig:
     batch_size: int = 48
     lr: float = 0.01
     min_lr: float = 0.0
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # "auto" picks CUDA when available.
+    # auto (CUDA when available), cpu, cuda, cuda:N or mps.
     device: str = "auto"
+    # CPU threads for torch; null = auto: 1 for small models on CPU (more threads only contend on
+    # a shared machine), all cores otherwise.
+    threads: int | None = None
     progress: bool = True
     # Also checkpoint inside a task, every N epochs of a phase and after each phase; 0 = only after each task.
     checkpoint_every_epochs: int = 0
     # Training forward/backward precision: fp32, bf16 or fp16 (fp16 with a gradient scaler);
     # evaluation and class statistics always run in fp32.
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # torch.compile the training step (recompiles when a task adds parameters).
     compile: bool = False
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        require(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, train.lr = {self.lr}], got {self.min_lr}")
+        require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(bool(DEVICE_PATTERN.match(self.device)), "device",
+                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        require(self.threads is None or self.threads > 0, "threads", f"must be positive (or null for auto), got {self.threads}")
+        require(self.checkpoint_every_epochs >= 0, "checkpoint_every_epochs",
+                f"must be >= 0 (0 = only after each task), got {self.checkpoint_every_epochs}")
 
 
 @dataclass
@@ -126,13 +169,14 @@ class EvalConfig:
     every_n_tasks: int = 1
 
     def validate(self) -> None:
-        if self.every_n_tasks < 0:
-            raise ConfigError(f"eval.every_n_tasks must be >= 0 (0 = only after the last task), got {self.every_n_tasks}")
+        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.topk > 0, "topk", f"must be positive, got {self.topk}")
+        require(self.every_n_tasks >= 0, "every_n_tasks", f"must be >= 0 (0 = only after the last task), got {self.every_n_tasks}")
 
 
 @dataclass
 class MethodConfig:
-    """Base of every method's options; `name` selects the registered method."""
+    """Base of every method's options; `name` selects the registered method (registry.METHODS)."""
 
     name: str = "simplecil"
 
@@ -146,12 +190,7 @@ class LoggingConfig:
     every_n_steps: int = 1
 
     def validate(self) -> None:
-        if self.every_n_steps <= 0:
-            raise ConfigError(f"logging.every_n_steps must be positive, got {self.every_n_steps}")
-
-
-# Method name -> its config dataclass (a MethodConfig subclass); filled by carecl.methods.
-METHOD_CONFIGS: Registry[type] = Registry("method")
+        require(self.every_n_steps > 0, "every_n_steps", f"must be positive, got {self.every_n_steps}")
 
 
 @dataclass
@@ -164,8 +203,12 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def validate(self) -> None:
+        # NumPy's legacy seeding (the PILOT class order) takes 0 <= seed < 2**32.
+        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
 
-# ---------------------------------------------------------------- parsing
+
+# ---------------------------------------------------------------- building from mappings
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -179,27 +222,16 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if origin in (Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_value(value, option, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        return _check_union(value, typing.get_args(annotation), where)
     if origin is Literal:
         choices = typing.get_args(annotation)
-        if value not in choices or isinstance(value, bool):
-            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        if isinstance(value, bool) or value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(annotation, value, where)
+        return build_section(annotation, value, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -209,31 +241,53 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return _check_scalar(value, annotation, where)
+
+
+def _check_union(value: Any, options: tuple, where: str) -> Any:
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _check_value(value, option, where)
+        except ConfigError as error:
+            errors.append(str(error))
+    if value is None:
+        raise ConfigError(f"{where} cannot be null")
+    raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+
+
+SCALAR_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_scalar(value: Any, annotation: Any, where: str) -> Any:
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+    accepted = annotation is not bool and isinstance(value, bool)
+    if annotation in SCALAR_NAMES and (accepted or not isinstance(value, annotation)):
+        raise ConfigError(f"{where}: expected {SCALAR_NAMES[annotation]}, got {value!r}")
     if isinstance(annotation, type) and not isinstance(value, annotation):
         raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
     return value
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
+def method_options_class(name: Any, where: str = "method") -> type:
+    """The options dataclass of the method registered as `name`."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name: expected a string, got {name!r}")
+    try:
+        return METHODS.get(name).options
+    except KeyError as error:
+        raise ConfigError(f"{where}.name: {error.args[0]}") from None
+
+
+def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys, then run its `validate()`."""
     if cls is MethodConfig or (isinstance(cls, type) and issubclass(cls, MethodConfig) and "name" in data):
-        cls = method_config_class(data.get("name", MethodConfig.name), where)
+        cls = method_options_class(data.get("name", MethodConfig.name), where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -245,92 +299,119 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     instance = cls(**kwargs)
     validate = getattr(instance, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except FieldError as error:
+            raise ConfigError(f"{where}.{error.field} {error.detail}" if where else str(error)) from None
     return instance
-
-
-def method_config_class(name: str, where: str = "method") -> type:
-    import carecl.methods  # noqa: F401  (registers every method's config)
-
-    try:
-        return METHOD_CONFIGS.get(name)
-    except KeyError as error:
-        raise ConfigError(f"{where}.name: {error.args[0]}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at top level, got {type(data).__name__}")
     # The method section is always built so its registered dataclass is used (even by default).
-    config = _build(ExperimentConfig, {**data, "method": data.get("method") or {}}, "")
-    validate_experiment(config)
-    return config
+    return build_section(ExperimentConfig, {**data, "method": data.get("method") or {}}, "")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# ---------------------------------------------------------------- YAML
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a number (YAML 1.1 wants 1.0e-4) and refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {seen[key]} and {line}): remove one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# Any decimal float (1e-4, -2.5E3, .5, 1., inf, nan), not only the YAML 1.1 forms with a dot.
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config (or a release JSON experiment file) and apply `key=value` overrides."""
-    return load_config_with_report(path, overrides)[0]
-
-
-def load_config_with_report(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[ExperimentConfig, Any]:
-    """As `load_config`, also returning the release-JSON import report (None for YAML)."""
+    """Read a YAML config and apply `key=value` overrides; errors name the file or the --set at fault."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    report = None
-    if path.suffix == ".json":
-        from carecl.compat.release_json import load_release_json
-
-        config, report = load_release_json(path)
-        data = config_to_dict(config)
-    else:
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if path.suffix.lower() == ".json":
+        raise ConfigError(f"{path} is a release JSON experiment file: read it with "
+                          "carecl.compat.release_json.load_experiment_file (carecl train --config takes both)")
     try:
-        return config_from_dict(apply_overrides(data, overrides)), report
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    data = parse_yaml(text, str(path)) or {}
+    return config_from_sources(data, overrides, str(path))
+
+
+def config_from_sources(data: Any, overrides: list[str] | tuple[str, ...], source: str) -> ExperimentConfig:
+    """`data` (read from `source`) with `overrides` applied; an error is blamed on the --set that set the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping at top level, got {type(data).__name__}")
+    merged = apply_overrides(data, overrides)
+    try:
+        return config_from_dict(merged)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        raise ConfigError(f"{blame(str(error), overrides, source)}: {error}") from None
+
+
+def blame(message: str, overrides: list[str] | tuple[str, ...], source: str) -> str:
+    """Where a config error's key came from: the last --set naming it (or a section above it), else the file."""
+    for item in reversed(list(overrides)):
+        dotted = item.split("=", 1)[0].strip()
+        if re.search(rf"(^|[ '\"]){re.escape(dotted)}([ .'\"\[:]|$)", message):
+            return f"--set {item}"
+    return source
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested mapping copy."""
-    import copy
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested mapping copy.
 
+    Changing `method.name` to another method drops the file's options of the old method (each
+    method has its own options); `--set method.<option>` given alongside still applies.
+    """
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=3)")
+            raise ConfigError(f"--set {item!r} must look like key=value (e.g. train.epochs=3)")
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
+        value = parse_yaml(raw, f"--set {item}") if raw.strip() else None
+        if keys == ["method", "name"] and isinstance(data.get("method"), dict) and data["method"].get("name") != value:
+            data["method"] = {}
         node = data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+                raise ConfigError(f"--set {item}: {key!r} is not a section")
+        node[keys[-1]] = value
     return data
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-
-def validate_experiment(config: ExperimentConfig) -> None:
-    """Cross-field checks that need no data: impossible splits fail before any work."""
-    data = config.data
-    if data.init_cls <= 0:
-        raise ConfigError(f"data.init_cls must be positive, got {data.init_cls}")
-    if data.increment <= 0:
-        raise ConfigError(f"data.increment must be positive, got {data.increment}")
-    if config.train.epochs < 0:
-        raise ConfigError(f"train.epochs must be >= 0, got {config.train.epochs}")
-    if config.train.batch_size <= 0:
-        raise ConfigError(f"train.batch_size must be positive, got {config.train.batch_size}")
-    if config.eval.topk <= 0:
-        raise ConfigError(f"eval.topk must be positive, got {config.eval.topk}")

@@ -75,16 +75,36 @@ def accuracy_matrix(evaluations: list[TaskEvaluation]) -> np.ndarray:
     return matrix
 
 
+def forgetting_per_group(matrix: np.ndarray) -> np.ndarray:
+    """For each task group but the last column: best accuracy at an earlier evaluation minus accuracy at
+    the last one; nan for a group no earlier evaluation measured."""
+    drops = np.full(max(matrix.shape[1] - 1, 0), np.nan)
+    earlier, last = matrix[:-1], matrix[-1]
+    for j in range(len(drops)):
+        measured = earlier[:, j][~np.isnan(earlier[:, j])]
+        if len(measured):
+            drops[j] = measured.max() - last[j]
+    return drops
+
+
 def forgetting(matrix: np.ndarray) -> float:
     """Mean over the groups learned before the last evaluation's task of
     (best accuracy at an earlier evaluation - accuracy at the last one)."""
     if matrix.shape[0] < 2:
         return float("nan")
-    earlier, last = matrix[:-1], matrix[-1]
-    seen_before = [j for j in range(matrix.shape[1] - 1) if not np.isnan(earlier[:, j]).all()]
-    if not seen_before:
-        return float("nan")
-    return float(np.mean([np.nanmax(earlier[:, j]) - last[j] for j in seen_before]))
+    drops = forgetting_per_group(matrix)
+    measured = drops[~np.isnan(drops)]
+    return float(np.mean(measured)) if len(measured) else float("nan")
+
+
+def last_accuracy(curve) -> float:
+    """A_last: top-1 accuracy at the last evaluation."""
+    return float(curve[-1]) if len(curve) else float("nan")
+
+
+def average_incremental_accuracy(curve) -> float:
+    """Ā: mean top-1 accuracy over the evaluations (after every task unless eval.every_n_tasks > 1)."""
+    return float(np.mean(curve)) if len(curve) else float("nan")
 
 
 @dataclass
@@ -104,8 +124,8 @@ class RunSummary:
         matrix = accuracy_matrix(evaluations)
         return cls(
             top1_curve=curve,
-            a_last=curve[-1] if curve else float("nan"),
-            average_accuracy=float(np.mean(curve)) if curve else float("nan"),
+            a_last=last_accuracy(curve),
+            average_accuracy=average_incremental_accuracy(curve),
             forgetting=forgetting(matrix),
             matrix=matrix.tolist(),
             evaluated_tasks=[e.task for e in evaluations],

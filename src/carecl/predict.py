@@ -1,7 +1,7 @@
-"""Classify new images with a trained run: `carecl predict` and `Learner.predict`.
+"""Classify new images with a trained run: `Predictor` (and `carecl predict`, in cli/predict.py).
 
-    learner = Learner.load("runs/demo")
-    for prediction in learner.predict(["a.png", "b.png"], topk=3):
+    predictor = Predictor.load("runs/demo")
+    for prediction in predictor.predict(["a.png", "b.png"], topk=3):
         print(prediction.source, prediction.best.name, prediction.best.probability)
 
 Images (paths, PIL images) are converted to RGB and passed through the run's test transform;
@@ -9,17 +9,14 @@ tensors are taken as already transformed model inputs. Probabilities are over ev
 by the run (see `class_probabilities`); class ids and names are the dataset's (ImageFolder
 folder names, digits' "0".."9"), not positions in the class order. The dataset itself is not
 needed: the run records its class names (classes.json) and the test transform follows from the
-config (see `Learner.load`).
+config (see `Predictor.load`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +26,10 @@ from PIL import Image
 from torch import Tensor
 
 from carecl.errors import CareclError
-from carecl.registry import Registry
 
 if TYPE_CHECKING:
     from carecl.data.base import Transform
-    from carecl.engine.experiment import Learner
-    from carecl.methods.base import Method
+    from carecl.engine.experiment import Experiment
 
 # carecl.data and carecl.engine.experiment are imported where used: they import timm, slow to load, and
 # `carecl --help` needs none of it.
@@ -77,32 +72,72 @@ class ImagePrediction:
         return {"image": self.source, "top": [dataclasses.asdict(c) for c in self.classes]}
 
 
-# --------------------------------------------------------------------------- probabilities
-
-# Method name -> fn(method, images) -> (B, n_seen_classes) probabilities; others get softmax(predict).
-PROBABILITIES: Registry[Callable[[Method, Tensor], Tensor]] = Registry("probability rule")
+# --------------------------------------------------------------------------- the trained model
 
 
-@PROBABILITIES.register("care")
-def care_probabilities(method: Method, images: Tensor) -> Tensor:
-    """softmax(τ · cosine logits) in the single pass; the iterative prediction's sum of two softmaxes, halved."""
-    options = method.options
-    if method.uses_iterative_prediction():
-        return method.iterative_scores(images) / 2
-    return (options.scale * method.logits(images)).float().softmax(dim=1)
+class Predictor:
+    """A finished run, ready to classify images: `Predictor.load(run_dir).predict(images)`.
+
+    `experiment` is the rebuilt Experiment (its `method` is the trained learner, in eval mode).
+    """
+
+    def __init__(self, experiment: Experiment) -> None:
+        self.experiment = experiment
+        experiment.method.eval()
+
+    @classmethod
+    def load(cls, run_dir: str | Path, data_root: str | Path | None = None) -> "Predictor":
+        """The run as after its last finished task: with its dataset when that can be built (`data_root`
+        replaces data.root) and has the recorded classes, else from the run's classes.json alone."""
+        from carecl.engine.checkpointing import load_experiment
+        from carecl.runs.directory import RunDirectory
+
+        overrides = [f"data.root={data_root}"] if data_root is not None else []
+        return cls(load_experiment(RunDirectory.open(run_dir), need_data=False, data_overrides=overrides))
+
+    @property
+    def method(self):
+        """The trained learner (a carecl.methods.base.Method)."""
+        return self.experiment.method
+
+    @property
+    def scenario(self):
+        """Class order and task split the run was trained with."""
+        return self.experiment.scenario
+
+    @property
+    def config(self):
+        return self.experiment.config
+
+    @property
+    def data(self):
+        """The run's dataset, or None when the prediction works from classes.json alone."""
+        return self.experiment.data
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names by original class id (the dataset's, or those the run recorded)."""
+        return self.experiment.class_names
+
+    @property
+    def test_transform(self):
+        """What an image file goes through before the model (the run's test transform)."""
+        return self.experiment.test_transform
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], topk: int = 5,
+                batch_size: int | None = None) -> list[ImagePrediction]:
+        """Top-k classes of paths / PIL images / image tensors: one ImagePrediction per input."""
+        return predict_images(self.experiment, images, topk, batch_size)
+
+    def class_probabilities(self, inputs: Tensor) -> Tensor:
+        """(B, n_seen_classes) probabilities of model inputs, columns in class-order positions."""
+        return class_probabilities(self.experiment.method, inputs.to(self.experiment.device)).cpu()
 
 
 @torch.no_grad()
-def class_probabilities(method: Method, images: Tensor) -> Tensor:
-    """(B, n_seen_classes) probabilities over the classes in class-order positions, rows summing to 1.
-
-    Methods without a registered rule get softmax of their scores: for cosine-similarity methods
-    (SimpleCIL) that is nearly flat; the ranking is meaningful, the values are not calibrated.
-    """
-    name = getattr(method.options, "name", "")
-    rule = PROBABILITIES.get(name) if name in PROBABILITIES else None
-    scores = rule(method, images) if rule is not None else method.predict(images).float().softmax(dim=1)
-    return scores.float()
+def class_probabilities(method, images: Tensor) -> Tensor:
+    """The method's (B, n_seen_classes) probabilities over class-order positions, rows summing to 1."""
+    return method.class_probabilities(images).float()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -153,15 +188,15 @@ def _load(item: ImageInput, transform: Transform, image_size: int) -> Tensor:
 # --------------------------------------------------------------------------- prediction
 
 
-def iter_predictions(learner: Learner, images: ImageInput | Sequence[ImageInput], topk: int = 5,
+def iter_predictions(experiment: Experiment, images: ImageInput | Sequence[ImageInput], topk: int = 5,
                      batch_size: int | None = None) -> Iterator[ImagePrediction]:
     """Predictions in input order, computed `batch_size` inputs at a time (default: eval.batch_size)."""
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise PredictionError(f"topk must be a positive integer, got {topk!r}")
-    batch_size = batch_size if batch_size is not None else learner.config.eval.batch_size
+    batch_size = batch_size if batch_size is not None else experiment.config.eval.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PredictionError(f"batch size must be a positive integer, got {batch_size!r}")
-    method = learner.method
+    method = experiment.method
     if method.n_learned_tasks == 0:
         raise PredictionError("the learner has learned no task yet: nothing to predict with")
     items = as_input_list(images)
@@ -169,22 +204,22 @@ def iter_predictions(learner: Learner, images: ImageInput | Sequence[ImageInput]
     method.eval()
     try:
         for start in range(0, len(items), batch_size):
-            yield from _predict_batch(learner, items[start : start + batch_size], start, topk)
+            yield from _predict_batch(experiment, items[start : start + batch_size], start, topk)
     finally:
         method.train(was_training)
 
 
-def predict_images(learner: Learner, images: ImageInput | Sequence[ImageInput], topk: int = 5,
+def predict_images(experiment: Experiment, images: ImageInput | Sequence[ImageInput], topk: int = 5,
                    batch_size: int | None = None) -> list[ImagePrediction]:
     """`iter_predictions` as a list: one ImagePrediction per input (unreadable ones carry `error`)."""
-    return list(iter_predictions(learner, images, topk, batch_size))
+    return list(iter_predictions(experiment, images, topk, batch_size))
 
 
-def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: int) -> list[ImagePrediction]:
+def _predict_batch(experiment: Experiment, items: list[ImageInput], start: int, topk: int) -> list[ImagePrediction]:
     from carecl.engine.experiment import input_size
 
-    names, order = learner.class_names, learner.scenario.order
-    transform, image_size = learner.test_transform, input_size(learner.config)
+    names, order = experiment.class_names, experiment.scenario.order
+    transform, image_size = experiment.test_transform, input_size(experiment.config)
     predictions, inputs = [], []
     for index, item in enumerate(items, start):
         prediction = ImagePrediction(_describe(item, index))
@@ -200,7 +235,7 @@ def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: 
     shapes = sorted({tuple(t.shape) for t in inputs})
     if len(shapes) > 1:
         raise PredictionError(f"image tensors of different shapes cannot share a batch: {shapes}")
-    probabilities = class_probabilities(learner.method, torch.stack(inputs).to(learner.device)).cpu()
+    probabilities = class_probabilities(experiment.method, torch.stack(inputs).to(experiment.device)).cpu()
     values, positions = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
     readable = iter(zip(values.tolist(), positions.tolist()))
     for prediction in predictions:
@@ -209,74 +244,3 @@ def _predict_batch(learner: Learner, items: list[ImageInput], start: int, topk: 
             prediction.classes = [ClassProbability(int(order[p]), names[int(order[p])], float(v))
                                   for v, p in zip(row_values, row_positions)]
     return predictions
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def expand_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
-    """Paths as given, directories replaced by their image files (recursively, sorted); plus problems."""
-    from carecl.data.imagefolder import is_image_file
-
-    files: list[Path] = []
-    problems: list[str] = []
-    for path in map(Path, paths):
-        if not path.is_dir():
-            files.append(path)  # a missing or unreadable file becomes that image's error record
-            continue
-        found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.name)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not found:
-            problems.append(f"no image files in directory {path}")
-        files.extend(found)
-    return files, problems
-
-
-def format_table_rows(prediction: ImagePrediction, width: int) -> list[str]:
-    """Table lines of one prediction: one per rank, the image named on the first."""
-    return [f"{prediction.source if rank == 1 else '':<{width}}  {rank:>4}  {c.name:<20}  {c.probability:>11.4f}"
-            for rank, c in enumerate(prediction.classes, 1)]
-
-
-def add_command(subparsers: Any) -> None:
-    """Register `carecl predict --run RUN_DIR IMAGE_OR_DIR ...`."""
-    parser = subparsers.add_parser(
-        "predict", help="top-k classes of image files with a trained run",
-        description="Classify images with a finished run: each image is converted to RGB, passed through the "
-                    "run's test transform, and its top-k classes are printed with probabilities. Directories "
-                    "are searched recursively for image files. Unreadable images are reported on stderr (and "
-                    "as error records in jsonl output) without stopping the others.")
-    parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run directory written by carecl train/demo")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
-    parser.add_argument("--format", choices=("table", "jsonl"), default="table", help="table (default) or one JSON object per line")
-    parser.add_argument("--batch-size", type=int, help="images per forward (default: the run's eval.batch_size)")
-    parser.add_argument("--data-root", type=Path, metavar="DIR",
-                        help="the dataset's folder, if it moved since training (only runs without classes.json need it)")
-    parser.set_defaults(handler=command_predict)
-
-
-def command_predict(args: argparse.Namespace) -> int:
-    files, problems = expand_inputs(args.inputs)
-    for problem in problems:
-        print(f"warning: {problem}", file=sys.stderr)
-    if not files:
-        raise PredictionError(f"no image files to classify in {', '.join(args.inputs)}")
-    from carecl.engine.experiment import Learner
-
-    learner = Learner.load(args.run, data_root=args.data_root)
-    width = max(len("image"), *(len(str(f)) for f in files))
-    if args.format == "table":
-        print(f"{'image':<{width}}  {'rank':>4}  {'class':<20}  {'probability':>11}")
-    n_classified = 0
-    for prediction in iter_predictions(learner, files, args.topk, args.batch_size):
-        if not prediction.ok:
-            print(f"error: {prediction.error}", file=sys.stderr)
-        n_classified += prediction.ok
-        if args.format == "jsonl":
-            print(json.dumps(prediction.to_dict()), flush=True)
-        elif prediction.ok:
-            print("\n".join(format_table_rows(prediction, width)), flush=True)
-    if n_classified == 0:
-        raise PredictionError(f"none of the {len(files)} images could be classified (errors above)")
-    return 0

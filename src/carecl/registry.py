@@ -1,8 +1,16 @@
-"""Name -> object registries (datasets, methods, ...), replacing if/elif factories."""
+"""Name -> object registries (datasets, methods, ...), replacing if/elif factories.
+
+The method registry fills itself: the first lookup imports every module of the `carecl.methods`
+package, whose `@register_method` decorators add one entry each (options class + learner class).
+A new method is therefore one new file in `carecl/methods/`, and nothing else to edit.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -18,15 +26,18 @@ class Registry(Generic[T]):
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
-            for key in (name, *aliases):
-                if key in self._entries or key in self._aliases:
-                    raise ValueError(f"{self.kind} {key!r} is already registered")
-            self._entries[name] = obj
-            for alias in aliases:
-                self._aliases[alias] = name
+            self.add(name, obj, *aliases)
             return obj
 
         return decorator
+
+    def add(self, name: str, obj: T, *aliases: str) -> None:
+        for key in (name, *aliases):
+            if key in self._entries or key in self._aliases:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+        self._entries[name] = obj
+        for alias in aliases:
+            self._aliases[alias] = name
 
     def canonical(self, name: str) -> str:
         if name in self._entries:
@@ -49,3 +60,46 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registered continual learner: its typed options (a config.MethodConfig) and its class (a methods.base.Method)."""
+
+    name: str
+    options: type
+    method: type
+
+
+class DiscoveringRegistry(Registry[T]):
+    """A registry that imports every module of `package` before its first lookup (their decorators register)."""
+
+    def __init__(self, kind: str, package: str) -> None:
+        super().__init__(kind)
+        self.package = package
+        self._discovered = False
+
+    def discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        package = importlib.import_module(self.package)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{module.name}")
+
+    def canonical(self, name: str) -> str:
+        self.discover()
+        return super().canonical(name)
+
+    def names(self) -> list[str]:
+        self.discover()
+        return super().names()
+
+    def __contains__(self, name: str) -> bool:
+        self.discover()
+        return super().__contains__(name)
+
+
+# Every continual learner, by name: filled by `carecl.methods.base.register_method`.
+METHODS: DiscoveringRegistry[MethodEntry] = DiscoveringRegistry("method", "carecl.methods")

@@ -1,5 +1,1 @@
-"""The `carecl` command line; every argparse line of carecl lives in this package."""
-
-from carecl.cli.main import main
-
-__all__ = ["main"]
+"""The `carecl` command line; every argparse line of carecl lives in this package (entry point: cli/main.py)."""

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from carecl.cli.common import add_data_arguments, data_overrides
+
 
 def add_command(subparsers: Any) -> None:
     importer = subparsers.add_parser(
@@ -29,6 +31,7 @@ def add_command(subparsers: Any) -> None:
                     "names), loadable by the release and by `carecl import-reference`.")
     exporter.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="a carecl CaRE run directory")
     exporter.add_argument("--output", type=Path, required=True, metavar="FILE", help="the .pth file to write")
+    add_data_arguments(exporter)
     exporter.set_defaults(handler=command_export_reference)
 
 
@@ -49,6 +52,6 @@ def command_import_reference(args: argparse.Namespace) -> int:
 def command_export_reference(args: argparse.Namespace) -> int:
     from carecl.compat.reference import export_reference
 
-    state = export_reference(args.run, args.output)
+    state = export_reference(args.run, args.output, data_overrides(args))
     print(f"wrote {len(state)} tensors in the release's layout: {args.output}")
     return 0

@@ -1,4 +1,10 @@
-"""The `carecl` command line: train, demo, eval."""
+"""The `carecl` command line: the parser, `train`, `demo` and `eval`; the other commands live beside this
+file (report, compat, diagnose, predict), each registering itself with `add_command(subparsers)`.
+
+Every user-facing error (a CareclError) is printed as one line on stderr with exit status 2;
+Ctrl-C stops with one line saying how to resume, and exit status 130. Log lines go to stderr,
+so a command's standard output holds only its results.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +16,26 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from carecl.config import load_config, load_config_with_report
+from carecl.cli.common import add_config_arguments, add_data_arguments, data_overrides
 from carecl.errors import CareclError
 
 log = logging.getLogger("carecl")
 
 # Modules that register further subcommands; each defines `add_command(subparsers)`.
-COMMAND_MODULES = (
-    "carecl.report.build",
-    "carecl.cli.compat",
-    "carecl.tuners.brmoe.diagnostics",
-    "carecl.predict",
-)
+COMMAND_MODULES = ("carecl.cli.report", "carecl.cli.compat", "carecl.cli.diagnose", "carecl.cli.predict")
+
+# What `carecl train --resume` may change (runs.state.RESUME_OVERRIDABLE, plus train.lr for the unfinished task).
+RESUME_HELP = ("continue a stopped run from its last checkpoint; its config.yaml is the config, and --set may change "
+               "only where the data live and how the loop runs (data.root, data.num_workers, data.pin_memory, "
+               "data.persistent_workers, data.strict, data.cache_images, train.device, train.threads, train.progress, "
+               "train.checkpoint_every_epochs, train.compile, eval.every_n_tasks, eval.batch_size, logging.*), "
+               "or lower train.lr / train.min_lr for the tasks still to learn (after a diverged loss)")
 
 DESCRIPTION = """\
 carecl: class-incremental learning on frozen Vision Transformers (CaRE and baselines).
 
 examples:
-  carecl demo                                   a whole run on scikit-learn's digits (< 3 min on CPU)
+  carecl demo                                   a whole run on scikit-learn's digits (about a minute on CPU)
   carecl train --config configs/care/imagenet-r_b0inc10.yaml --set data.root=/data
   carecl train --config exps/care_inr.json      a release (PILOT-style) JSON file, keys reported
   carecl eval --run runs/demo                   re-evaluate a finished run
@@ -42,12 +50,6 @@ def default_output(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
-    parser.add_argument("--output", type=Path, help="run directory to create (default: runs/<name>-<time>)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carecl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,21 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="run a class-incremental experiment from a config file, or resume one")
     train.add_argument("--config", type=Path, help="YAML config, or a release JSON experiment file")
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                       help="continue a killed run from its last checkpoint (its config.yaml is the config; "
-                            "--set may change only data.root, data.num_workers, data.strict, train.device, "
-                            "train.progress, train.checkpoint_every_epochs)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help=RESUME_HELP)
     train.add_argument("--strict-data", action="store_true",
                        help="stop at the first unreadable image (data.strict=true) instead of skipping and counting it")
     add_config_arguments(train)
     train.set_defaults(handler=command_train)
 
-    demo = commands.add_parser("demo", help="the embedded demo: CaRE on scikit-learn digits, 5 tasks, ~20 s on CPU")
+    demo = commands.add_parser("demo", help="the embedded demo: CaRE on scikit-learn digits, 5 tasks, about a minute on CPU")
     add_config_arguments(demo)
     demo.set_defaults(handler=command_demo)
 
     evaluate = commands.add_parser("eval", help="re-evaluate a finished run on all its seen classes")
     evaluate.add_argument("--run", type=Path, required=True, help="run directory written by carecl train/demo")
+    add_data_arguments(evaluate)
     evaluate.set_defaults(handler=command_eval)
 
     for module_name in COMMAND_MODULES:
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from carecl.compat.release_json import load_experiment_file
+
     overrides = [*args.overrides, *(["data.strict=true"] if args.strict_data else [])]
     if args.resume is None and args.config is None:
         raise CareclError("carecl train needs --config FILE (a new run) or --resume RUN_DIR (continue one)")
@@ -85,25 +87,26 @@ def command_train(args: argparse.Namespace) -> int:
         raise CareclError(f"--output {args.output} and --resume {args.resume} disagree: a resumed run stays in its directory")
     config = None
     if args.config is not None:
-        config, report = load_config_with_report(args.config, overrides)
+        config, report = load_experiment_file(args.config, overrides)
         if report is not None:
-            print(report.format())
+            print(report.format(), file=sys.stderr)
     if args.resume is not None:
         return run_and_report(config, args.resume, resume=True, overrides=overrides)
     return run_and_report(config, args.output or default_output(config.method.name))
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    from carecl.config import load_config
+
     config = load_config(demo_config_path(), args.overrides)
     return run_and_report(config, args.output or default_output("demo"))
 
 
 def run_and_report(config, output: Path, resume: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:
     """Run (or with `resume`, continue: `config` then only checks) an experiment and print its accuracy table."""
-    from carecl.engine.loop import resume_experiment, run_experiment
-    from carecl.report.text import accuracy_table
-
     from carecl.distributed import current, teardown
+    from carecl.engine.run import resume_experiment, run_experiment
+    from carecl.report.text import accuracy_table
 
     try:
         summary = resume_experiment(output, config, overrides) if resume else run_experiment(config, output)
@@ -116,31 +119,42 @@ def run_and_report(config, output: Path, resume: bool = False, overrides: list[s
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from carecl.runs.state import load_learner
+    from carecl.engine.checkpointing import load_experiment
     from carecl.engine.evaluation import evaluate
     from carecl.runs.directory import RunDirectory
 
     run = RunDirectory.open(args.run)
-    learner = load_learner(run)
-    task = learner.scenario.task(learner.method.n_learned_tasks - 1)
-    result = evaluate(learner.method, learner.test_loader(task.high), learner.device, task.index, learner.config.eval.topk)
+    experiment = load_experiment(run, data_overrides=data_overrides(args))
+    task = experiment.scenario.task(experiment.method.n_learned_tasks - 1)
+    result = evaluate(experiment.method, experiment.test_loader(task.high), experiment.device, task.index,
+                      experiment.config.eval.topk)
     try:
-        recorded = f"{run.metrics()['tasks'][task.index]['top1']:.2f}"
+        recorded = f"{run.metrics()['tasks'][-1]['top1']:.2f}"
     except (FileNotFoundError, IndexError, KeyError):
         recorded = "-"  # an imported run (carecl import-reference) has no recorded metrics
-    print(f"after task {task.index + 1}/{learner.scenario.n_tasks}: top1 {result.top1:.2f} (recorded {recorded}), "
+    print(f"after task {task.index + 1}/{experiment.scenario.n_tasks}: top1 {result.top1:.2f} (recorded {recorded}), "
           f"top{result.k} {result.topk:.2f}, old {result.old_accuracy:.2f}, new {result.new_accuracy:.2f}")
     return 0
 
 
+def configure_logging(verbose: bool) -> None:
+    """carecl's log lines on stderr; timm's informational messages (e.g. position-embedding resizing) hidden."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not verbose:
+        logging.getLogger("timm").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
+    configure_logging(args.verbose)
     try:
         return args.handler(args)
     except CareclError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -28,14 +28,10 @@ from torch import Tensor
 
 from carecl.compat import reference_layout as layout
 from carecl.compat.reference_layout import ReferenceCheckpointError
-from carecl.config import (
-    ExperimentConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config_with_report,
-)
-from carecl.runs.directory import RunDirectory, atomic_write_bytes
+from carecl.compat.release_json import load_experiment_file
+from carecl.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict
+from carecl.runs.checkpoints import atomic_write_bytes
+from carecl.runs.directory import RunDirectory
 from carecl.scenario import Scenario, ScenarioError, task_sizes
 
 # Written into an imported run directory; its config's backbone.weights names it (run-relative).
@@ -89,7 +85,7 @@ def resolve_config(config: str | Path | ExperimentConfig, overrides: Sequence[st
     if isinstance(config, ExperimentConfig):
         resolved = config_from_dict(apply_overrides(config_to_dict(config), overrides)) if overrides else config
     else:
-        resolved, _ = load_config_with_report(config, list(overrides))
+        resolved, _ = load_experiment_file(config, list(overrides))
     if resolved.method.name != "care":
         where = "the config" if isinstance(config, ExperimentConfig) else str(config)
         raise ReferenceCheckpointError(
@@ -118,7 +114,7 @@ def build_from_reference(state: Mapping[str, Tensor], config: ExperimentConfig, 
                          n_classes: int | None = None) -> ImportedReference:
     """Grow a CaRE learner to the checkpoint's tasks and load every tensor, after checking them all."""
     from carecl.backbones import create_backbone
-    from carecl.methods import build_method
+    from carecl.methods.base import build_method
 
     notes: list[str] = []
     heads = layout.classifier_task_sizes(state, source)
@@ -127,9 +123,7 @@ def build_from_reference(state: Mapping[str, Tensor], config: ExperimentConfig, 
         torch.manual_seed(config.seed)  # the random initial values are all overwritten; keep the caller's RNG
         backbone = create_backbone(dataclasses.replace(config.backbone, pretrained=False, weights=None))
         method = build_method(config, backbone, scenario)
-        for task in scenario.tasks()[: len(heads)]:
-            method.begin_task(task)
-    method.n_learned_tasks = len(heads)
+        method.regrow(len(heads), len(heads))
 
     template = learner_state(method)
     links = layout.link_keys(template)
@@ -269,8 +263,8 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
     reference_import.json (source file, sha256, task sizes, ignored keys, notes); no metrics.json:
     nothing was evaluated.
     """
-    from carecl.engine.experiment import Learner
-    from carecl.runs.state import save_learner
+    from carecl.engine.experiment import Experiment
+    from carecl.engine.checkpointing import save_learner
 
     checkpoint = Path(checkpoint)
     imported = build_from_reference(read_reference_checkpoint(checkpoint), resolve_config(config, overrides),
@@ -284,7 +278,7 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
     run = RunDirectory.create(output, run_config, class_names=class_names, n_classes=n_dataset_classes)
     backbone = {key: value.contiguous() for key, value in imported.backbone_state.items()}
     atomic_write_bytes(run.path / BACKBONE_FILE, safetensors_bytes(backbone))
-    save_learner(run, Learner(run_config, None, imported.scenario, imported.method, torch.device("cpu")))
+    save_learner(run, Experiment(run_config, None, imported.scenario, imported.method, torch.device("cpu")))
     note = {
         "checkpoint": str(checkpoint.resolve()),
         "sha256": _sha256(checkpoint),
@@ -298,16 +292,17 @@ def import_reference(checkpoint: str | Path, config: str | Path | ExperimentConf
     return ImportSummary(run.path, imported.task_sizes, imported.scenario.n_classes, imported.ignored_keys, imported.notes)
 
 
-def export_reference(run_dir: str | Path, output: str | Path) -> dict[str, Tensor]:
-    """Write a carecl CaRE run's learner in the release's layout (needs the run's data, as `carecl eval`)."""
-    from carecl.runs.state import load_learner
+def export_reference(run_dir: str | Path, output: str | Path, data_overrides: Sequence[str] = ()) -> dict[str, Tensor]:
+    """Write a carecl CaRE run's learner in the release's layout (needs the run's data, as `carecl eval`;
+    `data_overrides` such as `data.root=DIR` when it moved)."""
+    from carecl.engine.checkpointing import load_experiment
     from carecl.methods.care import CaRE
 
-    learner = load_learner(RunDirectory.open(run_dir))
-    if not isinstance(learner.method, CaRE):
+    experiment = load_experiment(RunDirectory.open(run_dir), data_overrides=data_overrides)
+    if not isinstance(experiment.method, CaRE):
         raise ReferenceCheckpointError(
-            f"{run_dir}: method {learner.config.method.name!r}; only CaRE runs have a release layout")
-    return write_reference_checkpoint(learner.method, output)
+            f"{run_dir}: method {experiment.config.method.name!r}; only CaRE runs have a release layout")
+    return write_reference_checkpoint(experiment.method, output)
 
 
 def _sha256(path: Path) -> str:

@@ -19,9 +19,10 @@ import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from carecl.config import ConfigError, ExperimentConfig, config_from_dict, method_config_class
+from carecl.config import (ConfigError, ExperimentConfig, config_from_dict, config_from_sources, config_to_dict,
+                           load_config, method_options_class)
 
 logger = logging.getLogger(__name__)
 
@@ -470,7 +471,7 @@ def _drop_options_the_method_lacks(nested: dict, report: ReleaseImportReport, me
     if not options or method is None:
         return
     try:
-        method_class = method_config_class(method)
+        method_class = method_options_class(method)
     except ConfigError as error:
         raise ConfigError(f"{source}: release key 'model_name': {error}") from None
     for target in [t for _, t, _ in report.mapped if t.startswith("method.") and t != "method.name"]:
@@ -510,3 +511,15 @@ def _build(nested: dict[str, Any], set_by: dict[str, str], source: str) -> Exper
         named = [target for target in set_by if target in message]
         origin = f" (from release key {set_by[max(named, key=len)]!r})" if named else ""
         raise ConfigError(f"{source}: {message}{origin}") from None
+
+
+def load_experiment_file(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, ReleaseImportReport | None]:
+    """A carecl YAML file, or a release JSON experiment file (then also its import report), `key=value`
+    overrides applied on top."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return load_config(path, overrides), None
+    config, report = load_release_json(path)
+    if overrides:
+        config = config_from_sources(config_to_dict(config), overrides, str(path))
+    return config, report

@@ -1,38 +1,61 @@
-"""The learner: data, scenario and method of one experiment, built and validated before training."""
+"""An Experiment: the config, data, scenario, method and device of one run, built and checked before any
+training, plus the loaders the loop reads from."""
 
 from __future__ import annotations
 
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from carecl.backbones import backbone_preprocessing, create_backbone
-from carecl.config import ExperimentConfig
+from carecl.config import ConfigError, ExperimentConfig
 from carecl.data import BenchmarkData, build_dataset, resolve_preprocessing, transforms_for
 from carecl.data.base import canonical_dataset
 from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform
 from carecl.distributed import Distributed, DistributedError, ShardSampler
 from carecl.distributed import current as current_distributed
-from carecl.methods import build_method
+from carecl.methods.base import build_method
 from carecl.methods.base import Method, TaskContext
-from carecl.runs.directory import RunClasses, RunDirectory
+from carecl.runs.directory import RunClasses
 from carecl.scenario import Scenario, Task
 
 
 def resolve_device(name: str) -> torch.device:
-    """`train.device` as a torch device; under torchrun each process gets GPU LOCAL_RANK."""
+    """`train.device` as a torch device, checked to exist; under torchrun each process gets GPU LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise ConfigError(f"train.device is {name!r} but this machine has "
+                              f"{'no CUDA GPU' if count == 0 else f'{count} CUDA GPU(s)'}; use train.device=cpu or auto")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("train.device is 'mps' but no Apple GPU is available; use train.device=cpu or auto")
     distributed = current_distributed()
     if device.type == "cuda" and device.index is None and distributed.enabled:
         return torch.device("cuda", distributed.local_rank)
     return device
+
+
+# Parameters above which a CPU run gets every core by default (below, one thread avoids contention).
+SMALL_MODEL_PARAMETERS = 5_000_000
+
+
+def configure_threads(threads: int | None, device: torch.device, backbone: torch.nn.Module,
+                      distributed: Distributed) -> int:
+    """`train.threads`, or auto: on CPU one thread for small models, else the cores per process."""
+    if threads is None:
+        if device.type != "cpu":
+            return torch.get_num_threads()
+        small = sum(p.numel() for p in backbone.parameters()) < SMALL_MODEL_PARAMETERS
+        threads = 1 if small else max(1, (os.cpu_count() or 1) // distributed.world_size)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def default_workers(samples: object, distributed: Distributed) -> int:
@@ -67,38 +90,41 @@ def input_size(config: ExperimentConfig) -> int:
 
 
 @dataclass
-class Learner:
+class Experiment:
     """Everything a run needs, built (and validated) before any training starts."""
 
     config: ExperimentConfig
-    # None for a learner built for prediction from its run's recorded classes (see for_inference): no loaders.
+    # None for an experiment built for prediction from its run's recorded classes (see for_inference): no loaders.
     data: BenchmarkData | None
     scenario: Scenario
     method: Method
     device: torch.device
-    # Unreadable images met by this learner's loaders during the current task.
+    # Unreadable images met by this experiment's loaders during the current task.
     skipped_images: SkippedImages = field(default_factory=SkippedImages)
     # This process's rank under torchrun (single process otherwise).
     distributed: Distributed = field(default_factory=current_distributed)
-    # A learner without data: the classes its run recorded in classes.json.
+    # An experiment without data: the classes its run recorded in classes.json.
     recorded_classes: RunClasses | None = None
 
     @classmethod
-    def build(cls, config: ExperimentConfig, data: BenchmarkData | None = None) -> "Learner":
-        """The learner of `config` with its dataset (`data`: that dataset, if already built)."""
+    def build(cls, config: ExperimentConfig, data: BenchmarkData | None = None,
+              distributed: Distributed | None = None) -> "Experiment":
+        """The experiment of `config` with its dataset (`data`: that dataset, if already built)."""
+        per_process_batch(config.train.batch_size, distributed or current_distributed())
+        resolve_device(config.train.device)  # a missing GPU fails before the data are scanned
         data = data if data is not None else build_dataset(config.data, backbone_preprocessing(config.backbone))
         return cls._assemble(config, data.n_classes, data=data)
 
     @classmethod
-    def for_inference(cls, config: ExperimentConfig, classes: RunClasses) -> "Learner":
-        """A learner without its dataset, for prediction: the scenario from the recorded class count (the order
+    def for_inference(cls, config: ExperimentConfig, classes: RunClasses) -> "Experiment":
+        """An experiment without its dataset, for prediction: the scenario from the recorded class count (the order
         from the config, as in training), the test transform from `data.dataset`; it has no loaders."""
         evaluation_transform(config)  # an unknown dataset fails here, not at the first image
         return cls._assemble(config, classes.n_classes, recorded_classes=classes)
 
     @classmethod
     def _assemble(cls, config: ExperimentConfig, n_classes: int, data: BenchmarkData | None = None,
-                  recorded_classes: RunClasses | None = None) -> "Learner":
+                  recorded_classes: RunClasses | None = None) -> "Experiment":
         scenario = Scenario.build(
             n_classes, config.data.init_cls, config.data.increment,
             seed=config.seed, shuffle=config.data.shuffle, explicit_order=config.data.class_order,
@@ -107,6 +133,7 @@ class Learner:
             torch.manual_seed(config.seed)  # random-init backbones are reproducible from the config
             backbone = create_backbone(config.backbone, input_size(config))
         device = resolve_device(config.train.device)
+        configure_threads(config.train.threads, device, backbone, current_distributed())
         method = build_method(config, backbone, scenario).to(device)
         return cls(config, data, scenario, method, device, recorded_classes=recorded_classes)
 
@@ -119,7 +146,7 @@ class Learner:
 
     @property
     def test_transform(self) -> Transform:
-        """What evaluation passes test images through (the same transform when the learner has no dataset)."""
+        """What evaluation passes test images through (the same transform when the experiment has no dataset)."""
         return self.data.test_transform if self.data is not None else evaluation_transform(self.config)
 
     # ---- loaders ---------------------------------------------------------------------
@@ -159,18 +186,3 @@ class Learner:
     def context(self, task: Task) -> TaskContext:
         return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task),
                            self.config.train.progress and self.distributed.is_main, self.distributed)
-
-    # ---- a finished run's learner (carecl.predict) ------------------------------------
-    @classmethod
-    def load(cls, path: str | Path, data_root: str | Path | None = None) -> "Learner":
-        """The learner of a run directory, as after its last finished task: with its dataset when that can be
-        built (`data_root` replaces data.root), else without (prediction only), from the run's classes.json."""
-        from carecl.runs.state import load_learner
-
-        return load_learner(RunDirectory.open(path), need_data=False, data_root=data_root)
-
-    def predict(self, images, topk: int = 5, batch_size: int | None = None) -> list:
-        """Top-k classes of paths / PIL images / image tensors: a list of carecl.predict.ImagePrediction."""
-        from carecl.predict import predict_images
-
-        return predict_images(self, images, topk=topk, batch_size=batch_size)

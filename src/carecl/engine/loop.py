@@ -1,70 +1,49 @@
-"""The one training loop: tasks, phases, epochs, evaluation, run directory and checkpoints.
+"""The one training loop: tasks, phases, epochs, evaluation and checkpoints (engine/run.py starts it).
 
-Checkpoints (carecl.runs.checkpoints, written by carecl.runs.state) are written after every task and,
-with `train.checkpoint_every_epochs: N`, every N epochs of a phase and after each phase;
-`resume_experiment` continues a killed run exactly where its last checkpoint left it.
+Checkpoints are written after every task (before it is evaluated, so a failed evaluation never
+loses the task's training) and, with `train.checkpoint_every_epochs: N`, every N epochs of a
+phase and after each phase; a resume continues from a `MidTaskState` exactly where it stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from carecl.runs import checkpoints as ckpt
-from carecl.runs.checkpoints import CheckpointError, load_optimizer_state
-from carecl.config import ConfigError, ExperimentConfig, TrainConfig
 from carecl.data.base import SkippedImages
-from carecl.distributed import SINGLE_PROCESS, Distributed
-from carecl.distributed import setup as setup_distributed
-from carecl.errors import CareclError
+from carecl.distributed import Distributed
 from carecl.engine.evaluation import evaluate
-from carecl.engine.experiment import Learner, per_process_batch, seed_everything
+from carecl.engine.experiment import Experiment
 from carecl.engine.loggers import RunLogger, build_logger, step_scalars
-from carecl.methods.base import Method, Phase, StepOutput, TaskContext
-from carecl.metrics import RunSummary, TaskEvaluation
-from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
-from carecl.runs.state import (  # noqa: F401  (load_learner, save_learner: public through carecl.engine.loop too)
-    RunRecord,
-    TaskResume,
-    TrainerState,
-    load_learner,
-    restore,
-    resume_config,
-    save_checkpoint,
-    save_learner,
-)
-from carecl.scenario import Task
+from carecl.engine.optim import build_optimizer, build_scheduler
 from carecl.engine.precision import Precision, wrap_training_step
+from carecl.errors import CareclError
+from carecl.formatting import format_clock
+from carecl.methods.base import Phase, StepOutput
+from carecl.metrics import RunSummary, TaskEvaluation
+from carecl.runs import checkpoints as ckpt
+from carecl.runs.checkpoints import load_optimizer_state, optimizer_state
+from carecl.runs.state import MidTaskState, RunProgress
+from carecl.scenario import Task
 
 log = logging.getLogger("carecl")
 
 # DistributedSampler epochs: phase p, epoch e -> p * limit + e (a fresh order in every phase).
 EPOCHS_PER_PHASE_LIMIT = 100_000
 
+# fn(state) writes a mid-task checkpoint (the loop fills in the position, optimiser and loader).
+SaveMidTask = Callable[[MidTaskState], None]
+
 
 class TrainingError(CareclError, RuntimeError):
     """Training cannot go on (for example a non-finite loss)."""
-
-
-def build_optimizer(train: TrainConfig, parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=train.weight_decay)
-    raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train.optimizer!r}")
-
-
-# ---------------------------------------------------------------- the loop
 
 
 @dataclass
@@ -72,126 +51,125 @@ class TaskTraining:
     """What the phases of one task share: the step module (DDP-wrapped under torchrun), the loader,
     and where steps are counted and logged."""
 
-    learner: Learner
+    experiment: Experiment
     task: Task
     loader: DataLoader
     step: nn.Module
-    record: RunRecord | None = None
+    progress: RunProgress | None = None
     logger: RunLogger = field(default_factory=RunLogger)
 
 
-def fit_phase(
-    training: TaskTraining,
-    phase: Phase,
-    phase_index: int = 0,
-    resume: TaskResume | None = None,
-    on_epoch_end: Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Precision], None] | None = None,
-) -> None:
-    """Train the method's trainable parameters for one phase: fresh SGD, per-epoch cosine.
+def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume: MidTaskState | None = None,
+              save: SaveMidTask | None = None, every: int = 0) -> None:
+    """Train the method's parameter groups for one phase: fresh optimiser, per-epoch cosine.
 
     With `resume` (mid-phase), optimiser, schedule and gradient scaler continue from their state
-    after `resume.epoch` epochs; `on_epoch_end(epochs_done, optimizer, scheduler, precision)` runs
-    after every epoch.
+    after `resume.epoch` epochs; `save` writes a mid-task checkpoint every `every` epochs.
     """
-    learner, task, loader = training.learner, training.task, training.loader
-    method, train = learner.method, learner.config.train
-    optimizer = build_optimizer(train, method.trainable_parameters(), phase.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(phase.schedule_epochs, 1), eta_min=phase.min_lr)
-    precision = Precision.build(train.precision, learner.device)
+    experiment, task, loader = training.experiment, training.task, training.loader
+    method, train = experiment.method, experiment.config.train
+    optimizer = build_optimizer(train, method.parameter_groups(phase), phase.lr)
+    scheduler = build_scheduler(optimizer, phase)
+    precision = Precision.build(train.precision, experiment.device)
     first_epoch = 0
     if resume is not None:
         load_optimizer_state(optimizer, resume.optimizer, resume.optimizer_tensors, "optimizer")
         scheduler.load_state_dict(resume.scheduler)
         precision.load_state(resume.scaler)
         first_epoch = resume.epoch
-    label = f"task{task.index}/{phase.name.replace(' ', '-')}"
-    epochs = tqdm(range(first_epoch, phase.epochs), desc=f"task {task.index} {phase.name}", leave=False,
-                  initial=first_epoch, total=phase.epochs, disable=not shows_progress(learner))
+    epochs = tqdm(range(first_epoch, phase.epochs), desc=f"task {task.index + 1} {phase.name}", leave=False,
+                  initial=first_epoch, total=phase.epochs, disable=not shows_progress(experiment))
     for epoch in epochs:
-        method.train()
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(phase_index * EPOCHS_PER_PHASE_LIMIT + epoch)  # a new order per epoch and phase
-        total, count = 0.0, 0
-        for batch, (images, targets) in enumerate(loader):
-            ckpt.kill_point(f"{label}/epoch{epoch}/batch{batch}")
-            images, targets = images.to(learner.device, non_blocking=True), targets.to(learner.device, non_blocking=True)
-            with precision.autocast():
-                loss, logs = training.step(images, targets, task)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"task {task.index} {phase.name}, epoch {epoch + 1}/{phase.epochs}, batch {batch}: "
-                                    f"loss became {loss.item()}; stopping (try a lower train.lr)")
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward_and_step(loss, optimizer)
-            total, count = total + loss.item() * len(targets), count + len(targets)
-            if training.record is not None:
-                training.record.global_step += 1
-                training.logger.log_step(training.record.global_step,
-                                         step_scalars(StepOutput(loss, logs), optimizer.param_groups[0]["lr"]))
+        mean_loss = fit_epoch(training, phase, phase_index, epoch, optimizer, precision)
         scheduler.step()
-        epochs.set_postfix(loss=f"{total / max(count, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        log.debug("task %d %s: loss %.4f", task.index, phase.name, total / max(count, 1))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, optimizer, scheduler, precision)
+        epochs.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        log.debug("task %d %s: loss %.4f", task.index + 1, phase.name, mean_loss)
+        if save is not None and every and (epoch + 1) % every == 0:
+            save(MidTaskState(phase_index, epoch + 1, loader_generator=generator_state(loader),
+                              **optimiser_states(optimizer, scheduler, precision)))
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; nothing stale leaks into the next task
 
 
-def shows_progress(learner: Learner) -> bool:
-    return learner.config.train.progress and learner.distributed.is_main
+def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int, optimizer: torch.optim.Optimizer,
+              precision: Precision) -> float:
+    """One pass over the task's training loader; the mean loss."""
+    experiment, task, loader = training.experiment, training.task, training.loader
+    label = f"task{task.index}/{phase.name.replace(' ', '-')}"
+    experiment.method.train()
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(phase_index * EPOCHS_PER_PHASE_LIMIT + epoch)  # a new order per epoch and phase
+    total, count = 0.0, 0
+    for batch, (images, targets) in enumerate(loader):
+        ckpt.kill_point(f"{label}/epoch{epoch}/batch{batch}")
+        images = images.to(experiment.device, non_blocking=True)
+        targets = targets.to(experiment.device, non_blocking=True)
+        with precision.autocast():
+            loss, logs = training.step(images, targets, task)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"task {task.index + 1} {phase.name}, epoch {epoch + 1}/{phase.epochs}, batch {batch + 1}: "
+                                f"the loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward_and_step(loss, optimizer)
+        total, count = total + loss.item() * len(targets), count + len(targets)
+        if training.progress is not None:
+            training.progress.global_step += 1
+            training.logger.log_step(training.progress.global_step,
+                                     step_scalars(StepOutput(loss, logs), optimizer.param_groups[0]["lr"]))
+    return total / max(count, 1)
 
 
-def learn_task(
-    learner: Learner,
-    task: Task,
-    resume: TaskResume | None = None,
-    save: Callable[[TrainerState], None] | None = None,
-    record: RunRecord | None = None,
-    logger: RunLogger | None = None,
-) -> None:
+def generator_state(loader: DataLoader) -> torch.Tensor | None:
+    # None for a DistributedSampler's seeded order, which needs no state.
+    return loader.generator.get_state() if loader.generator is not None else None
+
+
+def optimiser_states(optimizer: torch.optim.Optimizer, scheduler, precision: Precision) -> dict:
+    document, tensors = optimizer_state(optimizer, "optimizer")
+    return {"optimizer": document, "optimizer_tensors": tensors, "scheduler": scheduler.state_dict(),
+            "scaler": precision.state()}
+
+
+def shows_progress(experiment: Experiment) -> bool:
+    return experiment.config.train.progress and experiment.distributed.is_main
+
+
+def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None = None, save: SaveMidTask | None = None,
+               progress: RunProgress | None = None, logger: RunLogger | None = None) -> None:
     """begin_task, the phases (begin_phase, fit_phase, end_phase), end_task.
 
-    `resume` continues a task from a mid-task checkpoint (begin_task was replayed by the restore);
-    `save` writes a mid-task checkpoint, called as `train.checkpoint_every_epochs` asks;
-    `record` counts optimiser steps for `logger`.
+    `resume` continues a task from a mid-task checkpoint (begin_task was replayed by the restore;
+    begin_phase is not called for a phase already begun); `save` writes a mid-task checkpoint, as
+    `train.checkpoint_every_epochs` asks; `progress` counts optimiser steps for `logger`.
     """
-    method = learner.method
+    method = experiment.method
     if resume is None:
         method.begin_task(task)
-    method.to(learner.device)
-    context = learner.context(task)
+    method.to(experiment.device)
+    context = experiment.context(task)
     phases = method.training_phases(task)
     training = None
     if phases:
-        loader = learner.train_loader(task)
+        loader = experiment.train_loader(task)
         if resume is not None and resume.loader_generator is not None and loader.generator is not None:
             loader.generator.set_state(resume.loader_generator)
-        step = wrap_training_step(method, learner.distributed, learner.device, learner.config.train)
-        training = TaskTraining(learner, task, loader, step, record, logger or RunLogger())
-    every = learner.config.train.checkpoint_every_epochs if save is not None else 0
+        step = wrap_training_step(method, experiment.distributed, experiment.device, experiment.config.train)
+        training = TaskTraining(experiment, task, loader, step, progress, logger or RunLogger())
+    every = experiment.config.train.checkpoint_every_epochs if save is not None else 0
     for index in range(resume.phase if resume else 0, len(phases)):
         phase = phases[index]
         phase_resume = resume if resume is not None and resume.phase == index and resume.mid_phase else None
-        if phase_resume is not None:
-            phase_start = phase_resume.phase_start
-            begin_phase_as_at_start(method, phase, context, phase_start)
-        else:
-            phase_start = trainable_state(method) if every else None
+        if phase_resume is None:
             method.begin_phase(phase, context)
-
-        def save_every(epochs_done: int, optimizer, scheduler, precision, index=index, phase_start=phase_start) -> None:
-            if epochs_done % every == 0:
-                save(TrainerState(index, epochs_done, training.loader, optimizer, scheduler, phase_start, precision.state()))
-
-        fit_phase(training, phase, index, phase_resume, save_every if every else None)
+        fit_phase(training, phase, index, phase_resume, save, every)
         try:
             method.end_phase(phase, context)
         except FloatingPointError as error:  # alignment's non-finite loss
-            raise TrainingError(f"task {task.index} {phase.name}: {error}; stopping") from None
+            raise TrainingError(f"task {task.index + 1} {phase.name}: {error}") from None
         # Every rank aligned from the same reduced statistics; rank 0's result is made the only one.
-        broadcast_parameters(method.trainable_parameters(), learner.distributed)
+        broadcast_parameters(method.trainable_parameters(), experiment.distributed)
         if every:
-            save(TrainerState(index + 1, 0, training.loader))
-    method.end_task(context)
-    method.n_learned_tasks = task.index + 1
+            save(MidTaskState(index + 1, 0, loader_generator=generator_state(training.loader)))
+    method.finish_task(context)
 
 
 def broadcast_parameters(parameters: list[nn.Parameter], distributed: Distributed) -> None:
@@ -205,68 +183,68 @@ def broadcast_parameters(parameters: list[nn.Parameter], distributed: Distribute
             parameter.copy_(value)
 
 
-def trainable_parameters_by_name(method: Method) -> dict[str, torch.nn.Parameter]:
-    trainable = {id(p) for p in method.trainable_parameters()}
-    return {name: p for name, p in method.named_parameters() if id(p) in trainable}
+# ---------------------------------------------------------------- every task of a run
 
 
-def trainable_state(method: Method) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in trainable_parameters_by_name(method).items()}
+@dataclass
+class TaskWriter:
+    """Where the loop's results go: checkpoints and metrics (rank 0 of a run directory), or nowhere."""
+
+    save_checkpoint: Callable[[RunProgress, MidTaskState | None], None] = lambda progress, state: None
+    write_metrics: Callable[[RunProgress], None] = lambda progress: None
 
 
-def begin_phase_as_at_start(method: Method, phase: Phase, context: TaskContext, phase_start: dict[str, torch.Tensor]) -> None:
-    """begin_phase on a mid-phase resume: with the trainable parameters set back to their values at
-    the phase's start for the call (CaRE snapshots its anchor there), then restored."""
-    parameters = trainable_parameters_by_name(method)
-    if set(parameters) != set(phase_start):
-        raise CheckpointError(f"checkpoint's phase-start state does not fit the learner's trainable parameters "
-                              f"(missing {sorted(set(parameters) - set(phase_start))[:5]})")
-    current = {name: p.detach().clone() for name, p in parameters.items()}
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            parameter.copy_(phase_start[name])
-    method.begin_phase(phase, context)
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            parameter.copy_(current[name])
+def learn_all_tasks(experiment: Experiment, writer: TaskWriter, logger: RunLogger, progress: RunProgress | None = None,
+                    resume: MidTaskState | None = None) -> RunSummary:
+    """Learn, checkpoint and evaluate (as `eval.every_n_tasks` asks) every task after those in `progress`
+    (resuming one with `resume`). A task is checkpointed before its evaluation: a run stopped in between
+    resumes by evaluating it."""
+    scenario = experiment.scenario
+    progress = progress if progress is not None else RunProgress()
+    if progress.n_tasks and evaluation_missing(experiment, progress):
+        finish_evaluation(experiment, scenario.task(progress.n_tasks - 1), writer, logger, progress)
+    remaining = scenario.tasks()[progress.n_tasks:]
+    for task in tqdm(remaining, desc="tasks", unit="task", initial=progress.n_tasks, total=scenario.n_tasks,
+                     disable=not shows_progress(experiment)):
+        started = time.perf_counter() - (resume.elapsed if resume else 0.0)
+        if resume is None:
+            experiment.skipped_images.reset()
+
+        def save_in_task(state: MidTaskState, started: float = started) -> None:
+            state.elapsed, state.skipped_files = time.perf_counter() - started, dict(experiment.skipped_images.files)
+            writer.save_checkpoint(progress, state)
+
+        learn_task(experiment, task, resume, save_in_task, progress, logger)
+        resume = None
+        progress.wall_times.append(time.perf_counter() - started)
+        progress.skipped_images.append(skipped_on_all_ranks(experiment.skipped_images, experiment.distributed))
+        writer.save_checkpoint(progress, None)  # the task's training is safe before its evaluation runs
+        finish_evaluation(experiment, task, writer, logger, progress)
+    return RunSummary.from_evaluations(progress.evaluations)
 
 
-def learn_all_tasks(learner: Learner, run: RunDirectory, record: RunRecord | None = None,
-                    resume: TaskResume | None = None) -> RunSummary:
-    """Learn, evaluate (as `eval.every_n_tasks` asks) and checkpoint every task after those in `record`
-    (resuming one with `resume`). Under torchrun only rank 0 writes the run directory."""
-    config, scenario, distributed = learner.config, learner.scenario, learner.distributed
-    record = record if record is not None else RunRecord()
-    remaining = scenario.tasks()[record.n_tasks:]
-    logger = build_logger(config.logging, run.path) if distributed.is_main else RunLogger()
-    with logger:
-        for task in tqdm(remaining, desc="tasks", unit="task", initial=record.n_tasks, total=scenario.n_tasks,
-                         disable=not shows_progress(learner)):
-            started = time.perf_counter() - (resume.elapsed if resume else 0.0)
-            if resume is None:
-                learner.skipped_images.reset()
+def evaluation_missing(experiment: Experiment, progress: RunProgress) -> bool:
+    """The last finished task is due an evaluation that was not recorded (stopped between checkpoint and evaluation)."""
+    last = experiment.scenario.task(progress.n_tasks - 1)
+    due = should_evaluate(last, experiment.scenario.n_tasks, experiment.config.eval.every_n_tasks)
+    return due and not any(e.task == last.index for e in progress.evaluations)
 
-            def save_in_task(state: TrainerState, started: float = started) -> None:
-                if distributed.is_main:
-                    save_checkpoint(run, learner, record, state, elapsed=time.perf_counter() - started)
 
-            learn_task(learner, task, resume, save_in_task, record, logger)
-            resume = None
-            evaluation = None
-            if should_evaluate(task, scenario.n_tasks, config.eval.every_n_tasks):
-                evaluation = evaluate(learner.method, learner.test_loader(task.high), learner.device, task.index,
-                                      config.eval.topk, distributed=distributed)
-                record.evaluations.append(evaluation)
-            record.wall_times.append(time.perf_counter() - started)
-            record.skipped_images.append(skipped_on_all_ranks(learner.skipped_images, distributed))
-            if evaluation is not None:
-                logger.log_task(task.index, evaluation, record.wall_times[-1])
-            log.info("%s", task_line(task, scenario.n_tasks, evaluation, record))
-            log_skipped_images(task, record.skipped_images[-1])
-            if distributed.is_main:
-                save_checkpoint(run, learner, record)
-                run.write_metrics(record.evaluations, record.metrics_extra(scenario))
-    return RunSummary.from_evaluations(record.evaluations)
+def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, logger: RunLogger,
+                      progress: RunProgress) -> None:
+    """Evaluate a just-finished task when due, report it, and write the metrics files."""
+    config, scenario = experiment.config, experiment.scenario
+    evaluation = None
+    if should_evaluate(task, scenario.n_tasks, config.eval.every_n_tasks):
+        evaluation = evaluate(experiment.method, experiment.test_loader(task.high), experiment.device, task.index,
+                              config.eval.topk, distributed=experiment.distributed)
+        progress.evaluations.append(evaluation)
+        logger.log_task(task.index, evaluation, progress.wall_times[task.index])
+        # Unreadable test images met by the evaluation count towards this task too.
+        progress.skipped_images[task.index] = skipped_on_all_ranks(experiment.skipped_images, experiment.distributed)
+    log.info("%s", task_line(task, scenario.n_tasks, evaluation, progress))
+    log_skipped_images(task, progress.skipped_images[task.index])
+    writer.write_metrics(progress)
 
 
 def should_evaluate(task: Task, n_tasks: int, every_n_tasks: int) -> bool:
@@ -275,9 +253,9 @@ def should_evaluate(task: Task, n_tasks: int, every_n_tasks: int) -> bool:
     return last or (every_n_tasks > 0 and (task.index + 1) % every_n_tasks == 0)
 
 
-def task_line(task: Task, n_tasks: int, evaluation: TaskEvaluation | None, record: RunRecord) -> str:
+def task_line(task: Task, n_tasks: int, evaluation: TaskEvaluation | None, progress: RunProgress) -> str:
     """One progress line per task: accuracy (when evaluated), the task's time, elapsed and ETA for the run."""
-    done, elapsed = record.n_tasks, sum(record.wall_times)
+    done, elapsed = progress.n_tasks, sum(progress.wall_times)
     eta = elapsed / done * (n_tasks - done)
     if evaluation is None:
         measured = "not evaluated (eval.every_n_tasks)"
@@ -285,14 +263,8 @@ def task_line(task: Task, n_tasks: int, evaluation: TaskEvaluation | None, recor
         old = "-" if task.index == 0 else f"{evaluation.old_accuracy:.2f}"
         measured = (f"top1 {evaluation.top1:.2f}  top{evaluation.k} {evaluation.topk:.2f}  old {old}  "
                     f"new {evaluation.new_accuracy:.2f}")
-    return (f"task {task.index + 1}/{n_tasks}  classes {task.high}  {measured}  ({record.wall_times[-1]:.1f}s; "
-            f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)})")
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    return (f"task {task.index + 1}/{n_tasks}  classes {task.high}  {measured}  ({progress.wall_times[-1]:.1f}s; "
+            f"elapsed {format_clock(elapsed)}, ETA {format_clock(eta)})")
 
 
 def skipped_on_all_ranks(skipped: SkippedImages, distributed: Distributed) -> dict:
@@ -313,122 +285,5 @@ def log_skipped_images(task: Task, skipped: dict) -> None:
                     task.index + 1, skipped["count"], first, reason)
 
 
-# ---------------------------------------------------------------- runs
-
-
-def check_run_config(config: ExperimentConfig, distributed: Distributed) -> None:
-    if config.train.checkpoint_every_epochs < 0:
-        raise ConfigError(f"train.checkpoint_every_epochs must be >= 0 (0 = only after each task), "
-                          f"got {config.train.checkpoint_every_epochs}")
-    per_process_batch(config.train.batch_size, distributed)
-
-
-def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
-    """Build everything (failing early on bad input), then learn and evaluate task by task.
-
-    Under torchrun every process runs this; rank 0 alone creates and writes the run directory.
-    """
-    distributed = setup_distributed(config.train.device)
-    check_run_config(config, distributed)
-    RunDirectory.check_available(output)
-    seed_everything(config.seed)
-    learner = Learner.build(config)
-    distributed.barrier()  # every rank has checked `output` before rank 0 creates it
-    if distributed.is_main:
-        run = RunDirectory.create(output, config, class_names=learner.data.class_names)
-    else:
-        run = RunDirectory(output)
-    distributed.barrier()
-    with training_session(run, distributed):
-        scenario = learner.scenario
-        log.info("%s on %s: %d classes in %d tasks %s, device %s%s", config.method.name, config.data.dataset,
-                 scenario.n_classes, scenario.n_tasks, list(scenario.sizes)[:8], learner.device,
-                 f", {distributed.world_size} processes" if distributed.enabled else "")
-        return learn_all_tasks(learner, run)
-
-
-def resume_experiment(output: str | Path, config: ExperimentConfig | None = None, overrides: Sequence[str] = ()) -> RunSummary:
-    """Continue a run from its last complete checkpoint, to the same numbers as an uninterrupted run.
-
-    The run's own config.yaml is the config; `config` (e.g. from --config) must equal it, and it or
-    `overrides` may change only RESUME_OVERRIDABLE keys (data location, device, progress, ...).
-    Everything is read and checked before anything in the run directory is touched. Under torchrun
-    every rank restores the same checkpoint (the run directory must be on a shared file system).
-    """
-    run = RunDirectory(output)
-    if not (run.path / CONFIG_FILE).is_file():
-        raise RunDirectoryError(f"cannot resume {run.path}: {run.path / CONFIG_FILE} not found (not a carecl run directory)")
-    config = resume_config(run, config, overrides)
-    distributed = setup_distributed(config.train.device)
-    check_run_config(config, distributed)
-    with training_session(run, distributed):
-        checkpoint = run.resume_checkpoint()
-        if checkpoint is None:  # killed before its first checkpoint: nothing to keep, start over
-            log.info("resuming %s: no checkpoint yet, starting from the first task", run.path)
-            seed_everything(config.seed)
-            return learn_all_tasks(Learner.build(config), run)
-        learner, record, resume = restore(run, checkpoint, config)
-        log.info("resuming %s from checkpoint %s (%d of %d tasks done)", run.path, checkpoint.name,
-                 record.n_tasks, learner.scenario.n_tasks)
-        if distributed.is_main:
-            run.repair_mirror()
-            if record.n_tasks and _recorded_tasks(run) < record.n_tasks:  # killed between checkpoint and metrics
-                run.write_metrics(record.evaluations, record.metrics_extra(learner.scenario))
-        return learn_all_tasks(learner, run, record, resume)
-
-
-def _recorded_tasks(run: RunDirectory) -> int:
-    """Tasks the metrics files already hold (one wall time per finished task)."""
-    try:
-        return len(run.metrics()["wall_time_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-@contextlib.contextmanager
-def training_session(run: RunDirectory, distributed: Distributed = SINGLE_PROCESS) -> Iterator[None]:
-    """Lock the run directory, log to its log.txt, and say where the run stands if it stops on an error.
-
-    Only rank 0 does any of that: the other ranks log warnings and errors to their console only.
-    """
-    if not distributed.is_main:
-        with quiet_logging():
-            yield
-        return
-    with run.lock():
-        handler = attach_log_file(run.path)
-        try:
-            with logging_redirect_tqdm():
-                yield
-        except CheckpointError:  # a damaged checkpoint: its own message says which file
-            raise
-        except CareclError:
-            pointer = run.checkpoints.pointer() if run.checkpoints.exists() else None
-            where = f"its last checkpoint {pointer['resume']} is intact" if pointer else "no checkpoint was written yet"
-            log.error("stopped; %s: %s; continue with `carecl train --resume %s`", run.path, where, run.path)
-            raise
-        finally:
-            log.removeHandler(handler)
-            handler.close()
-
-
-@contextlib.contextmanager
-def quiet_logging() -> Iterator[None]:
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def attach_log_file(directory: Path) -> logging.Handler:
-    try:
-        handler = logging.FileHandler(directory / LOG_FILE)
-    except OSError as error:
-        raise ckpt.write_error(directory / LOG_FILE, error) from None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    return handler
+def build_run_logger(experiment: Experiment, run_path) -> RunLogger:
+    return build_logger(experiment.config.logging, run_path) if experiment.distributed.is_main else RunLogger()

@@ -1,14 +1,4 @@
-"""Continual learners, registered by name."""
+"""Continual learners, one file each, found by name through `carecl.registry.METHODS`.
 
-from __future__ import annotations
-
-from torch import nn
-
-from carecl.config import ExperimentConfig
-from carecl.methods import care, care_config, simplecil  # noqa: F401  (registration side effects)
-from carecl.methods.base import METHODS, Method
-from carecl.scenario import Scenario
-
-
-def build_method(config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> Method:
-    return METHODS.get(config.method.name)(config, backbone, scenario)
+`methods/base.py` holds the interface and the checklist for adding a method; `build_method` makes one.
+"""

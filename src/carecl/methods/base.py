@@ -1,4 +1,30 @@
-"""The method interface: a small class with hooks that the one training loop calls."""
+"""The method interface: a small class with hooks that the one training loop calls.
+
+Adding a method (one new file, `carecl/methods/<name>.py`, and a YAML; nothing else to edit):
+
+1. Options: a torch-free `@dataclass class MyOptions(MethodConfig)` with `name: str = "my_method"`
+   and typed fields; ranges and cross-field rules go in `validate()` (use `config.require`), closed
+   choices are `Literal`s. YAML `method:` sections are checked against it.
+2. The learner: `@register_method("my_method", MyOptions) class MyMethod(Method)`; the constructor
+   receives the experiment config (`self.options` is your MyOptions), the frozen backbone and the
+   scenario. Wrap the backbone with an injector from `carecl.tuners` rather than editing it.
+3. Hooks, each optional (call order per task below): `begin_task` grows what the task needs and
+   must be deterministic (a saved run is rebuilt by replaying it before its weights load);
+   `training_phases` (none for closed-form methods); `parameter_groups` (lr multiplier and weight
+   decay per group); `training_loss`; `begin_phase` / `end_phase`; `end_task`; `predict` returns
+   scores over the seen classes; `class_probabilities` when a softmax of those scores is not a
+   calibrated probability.
+4. State: everything learned must come back from `state_tensors()` (module weights and buffers
+   are included by default; add statistics and other tensors by overriding it and
+   `load_state_tensors`). The frozen backbone is listed in `backbone_modules()` and never saved.
+5. Resume contract: a mid-phase checkpoint holds `state_tensors()`, the optimiser and the RNGs;
+   on resume `begin_phase` is NOT called again. Whatever `begin_phase` prepares that later
+   training steps read (CaRE: the shared-adapter anchor) must therefore be in `state_tensors()`.
+6. Test: a 3-task run on shipped data, plus a test that fails if the method's core step breaks.
+
+Call order for each task: begin_task -> for each phase: begin_phase, [training_loss ...], end_phase
+-> end_task (then the method counts the task as learned) -> predict / class_probabilities.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +37,7 @@ from torch import nn
 
 from carecl.config import ExperimentConfig, MethodConfig
 from carecl.distributed import SINGLE_PROCESS, Distributed
-from carecl.registry import Registry
+from carecl.registry import METHODS, MethodEntry
 from carecl.scenario import Scenario, Task
 
 if TYPE_CHECKING:
@@ -29,8 +55,7 @@ def cosine_lr(base_lr: float, min_lr: float, period: int, epoch: int) -> float:
 class Phase:
     """A stretch of training with a fresh optimiser and one cosine schedule (stepped per epoch).
 
-    The schedule has period `schedule_epochs`; a phase may stop before the period ends (CaRE's
-    first half of a task stops half-way down its cosine).
+    The schedule has period `schedule_epochs`; a phase may stop before the period ends.
     """
 
     name: str
@@ -42,6 +67,16 @@ class Phase:
     @property
     def final_lr(self) -> float:
         return cosine_lr(self.lr, self.min_lr, self.schedule_epochs, self.epochs)
+
+
+@dataclass
+class ParameterGroup:
+    """Parameters trained together: lr = phase lr x `lr_scale`; weight decay None = train.weight_decay."""
+
+    parameters: list[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    name: str = "trainable"
 
 
 @dataclass
@@ -67,26 +102,36 @@ class TaskContext:
 
 
 class Method(nn.Module):
-    """Base class of continual learners; subclasses override the hooks they need.
-
-    Call order for each task: begin_task -> for each phase: begin_phase, [training_loss ...], end_phase
-    -> end_task -> predict (evaluation). `begin_task` must be deterministic given the task,
-    so that a saved run can be rebuilt by replaying it before loading weights.
-    """
-
-    config_class: type[MethodConfig] = MethodConfig
+    """Base class of continual learners; subclasses override the hooks they need (module docstring)."""
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__()
         self.experiment = config
         self.options = config.method
         self.scenario = scenario
-        self.n_learned_tasks = 0
+        self._n_learned_tasks = 0
+
+    # ---- progress (owned here: the engine only reports a finished task) -----------------
+    @property
+    def n_learned_tasks(self) -> int:
+        return self._n_learned_tasks
 
     @property
     def n_seen_classes(self) -> int:
-        return int(self.scenario.boundaries[self.n_learned_tasks])
+        return int(self.scenario.boundaries[self._n_learned_tasks])
 
+    def finish_task(self, context: TaskContext) -> None:
+        """end_task, then count the task as learned (the engine's call after a task's phases)."""
+        self.end_task(context)
+        self._n_learned_tasks = context.task.index + 1
+
+    def regrow(self, grown_tasks: int, learned_tasks: int) -> None:
+        """Replay begin_task for the first `grown_tasks` tasks of a saved learner (before its state loads)."""
+        for task in self.scenario.tasks()[:grown_tasks]:
+            self.begin_task(task)
+        self._n_learned_tasks = learned_tasks
+
+    # ---- state -------------------------------------------------------------------------
     def backbone_modules(self) -> list[nn.Module]:
         """Frozen modules rebuilt from the config rather than saved with each checkpoint."""
         return []
@@ -120,11 +165,15 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self, phase: Phase) -> list[ParameterGroup]:
+        """What the phase's optimiser trains, by group (default: every trainable parameter, lr x1)."""
+        return [ParameterGroup(self.trainable_parameters())]
+
     def training_loss(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} does not train by gradient descent")
 
     def begin_phase(self, phase: Phase, context: TaskContext) -> None:
-        """Called before each training phase (CaRE: snapshot the shared-adapter anchor)."""
+        """Called when a training phase starts, never on a resume (see the resume contract above)."""
 
     def end_phase(self, phase: Phase, context: TaskContext) -> None:
         """Called after each training phase (CaRE: class statistics and alignment)."""
@@ -137,6 +186,26 @@ class Method(nn.Module):
         """Scores (batch, n_seen_classes) over all classes seen so far."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, n_seen_classes) probabilities, rows summing to 1: softmax of `predict` by default."""
+        return self.predict(images).float().softmax(dim=1)
 
-MethodBuilder = Callable[[ExperimentConfig, nn.Module, Scenario], Method]
-METHODS: Registry[type[Method]] = Registry("method")
+
+def register_method(name: str, options: type[MethodConfig], *aliases: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: the one registration of a method, giving its options class and its learner."""
+    if not (isinstance(options, type) and issubclass(options, MethodConfig)):
+        raise TypeError(f"register_method({name!r}): options must be a MethodConfig dataclass, got {options!r}")
+    if options.name != name:
+        raise ValueError(f"register_method({name!r}): {options.__name__}.name defaults to {options.name!r}, "
+                         f"not {name!r}")
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        METHODS.add(name, MethodEntry(name, options, cls), *aliases)
+        return cls
+
+    return decorator
+
+
+def build_method(config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> Method:
+    return METHODS.get(config.method.name).method(config, backbone, scenario)

@@ -12,15 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carecl.alignment import ClassFeatureSums, GaussianClassStatistics, align_classifier
-from carecl.tuners.brmoe import BRMoEViT
+from carecl.alignment import align_classifier
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig
-from carecl.methods.base import METHODS, Method, Phase, StepOutput, TaskContext
+from carecl.methods.base import Method, Phase, StepOutput, TaskContext, register_method
 from carecl.methods.care_config import CareConfig
 from carecl.scenario import Scenario, Task
+from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
+from carecl.tuners.brmoe.model import BRMoEViT
 
 STATISTICS_PREFIX = "statistics."
+ANCHOR_PREFIX = "anchor."
 
 
 def distillation_temperature(block: int, n_blocks: int) -> float:
@@ -28,10 +30,8 @@ def distillation_temperature(block: int, n_blocks: int) -> float:
     return 1.0 if block < n_blocks // 2 else 2.0
 
 
-@METHODS.register("care")
+@register_method("care", CareConfig)
 class CaRE(Method):
-    config_class = CareConfig
-
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options: CareConfig = config.method
@@ -148,6 +148,13 @@ class CaRE(Method):
         return self.logits(images)
 
     @torch.no_grad()
+    def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """softmax(τ · cosine logits) in the single pass; the iterative prediction's sum of two softmaxes, halved."""
+        if self.uses_iterative_prediction():
+            return self.iterative_scores(images).float() / 2
+        return (self.options.scale * self.logits(images)).float().softmax(dim=1)
+
+    @torch.no_grad()
     def iterative_scores(self, images: torch.Tensor) -> torch.Tensor:
         """Release `iter_pred`: the most confident task-known forward, plus the task-free one."""
         scale, n_seen = self.options.scale, self.n_seen_classes
@@ -166,11 +173,17 @@ class CaRE(Method):
 
     # ---- state -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Module weights, class statistics and, inside a phase of a later task, the shared-adapter anchor
+        (begin_phase's snapshot, which a mid-phase resume restores instead of calling begin_phase)."""
         tensors = super().state_tensors()
         tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
+        tensors.update({ANCHOR_PREFIX + k: v for k, v in self.model.anchor_state().items()})
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        statistics = {k[len(STATISTICS_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATISTICS_PREFIX)}
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith(STATISTICS_PREFIX)})
-        self.statistics.load_state_dict(statistics)
+        parts = {prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                 for prefix in (STATISTICS_PREFIX, ANCHOR_PREFIX)}
+        super().load_state_tensors({k: v for k, v in tensors.items()
+                                    if not k.startswith((STATISTICS_PREFIX, ANCHOR_PREFIX))})
+        self.statistics.load_state_dict(parts[STATISTICS_PREFIX])
+        self.model.load_anchor_state(parts[ANCHOR_PREFIX])

@@ -8,22 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carecl.config import METHOD_CONFIGS, ExperimentConfig, MethodConfig
-from carecl.methods.base import METHODS, Method, Phase, TaskContext
+from carecl.config import ExperimentConfig, MethodConfig
+from carecl.methods.base import Method, Phase, TaskContext, register_method
 from carecl.scenario import Scenario, Task
 
 
-@METHOD_CONFIGS.register("simplecil")
 @dataclass
 class SimpleCILConfig(MethodConfig):
     name: str = "simplecil"
 
 
-@METHODS.register("simplecil")
+@register_method("simplecil", SimpleCILConfig)
 class SimpleCIL(Method):
     """Each class is the mean of its training features; predict by cosine similarity."""
-
-    config_class = SimpleCILConfig
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)

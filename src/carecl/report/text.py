@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
+from carecl.formatting import format_number
 from carecl.metrics import RunSummary
 
 
 def _cell(value: float) -> str:
-    return "   -  " if value is None or math.isnan(value) else f"{value:6.2f}"
+    return format_number(value, "6.2f", missing="   -  ")
 
 
 # Wider matrices (long runs) are summarised by their last rows' accuracy instead.

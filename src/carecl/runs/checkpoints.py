@@ -135,10 +135,24 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        raise write_error(path, OSError(_errno_in(str(error)), str(error))) from None
     os.chmod(path, FILE_MODE)
     with open(path, "rb") as stream:
         os.fsync(stream.fileno())
+
+
+def _errno_in(message: str) -> int:
+    """The errno a wrapped I/O error names in its message (ENOSPC, EACCES, ...), else EIO."""
+    for code, words in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
+                        (errno.EDQUOT, "quota"), (errno.EROFS, "Read-only")):
+        if words in message:
+            return code
+    return errno.EIO
 
 
 def _write_json(path: Path, document: Any) -> None:
@@ -186,7 +200,8 @@ class CheckpointStore:
         return self.root / POINTER_FILE
 
     def exists(self) -> bool:
-        return self.pointer_path.is_file()
+        """A pointer, or checkpoint folders that a lost pointer would have named."""
+        return self.pointer_path.is_file() or (self.root.is_dir() and any(self.root.glob("learned-*")))
 
     def pointer(self) -> dict[str, str | None] | None:
         """{"resume": name, "task_end": name or None}, or None before the first checkpoint."""
@@ -211,7 +226,7 @@ class CheckpointStore:
     ) -> str:
         """Write a checkpoint folder, make it the resume point (and the task-end one if `task_end`),
         then delete folders nothing points at. Returns the folder name used."""
-        pointer = self.pointer() or {"resume": None, "task_end": None}
+        pointer = self.pointer() or self.recovered_pointer()
         kept = {pointer.get("resume"), pointer.get("task_end")}
         final = self._free_name(name, kept)
         staging = self.root / f".tmp-{final}-{os.getpid()}"
@@ -244,6 +259,9 @@ class CheckpointStore:
             if isinstance(error, CheckpointWriteError):
                 raise
             raise write_error(Path(error.filename) if error.filename else staging, error) from None
+        except BaseException:  # a kill point aside, nothing half-written stays behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         kill_point(f"checkpoint/{final}/switched")
         self.prune({new_pointer["resume"], new_pointer["task_end"]})
         return final
@@ -267,14 +285,48 @@ class CheckpointStore:
         except OSError as error:  # the new checkpoint is committed; leftovers only cost disk space
             log.warning("could not delete old checkpoints in %s: %s", self.root, error)
 
+    def remove_staging(self) -> None:
+        """Delete staging folders that crashed or failed writes left behind (call with the run locked)."""
+        if self.root.is_dir():
+            for entry in self.root.glob(".tmp-*"):
+                shutil.rmtree(entry, ignore_errors=True)
+
     # -- reading
 
     def open(self, which: str = "resume") -> Checkpoint | None:
-        """The verified checkpoint the pointer names as `which` ("resume" or "task_end"), or None."""
+        """The verified checkpoint the pointer names as `which` ("resume" or "task_end"), or None.
+
+        Without a pointer (latest.json deleted), the newest checkpoint folder that verifies.
+        """
         pointer = self.pointer()
-        if pointer is None or pointer.get(which) is None:
+        if pointer is None:
+            return self.newest_complete(task_end=which == "task_end")
+        if pointer.get(which) is None:
             return None
         return self.verify(str(pointer[which]))
+
+    def recovered_pointer(self) -> dict[str, str | None]:
+        """What a lost pointer named: the newest complete checkpoint, and the newest complete task-end one."""
+        resume, task_end = self.newest_complete(), self.newest_complete(task_end=True)
+        return {"resume": resume.name if resume else None, "task_end": task_end.name if task_end else None}
+
+    def newest_complete(self, task_end: bool = False) -> Checkpoint | None:
+        """The newest checkpoint folder whose files match its manifest (a task-end one if asked), or None."""
+        if not self.root.is_dir():
+            return None
+        names = sorted((e.name for e in self.root.iterdir() if e.is_dir() and e.name.startswith("learned-")),
+                       key=checkpoint_order, reverse=True)
+        for name in names:
+            if task_end and "-phase-" in name:
+                continue
+            try:
+                checkpoint = self.verify(name)
+            except CheckpointError as error:
+                log.warning("skipping checkpoint %s: %s", self.root / name, error)
+                continue
+            log.warning("%s is missing; using the newest complete checkpoint, %s", self.pointer_path, name)
+            return checkpoint
+        return None
 
     def verify(self, name: str) -> Checkpoint:
         path = self.root / name
@@ -299,6 +351,17 @@ class CheckpointStore:
         if LEARNER_TENSORS not in entries or LEARNER_INFO not in entries:
             raise CheckpointError(f"checkpoint {path} lacks {LEARNER_TENSORS} or {LEARNER_INFO} in {manifest_path}")
         return Checkpoint(name, path, sorted(entries))
+
+
+def checkpoint_order(name: str) -> tuple[int, int, int, int]:
+    """Sort key of checkpoint names: learned-0003 < learned-0003-phase-0-epoch-0002 < learned-0004;
+    a `~N` suffix (a rewrite of the same position) counts as newer."""
+    base, _, rewrite = name.partition("~")
+    parts = base.split("-")
+    learned = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+    phase = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else -1
+    epoch = int(parts[5]) if len(parts) > 5 and parts[5].isdigit() else -1
+    return learned, phase, epoch, int(rewrite) if rewrite.isdigit() else 0
 
 
 # ---------------------------------------------------------------- RNG, optimiser, scheduler as JSON + tensors

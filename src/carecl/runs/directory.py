@@ -15,7 +15,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from carecl.runs.checkpoints import (
     CHECKPOINTS_DIR,
@@ -30,11 +29,9 @@ from carecl.runs.checkpoints import (
     json_safe,
     write_error,
 )
-from carecl.config import ExperimentConfig, config_to_dict, load_config
+from carecl.config import ASSET_PREFIX, ExperimentConfig, config_to_dict, load_config
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary, TaskEvaluation
-
-__all__ = ["RunDirectory", "RunDirectoryError", "RunClasses", "CheckpointError", "atomic_write_bytes"]
 
 CONFIG_FILE = "config.yaml"
 # The dataset's classes (count and names), so that a finished run predicts without its dataset.
@@ -50,9 +47,6 @@ LOCK_FILE = ".lock"
 
 class RunDirectoryError(CareclError, ValueError):
     """A run directory is missing, incomplete, busy, or holds a different run."""
-
-
-_json_safe = json_safe  # the former private name
 
 
 @dataclass(frozen=True)
@@ -126,21 +120,34 @@ class RunDirectory:
             raise RunDirectoryError(f"output directory {path}: {existing} is not writable")
 
     @classmethod
-    def create(cls, path: str | Path, config: ExperimentConfig, class_names: Sequence[str] | None = None,
-               n_classes: int | None = None) -> "RunDirectory":
-        """A new run directory with its config and, given `class_names` (the dataset's, by class id) or only
-        `n_classes` (names unknown), its classes.json."""
+    @contextlib.contextmanager
+    def created(cls, path: str | Path, config: ExperimentConfig, class_names: Sequence[str] | None = None,
+                n_classes: int | None = None) -> Iterator["RunDirectory"]:
+        """A new run directory, locked for the block: config.yaml and (given `class_names`, the dataset's by
+        class id, or only `n_classes`) classes.json are written only once the lock is held, so two runs
+        started on one directory at the same instant can never mix their files."""
         cls.check_available(path)
         run = cls(path)
         try:
             run.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise write_error(run.path, error) from None
-        if class_names is not None or n_classes is not None:
-            names = tuple(class_names) if class_names is not None else None
-            run.write_classes(RunClasses(n_classes if n_classes is not None else len(names), names))
-        atomic_write_bytes(run.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
-        return run
+        with run.lock():
+            if cls.holds_run(run.path):  # another process created it since the check above
+                raise RunDirectoryError(f"output directory {run.path} already holds a run; choose another --output, "
+                                        f"or continue it with `carecl train --resume {run.path}`")
+            if class_names is not None or n_classes is not None:
+                names = tuple(class_names) if class_names is not None else None
+                run.write_classes(RunClasses(n_classes if n_classes is not None else len(names), names))
+            atomic_write_bytes(run.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+            yield run
+
+    @classmethod
+    def create(cls, path: str | Path, config: ExperimentConfig, class_names: Sequence[str] | None = None,
+               n_classes: int | None = None) -> "RunDirectory":
+        """`created`, for a directory that nothing trains (an imported model): the lock is released at once."""
+        with cls.created(path, config, class_names, n_classes) as run:
+            return run
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDirectory":
@@ -148,11 +155,11 @@ class RunDirectory:
         run = cls(path)
         if not (run.path / CONFIG_FILE).is_file():
             raise RunDirectoryError(f"{run.path / CONFIG_FILE} not found: not a carecl run directory")
-        pointer = run.checkpoints.pointer()
-        if pointer is None and not run._has_legacy_state():
+        pointer = run.checkpoints.pointer() or (run.checkpoints.recovered_pointer() if run.checkpoints.exists() else None)
+        if pointer is None:
             raise RunDirectoryError(f"{run.path} holds no checkpoint ({run.checkpoints.pointer_path} not found): "
                                     "not a finished carecl run directory")
-        if pointer is not None and pointer.get("task_end") is None:
+        if pointer.get("task_end") is None:
             raise RunDirectoryError(f"{run.path} has no finished task yet (only a mid-task checkpoint); "
                                     f"continue it with `carecl train --resume {run.path}`")
         return run
@@ -175,12 +182,15 @@ class RunDirectory:
             raise RunDirectoryError(f"{path} is unreadable: {error}") from None
         return RunClasses.from_json(document, path)
 
-    def config_for_loading(self) -> ExperimentConfig:
-        """`config()` with a relative `backbone.weights` that names a file inside the run resolved there
-        (an imported release checkpoint carries its backbone), so the run loads wherever it is moved."""
-        from carecl.backbones import ASSET_PREFIX  # imports timm: only when a learner is built
-
-        config = self.config()
+    def config_for_loading(self, data_overrides: Sequence[str] = ()) -> ExperimentConfig:
+        """`config()` for rebuilding the run elsewhere: `data_overrides` (`data.<key>=value` only, e.g. after
+        the dataset moved) applied, and a relative `backbone.weights` naming a file inside the run resolved
+        there (an imported release checkpoint carries its backbone), so the run loads wherever it is moved."""
+        outside = [item for item in data_overrides if not item.strip().startswith("data.")]
+        if outside:
+            raise RunDirectoryError(f"only data.* keys can change when loading the finished run {self.path}; "
+                                    f"refused: {', '.join(outside)}")
+        config = load_config(self.path / CONFIG_FILE, data_overrides)
         weights = config.backbone.weights
         local = weights and not weights.startswith(ASSET_PREFIX) and not Path(weights).is_absolute()
         if local and (self.path / weights).is_file():
@@ -250,25 +260,16 @@ class RunDirectory:
 
     def load_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The learner of the last finished task: (tensors, info), verified against the manifest."""
-        if self.checkpoints.exists():
-            checkpoint = self.checkpoints.open("task_end")
-            if checkpoint is None:
-                raise RunDirectoryError(f"{self.path} has no finished task yet (only a mid-task checkpoint)")
-            return checkpoint.tensors(LEARNER_TENSORS), checkpoint.document(LEARNER_INFO)
-        if self._has_legacy_state():  # written before checkpoints/ existed: no manifest to check
-            try:
-                tensors = load_file(str(self.path / STATE_FILE))
-            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{self.path / STATE_FILE} is unreadable: {error}") from None
-            return tensors, json.loads((self.path / STATE_INFO).read_text())
-        raise RunDirectoryError(f"{self.path} holds no checkpoint ({self.checkpoints.pointer_path} not found)")
+        if not self.checkpoints.exists():
+            raise RunDirectoryError(f"{self.path} holds no checkpoint ({self.checkpoints.pointer_path} not found)")
+        checkpoint = self.checkpoints.open("task_end")
+        if checkpoint is None:
+            raise RunDirectoryError(f"{self.path} has no finished task yet (only a mid-task checkpoint)")
+        return checkpoint.tensors(LEARNER_TENSORS), checkpoint.document(LEARNER_INFO)
 
     def resume_checkpoint(self) -> Checkpoint | None:
         """The latest checkpoint (possibly mid-task), verified; None when none was written yet."""
         return self.checkpoints.open("resume")
-
-    def _has_legacy_state(self) -> bool:
-        return (self.path / STATE_FILE).is_file() and (self.path / STATE_INFO).is_file()
 
     def _mirror_learner(self, name: str) -> None:
         """Hard-link (or copy) the finished task's learner files to the run's root, atomically per file."""

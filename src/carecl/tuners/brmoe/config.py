@@ -1,10 +1,10 @@
-"""Options of the BR-MoE adapter (plain typed fields, parsed from YAML by carecl.config)."""
+"""Options of the BR-MoE adapter (plain typed fields, parsed from YAML by carecl.config; torch-free)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from carecl.config import ConfigError
+from carecl.config import require
 
 
 @dataclass
@@ -24,9 +24,7 @@ class BRMoEConfig:
     def validate(self) -> None:
         for key in ("adapter_dim", "expert_dim", "topk_experts", "topk_routers"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"BRMoEConfig.{key} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ConfigError(f"BRMoEConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
-        if not 0.0 <= self.anchor_momentum <= 1.0:
-            raise ConfigError(f"BRMoEConfig.anchor_momentum must be in [0, 1], got {self.anchor_momentum}")
+            require(not isinstance(value, bool) and isinstance(value, int) and value > 0, key,
+                    f"must be a positive integer, got {value!r}")
+        require(0.0 <= self.adapter_dropout < 1.0, "adapter_dropout", f"must be in [0, 1), got {self.adapter_dropout}")
+        require(0.0 <= self.anchor_momentum <= 1.0, "anchor_momentum", f"must be in [0, 1], got {self.anchor_momentum}")

@@ -21,7 +21,6 @@ CaRE paper (R@2 and E@3 per layer). The numbers come from the layers' opt-in rou
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -36,12 +35,13 @@ import torch
 from torch import Tensor
 
 from carecl.errors import CareclError
+from carecl.formatting import format_number
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from carecl.tuners.brmoe import BRMoELayer, BRMoEViT, RoutingRecord
-    from carecl.engine.experiment import Learner
+    from carecl.engine.experiment import Experiment
 
 OUTPUT_DIR = "diagnostics"
 TABLE_MD = "routing.md"
@@ -243,7 +243,7 @@ class RoutingDiagnostics:
         """Recall per block, entropy-gap distributions, expert weight shares, R@M per true task: PNG + SVG."""
         from matplotlib.figure import Figure
 
-        from carecl.report.build import save_figure
+        from carecl.report.figures import save_figure
 
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
@@ -318,7 +318,7 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def _formatted(values: Sequence[float], formats: Sequence[str]) -> list[str]:
-    return ["n/a" if math.isnan(value) else format(value, spec) for value, spec in zip(values, formats)]
+    return [format_number(value, spec) for value, spec in zip(values, formats)]
 
 
 # --------------------------------------------------------------------------- collecting
@@ -387,22 +387,22 @@ def brmoe_model_of(method: torch.nn.Module) -> BRMoEViT:
     return models[0]
 
 
-def diagnose_routing(learner: Learner, loader: DataLoader | None = None) -> RoutingDiagnostics:
+def diagnose_routing(experiment: Experiment, loader: DataLoader | None = None) -> RoutingDiagnostics:
     """Routing diagnostics of a learner on `loader` (default: the test images of all seen classes).
 
     The loader yields (images, labels) with labels as positions in the class order, as
     `Learner.test_loader` does; each sample's true task is the task that introduced its class.
     """
-    method = learner.method
+    method = experiment.method
     model = brmoe_model_of(method)
     if method.n_learned_tasks == 0:
         raise DiagnosticsError("the learner has learned no task yet: nothing to diagnose")
-    loader = loader if loader is not None else learner.test_loader(method.n_seen_classes)
-    task_of_class = torch.as_tensor(learner.scenario.task_of_class(), dtype=torch.long)
+    loader = loader if loader is not None else experiment.test_loader(method.n_seen_classes)
+    task_of_class = torch.as_tensor(experiment.scenario.task_of_class(), dtype=torch.long)
     was_training = method.training
     method.eval()
     try:
-        return diagnose_model(model, ((images, task_of_class[labels]) for images, labels in loader), learner.device)
+        return diagnose_model(model, ((images, task_of_class[labels]) for images, labels in loader), experiment.device)
     finally:
         method.train(was_training)
 
@@ -430,31 +430,3 @@ def write_diagnostics(diagnostics: RoutingDiagnostics, output: str | Path) -> di
         + f"\nPer expert and task: [{USAGE_CSV}]({USAGE_CSV})\n\n![routing]({png.name})  \n[SVG]({png.with_suffix('.svg').name})\n",
         encoding="utf-8")
     return files
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_command(subparsers: Any) -> None:
-    """Register `carecl diagnose RUN_DIR [--output DIR]`."""
-    parser = subparsers.add_parser(
-        "diagnose", help="routing diagnostics of a CaRE run: R@M, E@K, entropy gap, expert usage per block",
-        description="Run the task-free forward of a finished CaRE run on the test images of its seen classes "
-                    "and measure, per block, how often each sample is routed to its own task's router (R@M) "
-                    "and expert (E@K), the entropy gap of its task's class perceptron, and expert usage.")
-    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory written by carecl train/demo")
-    parser.add_argument("--output", type=Path, metavar="DIR", help=f"folder for the files (default: RUN_DIR/{OUTPUT_DIR})")
-    parser.set_defaults(handler=command_diagnose)
-
-
-def command_diagnose(args: argparse.Namespace) -> int:
-    from carecl.runs.state import load_learner
-    from carecl.runs.directory import RunDirectory
-
-    learner = load_learner(RunDirectory.open(args.run))
-    diagnostics = diagnose_routing(learner)
-    files = write_diagnostics(diagnostics, args.output or args.run / OUTPUT_DIR)
-    print(diagnostics.table())
-    print(f"table: {files['markdown']}  ({files['csv'].name}, {files['usage'].name})")
-    print(f"figure: {files['figure']}")
-    return 0

@@ -130,6 +130,22 @@ class BRMoELayer(nn.Module):
     def clear_anchor(self) -> None:
         self._anchor = None
 
+    def anchor_state(self) -> dict[str, Tensor]:
+        """The anchor by shared-adapter parameter name ({} when none is set)."""
+        if self._anchor is None:
+            return {}
+        return {name: anchor for (name, _), anchor in zip(self.shared.named_parameters(), self._anchor)}
+
+    def load_anchor_state(self, state: dict[str, Tensor]) -> None:
+        if not state:
+            self._anchor = None
+            return
+        names = [name for name, _ in self.shared.named_parameters()]
+        if sorted(state) != sorted(names):
+            raise KeyError(f"anchor state needs {names}, got {sorted(state)}")
+        self._anchor = [state[name].detach().to(self.shared.scale.device, self.shared.scale.dtype).clone()
+                        for name in names]
+
     @torch.no_grad()
     def _pull_shared_towards_anchor(self) -> None:
         momentum = self.config.anchor_momentum

@@ -131,6 +131,16 @@ class BRMoEViT(nn.Module):
         for layer in self.layers:
             layer.clear_anchor()
 
+    def anchor_state(self) -> dict[str, Tensor]:
+        """Every block's anchor, `layers.L.<shared parameter>` ({} when none is set): saved mid-phase."""
+        return {f"layers.{index}.{name}": tensor for index, layer in enumerate(self.layers)
+                for name, tensor in layer.anchor_state().items()}
+
+    def load_anchor_state(self, state: dict[str, Tensor]) -> None:
+        for index, layer in enumerate(self.layers):
+            prefix = f"layers.{index}."
+            layer.load_anchor_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Shared adapters and the current task's expert, router and perceptron of every block."""
         return [p for layer in self.layers for p in layer.trainable_parameters()]

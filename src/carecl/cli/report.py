@@ -1,0 +1,25 @@
+"""`carecl report RUN_DIR [RUN_DIR ...] --output DIR`: plots, report.md and summary.csv."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from carecl.report.build import build_report
+
+
+def add_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report", help="plots, report.md and summary.csv comparing one or more run directories",
+        description="Compare finished (or still running) carecl runs: accuracy curves, accuracy "
+                    "matrices, forgetting per task, and a summary table (report.md, summary.csv).")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by carecl train/demo")
+    parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="folder for the report (created if needed)")
+    parser.set_defaults(handler=command_report)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    report = build_report(args.runs, args.output)
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,194 @@
+"""Whole runs: build and check everything, create (or reopen) the run directory under its lock, then
+hand over to the loop; and say clearly where a run stands when it stops.
+
+Order for a new run: every config value, the data, the backbone and the device are checked while
+building the Experiment; only then is the run directory created, its lock taken, and config.yaml
+written under that lock. A start that fails leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from carecl.config import ExperimentConfig, save_config
+from carecl.distributed import SINGLE_PROCESS, Distributed
+from carecl.distributed import setup as setup_distributed
+from carecl.engine.checkpointing import restore, resume_config, save_checkpoint
+from carecl.engine.experiment import Experiment, seed_everything
+from carecl.engine.loop import TaskWriter, TrainingError, build_run_logger, learn_all_tasks
+from carecl.errors import CareclError
+from carecl.metrics import RunSummary
+from carecl.runs.checkpoints import CheckpointError, write_error
+from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
+from carecl.runs.state import RunProgress, config_differences
+
+log = logging.getLogger("carecl")
+
+
+def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
+    """Build everything (failing early on bad input), then learn and evaluate task by task.
+
+    Under torchrun every process runs this; rank 0 alone creates and writes the run directory.
+    """
+    distributed = setup_distributed(config.train.device)
+    RunDirectory.check_available(output)
+    seed_everything(config.seed)
+    experiment = Experiment.build(config, distributed=distributed)
+    distributed.barrier()  # every rank has checked `output` before rank 0 creates it
+    if not distributed.is_main:
+        distributed.barrier()
+        with training_session(RunDirectory(output), distributed):
+            return learn_all_tasks(experiment, TaskWriter(), build_run_logger(experiment, output))
+    with RunDirectory.created(output, config, class_names=experiment.data.class_names) as run:
+        distributed.barrier()
+        with training_session(run, distributed, lock=False):
+            describe_start(experiment)
+            return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path))
+
+
+def describe_start(experiment: Experiment) -> None:
+    config, scenario, distributed = experiment.config, experiment.scenario, experiment.distributed
+    log.info("%s on %s: %d classes in %d tasks %s, device %s%s", config.method.name, config.data.dataset,
+             scenario.n_classes, scenario.n_tasks, list(scenario.sizes)[:8], experiment.device,
+             f", {distributed.world_size} processes" if distributed.enabled else "")
+
+
+def run_writer(run: RunDirectory, experiment: Experiment) -> TaskWriter:
+    """Checkpoints and metrics into `run` (rank 0 only)."""
+    if not experiment.distributed.is_main:
+        return TaskWriter()
+
+    def write_metrics(progress: RunProgress) -> None:
+        run.write_metrics(progress.evaluations, progress.metrics_extra(experiment.scenario))
+
+    return TaskWriter(lambda progress, state: save_checkpoint(run, experiment, progress, state), write_metrics)
+
+
+def resume_experiment(output: str | Path, config: ExperimentConfig | None = None, overrides: Sequence[str] = ()) -> RunSummary:
+    """Continue a run from its last complete checkpoint, to the same numbers as an uninterrupted run.
+
+    The run's own config.yaml is the config; `config` (e.g. from --config) must equal it, and it or
+    `overrides` may change only RESUME_OVERRIDABLE keys (data location, device, progress, ...).
+    Everything is read and checked before anything in the run directory is touched. Under torchrun
+    every rank restores the same checkpoint (the run directory must be on a shared file system).
+    """
+    run = RunDirectory(output)
+    if not (run.path / CONFIG_FILE).is_file():
+        raise RunDirectoryError(f"cannot resume {run.path}: {run.path / CONFIG_FILE} not found (not a carecl run directory)")
+    config = resume_config(run, config, overrides)
+    distributed = setup_distributed(config.train.device)
+    with training_session(run, distributed):
+        if distributed.is_main:
+            run.checkpoints.remove_staging()
+        checkpoint = run.resume_checkpoint()
+        if checkpoint is None:  # killed before its first checkpoint: nothing to keep, start over
+            log.info("resuming %s: no checkpoint yet, starting from the first task", run.path)
+            seed_everything(config.seed)
+            experiment = Experiment.build(config, distributed=distributed)
+            record_changes(run, config, distributed)
+            return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path))
+        experiment, progress, state = restore(run, checkpoint, config)
+        log.info("resuming %s from checkpoint %s (%d of %d tasks done)", run.path, checkpoint.name,
+                 progress.n_tasks, experiment.scenario.n_tasks)
+        if progress.n_tasks < experiment.scenario.n_tasks:
+            record_changes(run, config, distributed)
+        if distributed.is_main:
+            run.repair_mirror()
+        return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path),
+                               progress, state)
+
+
+# Resume changes config.yaml keeps: those that change what the remaining tasks compute, and where the data now are.
+RECORDED_CHANGES = ("train.lr", "train.min_lr", "data.root")
+
+
+def record_changes(run: RunDirectory, config: ExperimentConfig, distributed: Distributed) -> None:
+    """Write a resume's lasting changes (a lower train.lr after a NaN, a new data.root) into config.yaml, and log them;
+    operational ones (device, progress, workers, ...) apply to this session only."""
+    stored = run.config()
+    changed = [key for key in config_differences(stored, config) if key in RECORDED_CHANGES]
+    if not changed or not distributed.is_main:
+        return
+    for key in changed:
+        section, name = key.split(".")
+        setattr(getattr(stored, section), name, getattr(getattr(config, section), name))
+    config = stored
+    log.info("resuming with %s changed; %s records the new values", ", ".join(changed), run.path / CONFIG_FILE)
+    try:
+        save_config(config, run.path / CONFIG_FILE)
+    except OSError as error:
+        raise write_error(run.path / CONFIG_FILE, error) from None
+
+
+@contextlib.contextmanager
+def training_session(run: RunDirectory, distributed: Distributed = SINGLE_PROCESS, lock: bool = True) -> Iterator[None]:
+    """Lock the run directory (unless the caller holds the lock), log to its log.txt, and say where the run
+    stands, and what to do next, if it stops. Only rank 0 does any of that: other ranks log warnings only."""
+    if not distributed.is_main:
+        with quiet_logging():
+            yield
+        return
+    with run.lock() if lock else contextlib.nullcontext():
+        handler = attach_log_file(run.path)
+        try:
+            with logging_redirect_tqdm():
+                yield
+        except CheckpointError as error:  # a damaged checkpoint: its own message says which file
+            log.error("stopped: %s", error)
+            raise
+        except TrainingError as error:
+            log.error("stopped: %s", error)
+            log.error("%s; %s", where_it_stands(run), next_steps_after_divergence(run))
+            raise
+        except CareclError as error:
+            log.error("stopped: %s", error)
+            log.error("%s; continue with `carecl train --resume %s`", where_it_stands(run), run.path)
+            raise
+        except KeyboardInterrupt:
+            log.error("interrupted (Ctrl-C); %s; continue with `carecl train --resume %s`", where_it_stands(run), run.path)
+            raise
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def where_it_stands(run: RunDirectory) -> str:
+    try:
+        pointer = run.checkpoints.pointer() if run.checkpoints.exists() else None
+    except CheckpointError:
+        pointer = None
+    return f"its last checkpoint {pointer['resume']} is intact" if pointer else "no checkpoint was written yet"
+
+
+def next_steps_after_divergence(run: RunDirectory) -> str:
+    config = run.config()
+    lower = config.train.lr / 10
+    return (f"resume the unfinished task with a lower learning rate, `carecl train --resume {run.path} "
+            f"--set train.lr={lower:g}` (earlier tasks keep their results), or start a new run with a lower train.lr")
+
+
+@contextlib.contextmanager
+def quiet_logging() -> Iterator[None]:
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def attach_log_file(directory: Path) -> logging.Handler:
+    try:
+        handler = logging.FileHandler(directory / LOG_FILE)
+    except OSError as error:
+        raise write_error(directory / LOG_FILE, error) from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
