@@ -121,7 +121,7 @@ def resolve_weights_path(weights: str | Path) -> Path:
         from importlib import resources
 
         return Path(str(resources.files("carecl") / "assets" / weights[len(ASSET_PREFIX) :]))
-    return Path(weights)
+    return Path(weights).expanduser()
 
 
 def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:

@@ -137,11 +137,28 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (never to a stream replaced since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
-    """carecl's log lines on stderr; timm's informational messages (e.g. position-embedding resizing) hidden."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    if not verbose:
-        logging.getLogger("timm").setLevel(logging.WARNING)
+    """carecl's log lines on stderr, so stdout holds only results; timm's informational messages
+    (e.g. position-embedding resizing) hidden unless --verbose."""
+    for handler in [h for h in log.handlers if isinstance(h, ConsoleHandler)]:
+        log.removeHandler(handler)
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("timm").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

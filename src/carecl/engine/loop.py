@@ -73,8 +73,10 @@ def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume
     precision = Precision.build(train.precision, experiment.device)
     first_epoch = 0
     if resume is not None:
+        starting_lrs = [group["lr"] for group in optimizer.param_groups]
         load_optimizer_state(optimizer, resume.optimizer, resume.optimizer_tensors, "optimizer")
         scheduler.load_state_dict(resume.scheduler)
+        rescale_schedule(optimizer, scheduler, starting_lrs, phase.min_lr)
         precision.load_state(resume.scaler)
         first_epoch = resume.epoch
     epochs = tqdm(range(first_epoch, phase.epochs), desc=f"task {task.index + 1} {phase.name}", leave=False,
@@ -88,6 +90,19 @@ def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume
             save(MidTaskState(phase_index, epoch + 1, loader_generator=generator_state(loader),
                               **optimiser_states(optimizer, scheduler, precision)))
     optimizer.zero_grad(set_to_none=True)  # free gradient memory; nothing stale leaks into the next task
+
+
+def rescale_schedule(optimizer: torch.optim.Optimizer, scheduler, starting_lrs: list[float], min_lr: float) -> None:
+    """After restoring a mid-phase optimiser: if train.lr changed on resume (a lower one after a diverged
+    loss), continue the same cosine from the new starting lr, scaled at the point it had reached."""
+    for index, (group, start) in enumerate(zip(optimizer.param_groups, starting_lrs)):
+        saved = scheduler.base_lrs[index]
+        if saved == start:
+            continue
+        group["lr"] = min_lr + (group["lr"] - scheduler.eta_min) * (start - min_lr) / max(saved - scheduler.eta_min, 1e-30)
+        group["initial_lr"] = scheduler.base_lrs[index] = start
+    scheduler.eta_min = min_lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int, optimizer: torch.optim.Optimizer,

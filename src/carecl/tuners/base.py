@@ -1,0 +1,100 @@
+"""What every injector shares: it wraps an unmodified timm ViT, keeps the handles of what it changed,
+and `remove()` gives the ViT back exactly as it was (PEFT's config + layer + injector shape).
+
+Two ways in, both undone by `remove()`:
+- hooks on the ViT's own modules (adapters, SSF, VPT, BR-MoE), kept as RemovableHandles;
+- a module of the ViT replaced by a wrapper that holds the original and calls its weights
+  (attention with prefix keys/values), put back on removal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+class Injector(nn.Module):
+    """Base of the injectors: the frozen ViT (`vit`) plus the injected parts, all submodules, so `.to()`
+    moves them together; a method lists the ViT in `backbone_modules()` so it is never saved."""
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        check_supported(vit, type(self).__name__)
+        self.vit = vit.requires_grad_(False)
+        self._handles: list[RemovableHandle] = []
+        self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self.vit.blocks)
+
+    def add_hook(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def replace_module(self, parent: nn.Module, name: str, wrapper: nn.Module) -> None:
+        """Put `wrapper` where `parent.<name>` was; `remove()` puts the original back."""
+        self._replaced.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, wrapper)
+
+    @property
+    def injected(self) -> bool:
+        return bool(self._handles or self._replaced)
+
+    def remove(self) -> VisionTransformer:
+        """Undo every hook and replacement; the ViT computes exactly what it did before injection."""
+        for handle in reversed(self._handles):
+            handle.remove()
+        for parent, name, original in reversed(self._replaced):
+            setattr(parent, name, original)
+        self._handles, self._replaced = [], []
+        return self.vit
+
+
+def check_supported(vit: nn.Module, who: str) -> None:
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"{who} needs a timm VisionTransformer, got {type(vit).__name__}")
+    for index, block in enumerate(vit.blocks):
+        # The hooks rely on Block's layout: norm2's input is z_a, the block returns z_a + mlp part.
+        if type(block) is not Block:
+            raise TypeError(f"{who} supports timm's standard Block, vit.blocks[{index}] is {type(block).__name__}")
+    if vit.grad_checkpointing:
+        raise ValueError(f"{who}: timm grad checkpointing re-runs blocks outside their hooks; disable it")
+
+
+class ParallelBranch:
+    """A block-parallel branch: z' = z_a + mlp(norm2(z_a)) + branch(z_a), with z_a the MLP sub-block's input.
+
+    A pre-hook on `norm2` captures z_a; a forward hook on the block adds `branch(index, z_a)` to its
+    output (None adds nothing). Both handles go to the injector. The hooks are objects, not closures,
+    so a deep copy of the injector (a bound-method `branch`) gets hooks that call the copy.
+    """
+
+    def __init__(self, injector: Injector, branch: Callable[[int, Tensor], Tensor | None]) -> None:
+        self.branch = branch
+        self.inputs: dict[int, Tensor] = {}
+        for index, block in enumerate(injector.blocks):
+            injector.add_hook(block.norm2.register_forward_pre_hook(_CaptureInput(self, index)))
+            injector.add_hook(block.register_forward_hook(_AddBranch(self, index)))
+
+
+class _CaptureInput:
+    def __init__(self, parallel: ParallelBranch, index: int) -> None:
+        self.parallel, self.index = parallel, index
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.parallel.inputs[self.index] = args[0]
+
+
+class _AddBranch:
+    def __init__(self, parallel: ParallelBranch, index: int) -> None:
+        self.parallel, self.index = parallel, index
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        block_input = self.parallel.inputs.pop(self.index, None)
+        if block_input is None:
+            return None
+        added = self.parallel.branch(self.index, block_input)
+        return None if added is None else output + added
