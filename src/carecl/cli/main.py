@@ -27,7 +27,7 @@ COMMAND_MODULES = ("carecl.cli.report", "carecl.cli.compat", "carecl.cli.diagnos
 # What `carecl train --resume` may change (runs.state.RESUME_OVERRIDABLE, plus train.lr for the unfinished task).
 RESUME_HELP = ("continue a stopped run from its last checkpoint; its config.yaml is the config, and --set may change "
                "only where the data live and how the loop runs (data.root, data.num_workers, data.pin_memory, "
-               "data.persistent_workers, data.strict, data.cache_images, train.device, train.threads, train.progress, "
+               "data.persistent_workers, data.strict, train.device, train.threads, train.progress, "
                "train.checkpoint_every_epochs, train.compile, eval.every_n_tasks, eval.batch_size, logging.*), "
                "or lower train.lr / train.min_lr for the tasks still to learn (after a diverged loss)")
 

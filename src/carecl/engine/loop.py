@@ -234,7 +234,7 @@ def learn_all_tasks(experiment: Experiment, writer: TaskWriter, logger: RunLogge
         progress.wall_times.append(time.perf_counter() - started)
         progress.skipped_images.append(skipped_on_all_ranks(experiment.skipped_images, experiment.distributed))
         writer.save_checkpoint(progress, None)  # the task's training is safe before its evaluation runs
-        finish_evaluation(experiment, task, writer, logger, progress)
+        finish_evaluation(experiment, task, writer, logger, progress, started)
     return RunSummary.from_evaluations(progress.evaluations)
 
 
@@ -246,17 +246,21 @@ def evaluation_missing(experiment: Experiment, progress: RunProgress) -> bool:
 
 
 def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, logger: RunLogger,
-                      progress: RunProgress) -> None:
-    """Evaluate a just-finished task when due, report it, and write the metrics files."""
+                      progress: RunProgress, started: float | None = None) -> None:
+    """Evaluate a just-finished task when due, report it, and write the metrics files; the task's wall
+    time (from `started`) then includes its evaluation."""
     config, scenario = experiment.config, experiment.scenario
     evaluation = None
     if should_evaluate(task, scenario.n_tasks, config.eval.every_n_tasks):
         evaluation = evaluate(experiment.method, experiment.test_loader(task.high), experiment.device, task.index,
                               config.eval.topk, distributed=experiment.distributed)
         progress.evaluations.append(evaluation)
-        logger.log_task(task.index, evaluation, progress.wall_times[task.index])
+        logger.log_task(task.index, evaluation, (time.perf_counter() - started) if started is not None
+                        else progress.wall_times[task.index])
         # Unreadable test images met by the evaluation count towards this task too.
         progress.skipped_images[task.index] = skipped_on_all_ranks(experiment.skipped_images, experiment.distributed)
+    if started is not None:
+        progress.wall_times[task.index] = time.perf_counter() - started
     log.info("%s", task_line(task, scenario.n_tasks, evaluation, progress))
     log_skipped_images(task, progress.skipped_images[task.index])
     writer.write_metrics(progress)

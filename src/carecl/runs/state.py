@@ -21,7 +21,7 @@ from carecl.scenario import Scenario
 # of the tasks still to learn (a lower one after a diverged loss); never what finished tasks computed.
 RESUME_OVERRIDABLE = frozenset({
     "train.lr", "train.min_lr",
-    "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.strict", "data.cache_images",
+    "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.strict",
     "train.device", "train.threads", "train.progress", "train.checkpoint_every_epochs", "train.compile",
     "eval.every_n_tasks", "eval.batch_size", "logging.tensorboard", "logging.every_n_steps",
 })
