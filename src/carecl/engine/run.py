@@ -93,6 +93,7 @@ def resume_experiment(output: str | Path, config: ExperimentConfig | None = None
             record_changes(run, config, distributed)
             return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path))
         experiment, progress, state = restore(run, checkpoint, config)
+        progress.merge_recorded(recorded_metrics(run))
         log.info("resuming %s from checkpoint %s (%d of %d tasks done)", run.path, checkpoint.name,
                  progress.n_tasks, experiment.scenario.n_tasks)
         if progress.n_tasks < experiment.scenario.n_tasks:
@@ -105,6 +106,14 @@ def resume_experiment(output: str | Path, config: ExperimentConfig | None = None
 
 # Resume changes config.yaml keeps: those that change what the remaining tasks compute, and where the data now are.
 RECORDED_CHANGES = ("train.lr", "train.min_lr", "data.root")
+
+
+def recorded_metrics(run: RunDirectory) -> dict | None:
+    """metrics.json as the run last wrote it (None when absent or unreadable: evaluations are then redone)."""
+    try:
+        return run.metrics()
+    except (OSError, ValueError):
+        return None
 
 
 def record_changes(run: RunDirectory, config: ExperimentConfig, distributed: Distributed) -> None:

@@ -58,6 +58,21 @@ class RunProgress:
                    list(document["wall_time_s"]), list(document["skipped_images"]), int(document["global_step"]))
 
 
+    def merge_recorded(self, metrics: dict[str, Any] | None) -> None:
+        """Take the evaluations and wall times metrics.json recorded for finished tasks after this record's
+        checkpoint was written (a task is checkpointed before its evaluation), so they are not redone."""
+        if not metrics:
+            return
+        known = {e.task for e in self.evaluations}
+        for document in metrics.get("tasks") or []:
+            if isinstance(document, dict) and document.get("task", self.n_tasks) < self.n_tasks and document["task"] not in known:
+                self.evaluations.append(evaluation_from_json(document))
+        self.evaluations.sort(key=lambda e: e.task)
+        recorded = metrics.get("wall_time_s") or []
+        for index, seconds in enumerate(recorded[: self.n_tasks]):
+            self.wall_times[index] = float(seconds)
+
+
 def evaluation_from_json(document: dict[str, Any]) -> TaskEvaluation:
     """JSON has null for NaN (old accuracy of the first task, empty groups)."""
     nan = float("nan")
