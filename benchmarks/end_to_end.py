@@ -91,6 +91,17 @@ class HookClock:
                 setattr(CaRE, name, original)
 
 
+def task_breakdown(clock: HookClock, wall: list[float]) -> list[dict]:
+    """Per task: the engine's wall time split into train / statistics / alignment / evaluation / other."""
+    tasks = []
+    for index, task_wall in enumerate(wall):
+        parts = clock.parts[index]
+        tasks.append({"task": index, "wall": task_wall, "train": parts["train"], "statistics": parts["statistics"],
+                      "alignment": parts["alignment"], "evaluation": task_wall - parts["learn"],
+                      "other": parts["learn"] - parts["train"] - parts["statistics"] - parts["alignment"]})
+    return tasks
+
+
 def measure(device: str, args) -> dict:
     overrides = [*args.set, f"train.device={device}", "train.progress=false"]
     if args.quick:
@@ -104,12 +115,7 @@ def measure(device: str, args) -> dict:
         total = time.perf_counter() - started
         # The engine's own wall time per task: learning plus evaluation (saving excluded).
         wall = json.loads((Path(output) / "metrics.json").read_text())["wall_time_s"]
-    tasks = []
-    for index, task_wall in enumerate(wall):
-        parts = clock.parts[index]
-        tasks.append({"task": index, "wall": task_wall, "train": parts["train"], "statistics": parts["statistics"],
-                      "alignment": parts["alignment"], "evaluation": task_wall - parts["learn"],
-                      "other": parts["learn"] - parts["train"] - parts["statistics"] - parts["alignment"]})
+    tasks = task_breakdown(clock, wall)
     return {"machine": common.machine(device), "config": str(Path(args.config).resolve().relative_to(common.ROOT))
             if Path(args.config).resolve().is_relative_to(common.ROOT) else str(args.config),
             "overrides": overrides, "total_seconds": total, "a_last": summary.a_last,

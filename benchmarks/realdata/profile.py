@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import assets  # noqa: E402
 import common  # noqa: E402
-from end_to_end import HookClock  # noqa: E402
+from end_to_end import HookClock, task_breakdown  # noqa: E402
 
 from carecl.config import load_config  # noqa: E402
 from carecl.engine import Experiment, run_experiment  # noqa: E402
@@ -75,12 +75,7 @@ def main() -> int:
         wall = json.loads((Path(scratch) / "run" / "metrics.json").read_text())["wall_time_s"]
         loading = loader_pass_seconds(config)
         n_train = len(Experiment.build(config).train_loader(Experiment.build(config).scenario.task(0)).dataset)
-    tasks = []
-    for index, task_wall in enumerate(wall):
-        parts = clock.parts[index]
-        tasks.append({"task": index, "wall": task_wall, "train": parts["train"], "statistics": parts["statistics"],
-                      "alignment": parts["alignment"], "evaluation": task_wall - parts["learn"],
-                      "other": parts["learn"] - parts["train"] - parts["statistics"] - parts["alignment"]})
+    tasks = task_breakdown(clock, wall)
     epochs = [config.train.epochs, 2 * (config.train.epochs // 2)]
     document = {"machine": common.machine("cpu"), "config": str(args.config.resolve().relative_to(ROOT)),
                 "total_seconds": total, "top1_curve": summary.top1_curve, "tasks": tasks,

@@ -19,10 +19,6 @@ class CosineClassifier(nn.Module):
     def n_classes(self) -> int:
         return sum(head.shape[0] for head in self.heads)
 
-    @property
-    def block_sizes(self) -> list[int]:
-        return [head.shape[0] for head in self.heads]
-
     def add_block(self, n_classes: int) -> None:
         weight = torch.empty(n_classes, self.in_features)
         nn.init.trunc_normal_(weight, std=0.02)

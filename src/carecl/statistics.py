@@ -197,11 +197,6 @@ class GaussianClassStatistics:
     def class_ids(self) -> list[int]:
         return sorted(self._means)
 
-    @property
-    def feature_dim(self) -> int | None:
-        first = next(iter(self._means.values()), None)
-        return None if first is None else first.shape[0]
-
     def __len__(self) -> int:
         return len(self._means)
 
