@@ -15,7 +15,6 @@ import torch
 import yaml
 
 from carecl.cli.main import RESUME_HELP, main
-from carecl.config import save_config
 from carecl.runs.checkpoints import CheckpointStore
 from carecl.runs.directory import RunDirectory
 from carecl.runs.state import RESUME_OVERRIDABLE
