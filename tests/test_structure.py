@@ -88,3 +88,34 @@ def test_argparse_lives_in_cli_only():
     users = [path for path in (SRC / "carecl").rglob("*.py")
              if "import argparse" in path.read_text() and "cli" not in path.relative_to(SRC).parts]
     assert users == []
+
+
+def test_a_method_is_one_file_found_by_name(tmp_path, monkeypatch):
+    """Registering needs only the method's own module: the registry imports its package's modules on lookup."""
+    from carecl.registry import DiscoveringRegistry
+
+    package = tmp_path / "toy_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "toy.py").write_text(
+        "from toy_methods import REGISTRY\n"
+        "REGISTRY.add('toy', 'the toy entry')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = DiscoveringRegistry("method", "toy_methods")
+    import toy_methods
+
+    toy_methods.REGISTRY = registry
+    assert registry.get("toy") == "the toy entry"
+    assert registry.names() == ["toy"]
+
+
+def test_every_shipped_method_registers_options_and_learner():
+    from carecl.config import MethodConfig
+    from carecl.methods.base import Method
+    from carecl.registry import METHODS
+
+    assert {"care", "simplecil", "linear_probe"} <= set(METHODS.names())
+    for name in METHODS.names():
+        entry = METHODS.get(name)
+        assert issubclass(entry.options, MethodConfig) and entry.options.name == name
+        assert issubclass(entry.method, Method)
