@@ -185,3 +185,17 @@ def test_ssf_follows_every_target_layer():
     assert len(names) == 2 + 6 * len(vit.blocks)
     with pytest.raises(ValueError, match="not a module"):
         SSFInjector(tiny_vit(), SSFConfig(block_targets=["attn.qkvv"]))
+
+
+@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix"])
+def test_bypassed_injection_computes_the_frozen_vit(name):
+    vit, x = tiny_vit(), images()
+    with torch.no_grad():
+        reference = vit.forward_features(x)
+        injector = INJECTORS[name](vit)
+        perturb(injector)
+        with injector.bypassed():
+            frozen = run(injector, x)
+        changed = run(injector, x)
+    torch.testing.assert_close(frozen, reference, rtol=0, atol=0)
+    assert not torch.allclose(changed, reference, atol=1e-4)

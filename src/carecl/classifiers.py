@@ -1,10 +1,24 @@
-"""Cosine classifier with one weight block per task (CaRE, NoRGa, SLCA-style heads)."""
+"""Classifier heads shared by the methods.
+
+- `CosineClassifier`: one weight block per task, logit = cos(f, w) (CaRE, NoRGa, SLCA-style heads).
+- `ScaledCosineHead`: σ · cos(f, w) with a learnable σ (the first-session head of APER / RanPAC).
+- `PrototypeClassifier`: cosine similarity to class means (SimpleCIL, APER).
+- `RidgeClassifier`: least squares on accumulated Gram and correlation matrices, λ chosen by
+  validation (RanPAC).
+- `MahalanobisClassifier`: Mahalanobis distance to class means with shrunk, normalised covariances (FeCAM).
+- `AnalyticClassifier`: recursive least squares, exactly the joint ridge solution task after task (ACIL).
+
+Every head grows with the classes it has seen and keeps its state in registered buffers, so a
+method's `state_tensors()` saves it.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 
 class CosineClassifier(nn.Module):
@@ -31,3 +45,166 @@ class CosineClassifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(F.normalize(features, dim=-1), F.normalize(self.weight(), dim=-1))
+
+
+class ScaledCosineHead(nn.Module):
+    """σ · cos(f, w_k) with σ learnable from 1 and w uniform(±1/√d) (PILOT / RanPAC's CosineLinear)."""
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(n_classes, in_features).uniform_(-bound, bound))
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.sigma * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+class PrototypeClassifier(nn.Module):
+    """Class means of features; score = cosine similarity to each seen class's mean."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", torch.zeros(0, in_features))
+
+    def grow(self, n_classes: int) -> None:
+        grown = self.prototypes.new_zeros(n_classes, self.prototypes.shape[1])
+        grown[: self.prototypes.shape[0]] = self.prototypes
+        self.prototypes = grown
+
+    @torch.no_grad()
+    def fit_classes(self, features: Tensor, labels: Tensor, classes: range) -> None:
+        for class_id in classes:
+            self.prototypes[class_id] = features[labels == class_id].mean(0).to(self.prototypes.dtype)
+
+    def forward(self, features: Tensor, n_classes: int) -> Tensor:
+        return F.normalize(features, dim=-1) @ F.normalize(self.prototypes[:n_classes], dim=-1).T
+
+
+def one_hot(labels: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
+    return F.one_hot(labels.long(), n_classes).to(dtype)
+
+
+class RidgeClassifier(nn.Module):
+    """W = (G + λI)⁻¹ Q with G = Σ h hᵀ and Q = Σ h yᵀ accumulated over every task (float64).
+
+    λ is chosen per task as RanPAC does: fit on the first 80 % of the task's features, take the
+    λ in 10^-8 .. 10^8 with the lowest mean squared error on the other 20 %.
+    """
+
+    RIDGES = tuple(10.0 ** k for k in range(-8, 9))
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("gram", torch.zeros(in_features, in_features, dtype=torch.float64))
+        self.register_buffer("correlation", torch.zeros(in_features, n_classes, dtype=torch.float64))
+        self.register_buffer("weight", torch.zeros(n_classes, in_features, dtype=torch.float64))
+        self.register_buffer("ridge", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit_task(self, features: Tensor, labels: Tensor) -> float:
+        """Add a task's features (N, d) and labels, choose λ on them, solve; returns λ."""
+        h = features.to(torch.float64)
+        y = one_hot(labels, self.correlation.shape[1], torch.float64)
+        self.gram += h.T @ h
+        self.correlation += h.T @ y
+        ridge = select_ridge(h, y, self.RIDGES)
+        eye = torch.eye(self.gram.shape[0], dtype=torch.float64, device=self.gram.device)
+        self.weight = torch.linalg.solve(self.gram + ridge * eye, self.correlation).T.contiguous()
+        self.ridge.fill_(ridge)
+        return ridge
+
+    def forward(self, features: Tensor, n_classes: int) -> Tensor:
+        return features.to(torch.float64) @ self.weight[:n_classes].T
+
+
+def select_ridge(h: Tensor, y: Tensor, ridges: tuple[float, ...]) -> float:
+    """The λ with the lowest validation MSE: train on the first 80 % of rows, validate on the rest (RanPAC)."""
+    n_train = int(h.shape[0] * 0.8)
+    gram, correlation = h[:n_train].T @ h[:n_train], h[:n_train].T @ y[:n_train]
+    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    losses = [F.mse_loss(h[n_train:] @ torch.linalg.solve(gram + ridge * eye, correlation), y[n_train:]).item()
+              for ridge in ridges]
+    return ridges[int(torch.tensor(losses).argmin())]
+
+
+class MahalanobisClassifier(nn.Module):
+    """FeCAM: per class, the mean and the shrunk, correlation-normalised covariance of L2-normalised
+    features; score = −(f − µ_c)ᵀ Σ_c⁺ (f − µ_c), with f L2-normalised too.
+
+    Shrinkage (the authors' ViT code): Σ + α₁·mean(diag Σ)·I + α₂·mean(off-diagonal Σ)·(1 − I), then
+    Σ_ij / √(Σ_ii Σ_jj). The pseudo-inverse of each class is computed once, when the class is fitted.
+    """
+
+    def __init__(self, in_features: int, alpha1: float = 10.0, alpha2: float = 10.0) -> None:
+        super().__init__()
+        self.alpha1, self.alpha2 = alpha1, alpha2
+        self.register_buffer("means", torch.zeros(0, in_features))
+        self.register_buffer("precisions", torch.zeros(0, in_features, in_features))
+
+    def grow(self, n_classes: int) -> None:
+        d = self.means.shape[1]
+        means, precisions = self.means.new_zeros(n_classes, d), self.precisions.new_zeros(n_classes, d, d)
+        means[: self.means.shape[0]], precisions[: self.precisions.shape[0]] = self.means, self.precisions
+        self.means, self.precisions = means, precisions
+
+    @torch.no_grad()
+    def fit_classes(self, features: Tensor, labels: Tensor, classes: range) -> None:
+        normalised = F.normalize(features.to(torch.float64), dim=-1)
+        for class_id in classes:
+            samples = normalised[labels == class_id]
+            self.means[class_id] = samples.mean(0).to(self.means.dtype)
+            covariance = normalise_covariance(shrink_covariance(torch.cov(samples.T), self.alpha1, self.alpha2))
+            self.precisions[class_id] = torch.linalg.pinv(covariance, hermitian=True).to(self.precisions.dtype)
+
+    def forward(self, features: Tensor, n_classes: int) -> Tensor:
+        difference = F.normalize(features.to(self.means.dtype), dim=-1)[:, None, :] - self.means[None, :n_classes]
+        # (B, C, d) · (C, d, d) · (B, C, d): one squared distance per sample and class.
+        distance = torch.einsum("bcd,cde,bce->bc", difference, self.precisions[:n_classes], difference)
+        return -distance
+
+
+def shrink_covariance(covariance: Tensor, alpha1: float, alpha2: float) -> Tensor:
+    d = covariance.shape[0]
+    eye = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+    diagonal_mean = covariance.diagonal().mean()
+    off_diagonal = covariance * (1 - eye)
+    nonzero = off_diagonal != 0
+    off_diagonal_mean = off_diagonal[nonzero].mean() if nonzero.any() else covariance.new_zeros(())
+    return covariance + alpha1 * diagonal_mean * eye + alpha2 * off_diagonal_mean * (1 - eye)
+
+
+def normalise_covariance(covariance: Tensor) -> Tensor:
+    deviation = covariance.diagonal().sqrt()
+    return covariance / (deviation[:, None] * deviation[None, :])
+
+
+class AnalyticClassifier(nn.Module):
+    """ACIL's recursive least squares: after every task W equals the ridge solution on all data so far,
+
+        W = (Σ_t X_tᵀX_t + γI)⁻¹ Σ_t X_tᵀY_t,
+
+    updated from the new task's X, Y alone with the Woodbury identity through R = (Σ XᵀX + γI)⁻¹.
+    Classes added later get zero columns in W (their rows of Y were zero before).
+    """
+
+    def __init__(self, in_features: int, gamma: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(in_features, 0, dtype=torch.float64))
+        self.register_buffer("inverse", torch.eye(in_features, dtype=torch.float64) / gamma)
+
+    @torch.no_grad()
+    def fit_task(self, features: Tensor, labels: Tensor, n_classes: int) -> None:
+        x = features.to(torch.float64)
+        if n_classes > self.weight.shape[1]:
+            self.weight = torch.cat([self.weight, self.weight.new_zeros(self.weight.shape[0], n_classes - self.weight.shape[1])], 1)
+        y = one_hot(labels, n_classes, torch.float64)
+        r = self.inverse
+        # Woodbury: (R⁻¹ + XᵀX)⁻¹ = R − R Xᵀ (I + X R Xᵀ)⁻¹ X R
+        inner = torch.eye(x.shape[0], dtype=torch.float64, device=x.device) + x @ r @ x.T
+        r = r - r @ x.T @ torch.linalg.solve(inner, x @ r)
+        self.weight = self.weight + r @ x.T @ (y - x @ self.weight)
+        self.inverse = r
+
+    def forward(self, features: Tensor, n_classes: int) -> Tensor:
+        return features.to(torch.float64) @ self.weight[:, :n_classes]

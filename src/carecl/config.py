@@ -271,6 +271,17 @@ def _check_scalar(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _over_default(spec: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a nested section overrides that section's default keys one by one (a method's
+    options may default a nested section differently from the section's own class)."""
+    if not isinstance(value, dict) or spec.default_factory is dataclasses.MISSING or spec.name == "method":
+        return value
+    default = spec.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return {**dataclasses.asdict(default), **value}
+
+
 def method_options_class(name: Any, where: str = "method") -> type:
     """The options dataclass of the method registered as `name`."""
     if not isinstance(name, str):
@@ -292,7 +303,7 @@ def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
         dotted = f"{where}.{key}" if where else key
         if key not in fields:
             raise ConfigError(f"unknown config key {dotted!r}{_suggest(key, sorted(fields))}")
-        kwargs[key] = _check_value(value, hints[key], dotted)
+        kwargs[key] = _check_value(_over_default(fields[key], value), hints[key], dotted)
     instance = cls(**kwargs)
     validate = getattr(instance, "validate", None)
     if callable(validate):

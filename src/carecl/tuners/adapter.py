@@ -59,9 +59,7 @@ class ParallelAdapterInjector(Injector):
         reference = next(vit.parameters())
         self.adapters = nn.ModuleList(BottleneckAdapter(vit.embed_dim, config) for _ in vit.blocks).to(
             reference.device, reference.dtype)
-        # `enabled` False runs the plain ViT through the same hooks (APER's frozen-feature half).
-        self.enabled = True
         ParallelBranch(self, self._branch)
 
-    def _branch(self, index: int, block_input: Tensor) -> Tensor | None:
-        return self.adapters[index](block_input) if self.enabled else None
+    def _branch(self, index: int, block_input: Tensor) -> Tensor:
+        return self.adapters[index](block_input)

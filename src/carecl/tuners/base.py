@@ -9,7 +9,8 @@ Two ways in, both undone by `remove()`:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -26,6 +27,17 @@ class Injector(nn.Module):
         self.vit = vit.requires_grad_(False)
         self._handles: list[RemovableHandle] = []
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        # False: the hooks stand aside and the ViT computes its frozen output (APER's first branch).
+        self.active = True
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Run the plain, frozen ViT inside the block, with the injection kept in place."""
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
 
     @property
     def blocks(self) -> list[Block]:
@@ -73,6 +85,7 @@ class ParallelBranch:
     """
 
     def __init__(self, injector: Injector, branch: Callable[[int, Tensor], Tensor | None]) -> None:
+        self.injector = injector
         self.branch = branch
         self.inputs: dict[int, Tensor] = {}
         for index, block in enumerate(injector.blocks):
@@ -94,7 +107,7 @@ class _AddBranch:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         block_input = self.parallel.inputs.pop(self.index, None)
-        if block_input is None:
+        if block_input is None or not self.parallel.injector.active:
             return None
         added = self.parallel.branch(self.index, block_input)
         return None if added is None else output + added

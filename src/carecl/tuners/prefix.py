@@ -51,7 +51,7 @@ class PrefixAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         prefix = self._owner.active_prefix(self.index)
         hook = self._owner.score_hook
-        if prefix is None and hook is None:
+        if (prefix is None and hook is None) or not self._owner.active:
             return self.attention(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise NotImplementedError("prefix attention with an attention mask is not supported")

@@ -20,13 +20,18 @@ MODEL_TARGETS = ("patch_embed.proj", "norm")
 class SSFConfig:
     block_targets: list[str] = field(default_factory=lambda: list(BLOCK_TARGETS))
     model_targets: list[str] = field(default_factory=lambda: list(MODEL_TARGETS))
+    # γ ~ N(1, std), β ~ N(0, std) at the start; 0 = exactly the identity (SSF's paper and PILOT use 0.02).
+    init_std: float = 0.0
 
 
 class ScaleShift(nn.Module):
-    def __init__(self, channels: int, channel_dim: int) -> None:
+    def __init__(self, channels: int, channel_dim: int, init_std: float = 0.0) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(channels))
         self.shift = nn.Parameter(torch.zeros(channels))
+        if init_std > 0:
+            nn.init.normal_(self.scale, mean=1.0, std=init_std)
+            nn.init.normal_(self.shift, std=init_std)
         self.channel_dim = channel_dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -50,19 +55,19 @@ class SSFInjector(Injector):
                 raise ValueError(f"SSF target {name!r} is not a module of this ViT")
             module = modules[name]
             channels, channel_dim = output_channels(module)
-            factor = ScaleShift(channels, channel_dim).to(reference.device, reference.dtype)
+            factor = ScaleShift(channels, channel_dim, config.init_std).to(reference.device, reference.dtype)
             self.factors[name.replace(".", "_")] = factor
-            self.add_hook(module.register_forward_hook(_ApplyAfter(factor)))
+            self.add_hook(module.register_forward_hook(_ApplyAfter(self, factor)))
 
 
 class _ApplyAfter:
     """Forward hook: the module's output through `factor` (an object, so deep copies stay independent)."""
 
-    def __init__(self, factor: ScaleShift) -> None:
-        self.factor = factor
+    def __init__(self, injector: Injector, factor: ScaleShift) -> None:
+        self.injector, self.factor = injector, factor
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return self.factor(output)
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        return self.factor(output) if self.injector.active else None
 
 
 def output_channels(module: nn.Module) -> tuple[int, int]:

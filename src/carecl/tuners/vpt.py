@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -23,13 +24,15 @@ class VPTConfig:
     n_prompts: int = 5
     deep: bool = False
     dropout: float = 0.0
+    # uniform: ±sqrt(6 / (3·patch² + C)) as VPT's paper; zeros: as LAMDA-PILOT's VPT (APER).
+    init: Literal["uniform", "zeros"] = "uniform"
 
     def validate(self) -> None:
         require(self.n_prompts >= 0, "n_prompts", f"must be >= 0, got {self.n_prompts}")
 
 
 class VPTInjector(Injector):
-    """`prompts` (blocks or 1, n_prompts, C), uniform init in ±sqrt(6 / (3·patch² + C)) as in VPT."""
+    """`prompts` (blocks or 1, n_prompts, C), initialised as `VPTConfig.init` says."""
 
     def __init__(self, vit: VisionTransformer, config: VPTConfig) -> None:
         super().__init__(vit)
@@ -40,8 +43,10 @@ class VPTInjector(Injector):
         patch = vit.patch_embed.patch_size[0]
         bound = math.sqrt(6.0 / float(3 * patch * patch + vit.embed_dim))
         reference = next(vit.parameters())
-        self.prompts = nn.Parameter(torch.empty(depth, config.n_prompts, vit.embed_dim, device=reference.device,
-                                                dtype=reference.dtype).uniform_(-bound, bound))
+        prompts = torch.zeros(depth, config.n_prompts, vit.embed_dim, device=reference.device, dtype=reference.dtype)
+        if config.init == "uniform":
+            prompts.uniform_(-bound, bound)
+        self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(config.dropout)
         self.n_prefix = vit.num_prefix_tokens  # CLS (+ registers): prompts go right after them
         blocks = self.blocks
@@ -52,7 +57,7 @@ class VPTInjector(Injector):
 
     def insert(self, index: int, x: Tensor) -> Tensor | None:
         """Block `index`'s input with its prompts after the CLS token (deep: in place of the previous ones)."""
-        if self.n_prompts == 0:
+        if self.n_prompts == 0 or not self.active:
             return None
         prompts = self.dropout(self.prompts[index if self.deep else 0]).expand(x.shape[0], -1, -1)
         prefix, rest = x[:, : self.n_prefix], x[:, self.n_prefix:]
@@ -61,7 +66,7 @@ class VPTInjector(Injector):
         return torch.cat([prefix, prompts.to(x.dtype), rest], dim=1)
 
     def _drop_prompts(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        if self.n_prompts == 0:
+        if self.n_prompts == 0 or not self.active:
             return None
         return torch.cat([output[:, : self.n_prefix], output[:, self.n_prefix + self.n_prompts:]], dim=1)
 

@@ -1,0 +1,149 @@
+"""Baselines on frozen or first-session-adapted features: each core step against its closed form, and
+each method through three tasks of the one training loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carecl.classifiers import AnalyticClassifier, MahalanobisClassifier, RidgeClassifier, select_ridge
+from carecl.engine import Experiment, learn_task, run_experiment
+
+from conftest import tiny_config
+
+
+def blobs(n_per_class: int, n_classes: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(n_classes, dim, generator=g)
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    return centres[labels] + torch.randn(len(labels), dim, generator=g), labels
+
+
+# ---------------------------------------------------------------- ridge (RanPAC)
+
+
+def test_ridge_solution_is_numpys_closed_form_on_everything_seen():
+    features, labels = blobs(20, 4, 6)
+    head = RidgeClassifier(6, 4)
+    first, second = labels < 2, labels >= 2
+    head.fit_task(features[first], labels[first])
+    ridge = head.fit_task(features[second], labels[second])
+    x, y = features.double().numpy(), np.eye(4)[labels.numpy()]
+    expected = np.linalg.solve(x.T @ x + ridge * np.eye(6), x.T @ y).T
+    np.testing.assert_allclose(head.weight.numpy(), expected, rtol=1e-9, atol=1e-10)
+    assert ridge in RidgeClassifier.RIDGES
+
+
+def test_ridge_is_chosen_by_validation_mse_on_the_last_fifth():
+    features, labels = blobs(10, 3, 5, seed=1)
+    h, y = features.double(), torch.nn.functional.one_hot(labels, 3).double()
+    losses = []
+    for ridge in RidgeClassifier.RIDGES:
+        w = np.linalg.solve(h[:24].numpy().T @ h[:24].numpy() + ridge * np.eye(5), h[:24].numpy().T @ y[:24].numpy())
+        losses.append(((h[24:].numpy() @ w - y[24:].numpy()) ** 2).mean())
+    assert select_ridge(h, y, RidgeClassifier.RIDGES) == RidgeClassifier.RIDGES[int(np.argmin(losses))]
+
+
+# ---------------------------------------------------------------- recursive least squares (ACIL)
+
+
+def test_recursive_analytic_update_equals_the_joint_ridge_solve():
+    features, labels = blobs(15, 6, 8, seed=2)
+    head, gamma = AnalyticClassifier(8, gamma=0.5), 0.5
+    for task in range(3):  # classes 2t, 2t+1 arrive in task t
+        rows = (labels >= 2 * task) & (labels < 2 * task + 2)
+        head.fit_task(features[rows], labels[rows], 2 * task + 2)
+    x, y = features.double().numpy(), np.eye(6)[labels.numpy()]
+    joint = np.linalg.solve(x.T @ x + gamma * np.eye(8), x.T @ y)
+    np.testing.assert_allclose(head.weight.numpy(), joint, rtol=1e-8, atol=1e-9)
+    # One task at a time or several chunks of one task: the same solution.
+    chunked = AnalyticClassifier(8, gamma=0.5)
+    for rows in (slice(0, 40), slice(40, 90)):
+        chunked.fit_task(features[rows], labels[rows], 6)
+    np.testing.assert_allclose(chunked.weight.numpy(), joint, rtol=1e-8, atol=1e-9)
+
+
+# ---------------------------------------------------------------- Mahalanobis (FeCAM)
+
+
+def test_mahalanobis_scores_on_a_hand_case():
+    head = MahalanobisClassifier(2, alpha1=0.0, alpha2=0.0)
+    head.grow(1)
+    # Normalised samples spread along the x axis more than along y: covariance diag(0.02, 0.005) after L2.
+    samples = torch.tensor([[1.0, 0.2], [1.0, -0.2], [1.0, 0.0], [0.9, 0.1], [0.9, -0.1]])
+    head.fit_classes(samples, torch.zeros(5, dtype=torch.long), range(1))
+    unit = torch.nn.functional.normalize(samples.double(), dim=-1)
+    mean = unit.mean(0)
+    covariance = torch.cov(unit.T)
+    correlation = covariance / (covariance.diagonal().sqrt()[:, None] * covariance.diagonal().sqrt()[None, :])
+    point = torch.tensor([[0.6, 0.8]])
+    difference = torch.nn.functional.normalize(point.double(), dim=-1) - mean
+    expected = -(difference @ torch.linalg.pinv(correlation) @ difference.T).item()
+    assert head(point, 1).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mahalanobis_shrinkage_adds_the_mean_diagonal_and_off_diagonal():
+    from carecl.classifiers import shrink_covariance
+
+    covariance = torch.tensor([[2.0, 0.5, 0.1], [0.5, 1.0, 0.3], [0.1, 0.3, 3.0]], dtype=torch.float64)
+    shrunk = shrink_covariance(covariance, 10.0, 10.0)
+    diagonal_mean, off_mean = 2.0, 0.3
+    expected = covariance + 10 * diagonal_mean * torch.eye(3) + 10 * off_mean * (1 - torch.eye(3))
+    torch.testing.assert_close(shrunk, expected.double())
+
+
+# ---------------------------------------------------------------- through the loop
+
+METHODS = {
+    "fecam": {"name": "fecam"},
+    "acil": {"name": "acil", "buffer_size": 256},
+    "ranpac": {"name": "ranpac", "projection_dim": 128, "first_session": {"tuner": "adapter", "adapter_bottleneck": 8}},
+    "aper_adapter": {"name": "aper_adapter", "first_session": {"adapter_bottleneck": 8}},
+    "aper_ssf": {"name": "aper_ssf"},
+    "aper_vpt_shallow": {"name": "aper_vpt_shallow", "first_session": {"prompt_tokens": 2}},
+    "aper_vpt_deep": {"name": "aper_vpt_deep", "first_session": {"prompt_tokens": 2}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_three_tasks_through_the_loop(name, tmp_path):
+    config = tiny_config(method=METHODS[name], train={"epochs": 2, "lr": 0.05})
+    summary = run_experiment(config, tmp_path / "run")
+    assert len(summary.top1_curve) == 3
+    assert summary.a_last > 40.0  # 6 generated classes: chance is 16.7
+
+
+@pytest.mark.parametrize("name", ["aper_adapter", "aper_ssf", "aper_vpt_deep", "ranpac"])
+def test_first_session_adaptation_changes_the_features_and_later_tasks_do_not(name):
+    experiment = Experiment.build(tiny_config(method=METHODS[name], train={"epochs": 2, "lr": 0.1}))
+    method = experiment.method
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    method.eval()
+    with torch.no_grad():
+        before = method.embed(images).clone()
+    learn_task(experiment, experiment.scenario.task(0))
+    with torch.no_grad():
+        adapted = method.embed(images).clone()
+    assert not torch.allclose(before, adapted, atol=1e-5)
+    tuned = {k: v.clone() for k, v in method.tuner.state_dict().items()}
+    for task in experiment.scenario.tasks()[1:]:
+        assert method.training_phases(task) == []
+        learn_task(experiment, task)
+    assert all(torch.equal(tuned[k], v) for k, v in method.tuner.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(method.embed(images), adapted)
+
+
+def test_aper_concatenates_the_frozen_and_the_adapted_features():
+    experiment = Experiment.build(tiny_config(method=METHODS["aper_adapter"], train={"epochs": 1}))
+    method = experiment.method
+    learn_task(experiment, experiment.scenario.task(0))
+    images = torch.rand(3, 3, 16, 16)
+    method.eval()
+    with torch.no_grad():
+        features = method.embed(images)
+        frozen = method.tuner.remove()(images)
+    width = frozen.shape[1]
+    assert features.shape == (3, 2 * width)
+    torch.testing.assert_close(features[:, :width], frozen)
