@@ -103,6 +103,7 @@ METHODS = {
     "aper_ssf": {"name": "aper_ssf"},
     "aper_vpt_shallow": {"name": "aper_vpt_shallow", "first_session": {"prompt_tokens": 2}},
     "aper_vpt_deep": {"name": "aper_vpt_deep", "first_session": {"prompt_tokens": 2}},
+    "slca": {"name": "slca", "milestones": [1], "alignment": {"epochs": 1, "scheduler_t_max": 1, "samples_per_class": 8}},
 }
 
 
@@ -147,3 +148,47 @@ def test_aper_concatenates_the_frozen_and_the_adapted_features():
     width = frozen.shape[1]
     assert features.shape == (3, 2 * width)
     torch.testing.assert_close(features[:, :width], frozen)
+
+
+# ---------------------------------------------------------------- SLCA
+
+
+def test_slca_is_a_slow_learner_with_aligned_heads_for_evaluation_only():
+    from carecl.engine.optim import build_optimizer
+
+    config = tiny_config(method={"name": "slca", "milestones": [1], "alignment": {"epochs": 2, "scheduler_t_max": 2,
+                                                                                  "samples_per_class": 8}},
+                         train={"epochs": 2, "lr": 0.1})
+    experiment = Experiment.build(config)
+    method = experiment.method
+    first, second = experiment.scenario.tasks()[:2]
+    backbone_before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    learn_task(experiment, first)
+    phase, = method.training_phases(second)
+    method.begin_task(second)
+    optimizer = build_optimizer(config.train, method.parameter_groups(phase), phase.lr)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.001, 0.1])
+    assert phase.milestones == (1,)
+    # Continue the task through the loop (its begin_task already ran).
+    head0 = {k: v.clone() for k, v in method.heads[0].state_dict().items()}
+    from carecl.runs.state import MidTaskState
+
+    learn_task(experiment, second, resume=MidTaskState(phase=0, epoch=0))
+    assert any(not torch.equal(backbone_before[k], v) for k, v in method.backbone.state_dict().items()), \
+        "the backbone must learn (slowly)"
+    assert all(torch.equal(head0[k], v) for k, v in method.heads[0].state_dict().items()), "old heads stay frozen"
+    assert not torch.allclose(method.aligned[0].weight, method.heads[0].weight), "alignment retrains every head, on a copy"
+    images = torch.rand(3, 3, 16, 16)
+    method.eval()
+    with torch.no_grad():
+        expected = method.logits(method.backbone(images), method.aligned)[:, :4]
+        torch.testing.assert_close(method.predict(images), expected)
+
+
+def test_slca_logit_normalisation_divides_by_the_mean_task_norm():
+    experiment = Experiment.build(tiny_config(method={"name": "slca", "logit_norm": 0.5}))
+    method = experiment.method
+    for task in experiment.scenario.tasks()[:2]:
+        method.begin_task(task)
+    logits = torch.tensor([[3.0, 4.0, 0.0, 1.0]])  # task norms 5 and 1: mean 3
+    torch.testing.assert_close(method.normalised_logits(logits), logits / 3 / 0.5)

@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from carecl.alignment_config import AlignmentConfig
-from carecl.classifiers import CosineClassifier
 from carecl.statistics import GaussianClassStatistics, StackedGaussians
 
-DECAY_FORMULAS = ("intended", "release")
+DECAY_FORMULAS = ("intended", "release", "equal_tasks")
 
 
 # ---------------------------------------------------------------- decay
@@ -40,6 +40,9 @@ def decay_scales(
     shrinks more than intended, and the *newest* classes shrink the most. E.g. 3 tasks of 2
     classes, current_task 2: intended [.933, .933, .967, .967, 1, 1], release
     [.933, .9, .9, .867, .867, .833].
+
+    "equal_tasks": task_c = c // current_task_size (SLCA's code): the intended formula when every
+    task has the current task's size.
     """
     if formula not in DECAY_FORMULAS:
         raise ValueError(f"decay formula must be one of {DECAY_FORMULAS}, got {formula!r}")
@@ -50,9 +53,10 @@ def decay_scales(
         tasks = torch.as_tensor(np.asarray(task_of_class), dtype=torch.float64)
     else:
         if current_task_size <= 0:
-            raise ValueError(f"current_task_size must be positive for the release formula, got {current_task_size}")
-        # The release's bug, kept bit for bit: floor division by the negated task size.
-        tasks = torch.tensor([c // (-current_task_size) for c in range(n_classes)], dtype=torch.float64)
+            raise ValueError(f"current_task_size must be positive for the {formula} formula, got {current_task_size}")
+        # "release": the release's bug, kept bit for bit: floor division by the negated task size.
+        size = -current_task_size if formula == "release" else current_task_size
+        tasks = torch.tensor([c // size for c in range(n_classes)], dtype=torch.float64)
     return (0.9 + 0.1 * (tasks + 1) / (current_task + 1)).to(torch.float32)
 
 
@@ -60,7 +64,7 @@ def decay_scales(
 
 
 def align_classifier(
-    classifier: CosineClassifier,
+    classifier: nn.Module,
     stats: GaussianClassStatistics,
     config: AlignmentConfig,
     *,
@@ -74,6 +78,7 @@ def align_classifier(
     device: torch.device | str | None = None,
     progress: bool = False,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
     """Retrain `classifier` alone on features sampled from the class Gaussians.
 
@@ -81,11 +86,14 @@ def align_classifier(
     `config.decay`), shuffled, then `n_seen_classes` SGD steps of CE(scale * cos, y) on
     mini-batches of `samples_per_class`. CosineAnnealingLR(T_max=config.scheduler_t_max) steps
     once per epoch. `on_epoch_end(epoch, mean_loss, lr_after_step)` is called after each epoch.
+    `logits(features)` replaces `scale * classifier(features)[:, :n_seen_classes]` for heads that are
+    not a CosineClassifier (SLCA's logit-normalised linear heads); the classifier's trainable parameters
+    are trained either way.
     Returns the mean loss of each epoch ([] when `config.epochs == 0`).
     """
     if config.epochs == 0:
         return []
-    if classifier.n_classes < n_seen_classes:
+    if logits is None and classifier.n_classes < n_seen_classes:
         raise ValueError(f"classifier has {classifier.n_classes} classes, fewer than n_seen_classes={n_seen_classes}")
     class_ids = list(range(n_seen_classes))
     missing = [c for c in class_ids if c not in stats]
@@ -110,7 +118,8 @@ def align_classifier(
     losses: list[float] = []
     epochs = tqdm(range(config.epochs), desc="alignment", disable=not progress, leave=False)
     for epoch in epochs:
-        loss = _align_epoch(classifier, gaussians, optimizer, samples_per_class, n_seen_classes, scale, mean_scale, generator)
+        loss = _align_epoch(logits or (lambda f: scale * classifier(f)[:, :n_seen_classes]), gaussians, optimizer,
+                            samples_per_class, n_seen_classes, mean_scale, generator)
         scheduler.step()
         losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4f}")
@@ -121,12 +130,11 @@ def align_classifier(
 
 
 def _align_epoch(
-    classifier: CosineClassifier,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
     gaussians: StackedGaussians,
     optimizer: torch.optim.Optimizer,
     samples_per_class: int,
     n_seen_classes: int,
-    scale: float,
     mean_scale: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> float:
@@ -139,8 +147,7 @@ def _align_epoch(
     for step in range(n_seen_classes):
         # Gather one shuffled mini-batch at a time rather than permuting the whole sample set.
         batch = order[step * samples_per_class : (step + 1) * samples_per_class]
-        logits = classifier(features[batch])[:, :n_seen_classes]
-        loss = F.cross_entropy(scale * logits, labels[batch])
+        loss = F.cross_entropy(logits_of(features[batch]), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -29,8 +29,9 @@ class AlignmentConfig:
     # Shrink older classes' means before sampling (see `alignment.decay_scales`).
     decay: bool = False
     # "release": the release's negative-task-size formula, bit for bit (it produced the published
-    # numbers, so it is the default); "intended": each class's own task index (an ablation).
-    decay_formula: Literal["release", "intended"] = "release"
+    # numbers, so it is the default); "intended": each class's own task index (an ablation);
+    # "equal_tasks": class // current task size (SLCA's code).
+    decay_formula: Literal["release", "intended", "equal_tasks"] = "release"
 
     def validate(self) -> None:
         require(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")

@@ -94,7 +94,14 @@ def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume
 
 def rescale_schedule(optimizer: torch.optim.Optimizer, scheduler, starting_lrs: list[float], min_lr: float) -> None:
     """After restoring a mid-phase optimiser: if train.lr changed on resume (a lower one after a diverged
-    loss), continue the same cosine from the new starting lr, scaled at the point it had reached."""
+    loss), continue the same schedule from the new starting lr, scaled at the point it had reached."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        for group, start in zip(optimizer.param_groups, starting_lrs):
+            ratio = start / group["initial_lr"]
+            group["lr"], group["initial_lr"] = group["lr"] * ratio, start
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        return
     for index, (group, start) in enumerate(zip(optimizer.param_groups, starting_lrs)):
         saved = scheduler.base_lrs[index]
         if saved == start:

@@ -23,5 +23,8 @@ def build_optimizer(train: TrainConfig, groups: list[ParameterGroup], lr: float)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler:
-    """The phase's cosine, stepped once per epoch (every group follows it from its own starting lr)."""
+    """The phase's schedule, stepped once per epoch (every group follows it from its own starting lr):
+    MultiStepLR at the phase's milestones, else a cosine."""
+    if phase.milestones:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(phase.milestones), gamma=phase.lr_decay)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(phase.schedule_epochs, 1), eta_min=phase.min_lr)

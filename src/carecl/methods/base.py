@@ -53,9 +53,10 @@ def cosine_lr(base_lr: float, min_lr: float, period: int, epoch: int) -> float:
 
 @dataclass(frozen=True)
 class Phase:
-    """A stretch of training with a fresh optimiser and one cosine schedule (stepped per epoch).
+    """A stretch of training with a fresh optimiser and one schedule, stepped per epoch.
 
-    The schedule has period `schedule_epochs`; a phase may stop before the period ends.
+    By default a cosine of period `schedule_epochs` (a phase may stop before the period ends); with
+    `milestones`, the lr is multiplied by `lr_decay` at each of those epochs instead (MultiStepLR).
     """
 
     name: str
@@ -63,6 +64,8 @@ class Phase:
     lr: float
     min_lr: float
     schedule_epochs: int
+    milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
 
     @property
     def final_lr(self) -> float:
