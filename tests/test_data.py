@@ -13,7 +13,7 @@ from PIL import Image
 
 from carecl.config import DataConfig
 from carecl.data import DATASETS, BenchmarkData, DatasetError, ImageSplit, TaskDataset, build_dataset
-from carecl.data.transforms import TRANSFORMS, transforms_for
+from carecl.data.transforms import DATASET_RECIPES, TRANSFORMS, transforms_for
 
 # Deliberately unsorted, with an upper-case name that sorts first.
 CLASS_FOLDERS = ["zebra", "apple", "Mango"]
@@ -300,7 +300,8 @@ def test_registry_aliases_and_unknown_name_suggestion():
     assert DATASETS.canonical("cifar224") == "cifar100"
     expected = {"imagenet-r", "imagenet-a", "objectnet", "omnibenchmark", "omnibenchmark1k", "vtab", "cub"}
     assert expected | {"cifar100", "digits", "synthetic"} <= set(DATASETS.names())
-    assert set(DATASETS.names()) <= set(TRANSFORMS.names())
+    assert set(DATASETS.names()) <= set(DATASET_RECIPES)
+    assert set(DATASET_RECIPES.values()) <= set(TRANSFORMS.names())
     with pytest.raises(DatasetError, match=r"data.dataset.*did you mean 'imagenet-r'"):
         build_dataset(DataConfig(dataset="imagenet-rr"))
 
@@ -315,7 +316,7 @@ def test_transform_spot_checks():
         assert transforms_for(name).train(image).shape == (3, 224, 224)
     normalised = transforms_for("vtab").test(image)
     assert float(normalised.min()) == pytest.approx(-1.0) and float(normalised.max()) == pytest.approx(1.0)
-    with pytest.raises(KeyError, match="unknown transform recipe 'mnist'"):
+    with pytest.raises(KeyError, match="no transforms defined for dataset 'mnist'"):
         transforms_for("mnist")
 
 

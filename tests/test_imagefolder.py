@@ -120,3 +120,12 @@ def test_backbone_is_built_for_the_datas_image_size():
 def test_bad_preprocessing_values_are_config_errors(data, words):
     with pytest.raises(ConfigError, match=words):
         config_from_dict({"data": {"dataset": "imagefolder", **data}})
+
+
+def test_a_method_setting_may_choose_another_transform_recipe(tmp_path):
+    for split in ("train", "test"):
+        save_image(tmp_path / "cifar-like" / split / "cat" / "a.png", value=0, size=(40, 30))
+    config = DataConfig(dataset="imagenet-r", root=str(tmp_path / "cifar-like"), init_cls=1, transforms="pilot_cifar")
+    data = build_dataset(config)
+    out = data.test_transform(Image.open(data.test.samples[0]).convert("RGB"))
+    assert out.shape == (3, 224, 224) and float(out.min()) == pytest.approx(-1.0)  # cifar's mean = std = 0.5

@@ -70,6 +70,10 @@ class DataConfig:
     crop_pct: float | None = None
     # Training augmentation; null = the dataset's default (crop_flip). none = train on test transforms.
     augment: Literal["crop_flip", "crop", "flip", "none"] | None = None
+    # Transform recipe; null = the dataset's own (the CaRE release's for published benchmarks). A method's
+    # published settings may name another, e.g. APER trains every benchmark with pilot_wide_crop.
+    transforms: Literal["pilot_cifar", "pilot_random_interpolation", "pilot_random_interpolation_jitter",
+                        "pilot_wide_crop", "backbone", "in_memory"] | None = None
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
