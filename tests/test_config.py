@@ -66,3 +66,15 @@ def test_shipped_demo_config_loads():
     config = load_config(demo_config_path())
     assert config.data.dataset == "digits" and config.data.init_cls == 2 and config.data.increment == 2
     assert config_to_dict(config)["method"]["name"] == config.method.name
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    configs += sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "realdata").glob("*.yaml"))
+    assert len(configs) > 50
+    for path in configs:
+        config = load_config(path)
+        if path.parent.name not in ("configs", "realdata"):
+            assert config.method.name.startswith(path.parent.name.split("_")[0]), path
