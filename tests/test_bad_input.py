@@ -203,3 +203,11 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
     assert f"continue with `carecl train --resume {tmp_path / 'run'}`" in error
     assert "interrupted (Ctrl-C)" in (tmp_path / "run" / "log.txt").read_text()
     assert store.open("resume") is not None  # what was saved stays resumable
+
+
+def test_each_log_line_is_printed_once_on_stderr_and_never_on_stdout(tmp_path, capsys):
+    config = write_config(tmp_path / "config.yaml", method={"name": "simplecil"})
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("task 1/3  classes 2") == 1
+    assert "task 1/3" not in captured.out and "A_last" in captured.out

@@ -145,7 +145,7 @@ def training_session(run: RunDirectory, distributed: Distributed = SINGLE_PROCES
     with run.lock() if lock else contextlib.nullcontext():
         handler = attach_log_file(run.path)
         try:
-            with logging_redirect_tqdm():
+            with logging_redirect_tqdm(loggers=[log]):  # carecl's console handler, printed above the bars
                 yield
         except CheckpointError as error:  # a damaged checkpoint: its own message says which file
             log.error("stopped: %s", error)
