@@ -1,7 +1,7 @@
 """Real-data benchmark: every method through `carecl train` on the 20-class Fashion-MNIST + MNIST stream
 with the real ViT-S/14, then `carecl report`, results/realdata.json and BENCHMARKS.md.
 
-    python benchmarks/realdata/run.py                     # every config below (~80 min on 2 CPU cores)
+    python benchmarks/realdata/run.py                     # every config below (CaRE's two: ~80 min on 2 CPU cores)
     python benchmarks/realdata/run.py --only simplecil care   # re-run some rows, keep the others
 
 Assets (weights, images) are built by assets.py into the cache (default ~/.cache/carecl-realdata);
@@ -34,6 +34,14 @@ CONFIGS = {
     "care_release": "CaRE, release settings (ImageNet-R B0 Inc20: lr 0.02, iterative prediction), 4 epochs",
     "care": "CaRE, this benchmark's settings (see care.yaml)",
     "linear_probe": "joint linear probe (all 20 classes at once; an upper bound, not continual)",
+    "fecam": "FeCAM (Mahalanobis, frozen features)",
+    "acil": "ACIL (analytic least squares on a random buffer, frozen features)",
+    "ranpac": "RanPAC (first-session adapter, random projection M = 2000, ridge)",
+    "aper_adapter": "APER with an adapter (first session 4 epochs)",
+    "aper_ssf": "APER with SSF (first session 4 epochs)",
+    "aper_vpt_shallow": "APER with shallow VPT (first session 4 epochs)",
+    "aper_vpt_deep": "APER with deep VPT (first session 4 epochs)",
+    "slca": "SLCA (whole ViT at lr x 0.01, 4 epochs per task, alignment)",
 }
 
 
