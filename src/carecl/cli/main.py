@@ -35,7 +35,7 @@ DESCRIPTION = """\
 carecl: class-incremental learning on frozen Vision Transformers (CaRE and baselines).
 
 examples:
-  carecl demo                                   a whole run on scikit-learn's digits (about a minute on CPU)
+  carecl demo                                   a whole run on scikit-learn's digits (about 25 s on 2 CPU cores)
   carecl train --config configs/care/imagenet-r_b0inc10.yaml --set data.root=/data
   carecl train --config exps/care_inr.json      a release (PILOT-style) JSON file, keys reported
   carecl eval --run runs/demo                   re-evaluate a finished run
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(handler=command_train)
 
-    demo = commands.add_parser("demo", help="the embedded demo: CaRE on scikit-learn digits, 5 tasks, about a minute on CPU")
+    demo = commands.add_parser("demo", help="the embedded demo: CaRE on scikit-learn digits, 5 tasks, about 25 s on 2 CPU cores")
     add_config_arguments(demo)
     demo.set_defaults(handler=command_demo)
 
