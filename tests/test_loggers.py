@@ -86,3 +86,16 @@ def test_missing_tensorboard_package_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
     with pytest.raises(ConfigError, match="carecl\\[tensorboard\\]"):
         build_logger(LoggingConfig(tensorboard=True), tmp_path)
+
+
+@pytest.mark.parametrize("sizes, shown", [
+    ([2] * 10, "2 classes each"),
+    ([50] + [5] * 10, "50 then 5 classes each"),
+    ([7], "7 classes"),
+    (list(range(1, 11)), "sizes 1, 2, 3, 4, 5, 6, 7, 8, ..."),
+    ([4, 4, 2], "sizes 4, 4, 2"),
+])
+def test_start_line_describes_task_sizes_without_silently_cutting_them(sizes, shown):
+    from carecl.engine.run import describe_task_sizes
+
+    assert describe_task_sizes(sizes) == shown

@@ -53,9 +53,20 @@ def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
 
 def describe_start(experiment: Experiment) -> None:
     config, scenario, distributed = experiment.config, experiment.scenario, experiment.distributed
-    log.info("%s on %s: %d classes in %d tasks %s, device %s%s", config.method.name, config.data.dataset,
-             scenario.n_classes, scenario.n_tasks, list(scenario.sizes)[:8], experiment.device,
+    log.info("%s on %s: %d classes in %d tasks (%s), device %s%s", config.method.name, config.data.dataset,
+             scenario.n_classes, scenario.n_tasks, describe_task_sizes(list(scenario.sizes)), experiment.device,
              f", {distributed.world_size} processes" if distributed.enabled else "")
+
+
+def describe_task_sizes(sizes: list[int]) -> str:
+    """'10 classes each', or the first sizes then an ellipsis: 300 tasks stay on one line."""
+    if len(sizes) == 1:
+        return f"{sizes[0]} classes"
+    if len(set(sizes[1:])) == 1:
+        first = f"{sizes[0]} then " if sizes[0] != sizes[-1] else ""
+        return f"{first}{sizes[-1]} classes each"
+    shown = ", ".join(map(str, sizes[:8]))
+    return f"sizes {shown}{', ...' if len(sizes) > 8 else ''}"
 
 
 def run_writer(run: RunDirectory, experiment: Experiment) -> TaskWriter:
