@@ -200,3 +200,20 @@ def test_slca_logit_normalisation_divides_by_the_mean_task_norm():
         method.begin_task(task)
     logits = torch.tensor([[3.0, 4.0, 0.0, 1.0]])  # task norms 5 and 1: mean 3
     torch.testing.assert_close(method.normalised_logits(logits), logits / 3 / 0.5)
+
+
+def test_every_first_session_choice_builds_an_injector_and_none_builds_nothing():
+    import timm
+    from typing import get_args, get_type_hints
+
+    from carecl.methods.feature_learner import FirstSessionConfig, build_first_session_tuner
+    from carecl.tuners.vpt import VPTInjector
+    from conftest import TINY_VIT
+
+    choices = get_args(get_type_hints(FirstSessionConfig)["tuner"])
+    for choice in choices:
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+        tuner = build_first_session_tuner(vit, FirstSessionConfig(tuner=choice))
+        assert (tuner is None) == (choice == "none"), choice
+        if choice.startswith("vpt"):
+            assert isinstance(tuner, VPTInjector) and tuner.deep == (choice == "vpt_deep")

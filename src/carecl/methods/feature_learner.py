@@ -11,6 +11,7 @@ frozen and the features never change again, so they are cached per image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,16 +59,21 @@ class FeatureLearnerConfig(MethodConfig):
     cache_features: bool = True
 
 
+# `first_session.tuner` -> the injector that wraps the ViT for the first task.
+FIRST_SESSION_TUNERS: dict[str, Callable[[nn.Module, FirstSessionConfig], Injector]] = {
+    "adapter": lambda vit, options: ParallelAdapterInjector(vit, AdapterConfig(
+        bottleneck=options.adapter_bottleneck, scale=options.adapter_scale, layer_norm=False, dropout=0.1)),
+    "ssf": lambda vit, options: SSFInjector(vit, SSFConfig(init_std=options.ssf_init_std)),
+    "vpt_shallow": lambda vit, options: VPTInjector(vit, VPTConfig(
+        n_prompts=options.prompt_tokens, deep=False, init=options.prompt_init)),
+    "vpt_deep": lambda vit, options: VPTInjector(vit, VPTConfig(
+        n_prompts=options.prompt_tokens, deep=True, init=options.prompt_init)),
+}
+
+
 def build_first_session_tuner(vit: nn.Module, options: FirstSessionConfig) -> Injector | None:
-    if options.tuner == "none":
-        return None
-    if options.tuner == "adapter":
-        return ParallelAdapterInjector(vit, AdapterConfig(bottleneck=options.adapter_bottleneck,
-                                                          scale=options.adapter_scale, layer_norm=False, dropout=0.1))
-    if options.tuner == "ssf":
-        return SSFInjector(vit, SSFConfig(init_std=options.ssf_init_std))
-    return VPTInjector(vit, VPTConfig(n_prompts=options.prompt_tokens, deep=options.tuner == "vpt_deep",
-                                      init=options.prompt_init))
+    build = FIRST_SESSION_TUNERS.get(options.tuner)
+    return build(vit, options) if build is not None else None
 
 
 class FeatureLearner(Method):
