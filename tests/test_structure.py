@@ -119,3 +119,13 @@ def test_every_shipped_method_registers_options_and_learner():
         entry = METHODS.get(name)
         assert issubclass(entry.options, MethodConfig) and entry.options.name == name
         assert issubclass(entry.method, Method)
+
+
+def test_no_script_shadows_a_standard_library_module():
+    # Scripts put their own folder first on sys.path: a `profile.py` there breaks torch's `import cProfile`.
+    import sys
+
+    scripts = [*Path(__file__).resolve().parents[1].glob("benchmarks/**/*.py"),
+               *Path(__file__).resolve().parents[1].glob("scripts/*.py")]
+    assert scripts
+    assert [path.name for path in scripts if path.stem in sys.stdlib_module_names] == []

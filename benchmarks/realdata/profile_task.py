@@ -1,7 +1,7 @@
 """Where the time of a real-data CaRE task goes: training, class statistics, alignment, evaluation,
 and inside training how much is data loading (decode + transforms) versus the model.
 
-    python benchmarks/realdata/profile.py [--config benchmarks/realdata/care.yaml]
+    python benchmarks/realdata/profile_task.py [--config benchmarks/realdata/care.yaml]
 
 Runs the config on the first two tasks' classes of the real-data stream (a 4-class view of the
 cached image tree, linked, not copied) through `carecl.engine.run_experiment`, timing CaRE's hooks
