@@ -45,6 +45,7 @@ CONFIGS = {
     "aper_vpt_shallow": "APER with shallow VPT (first session 4 epochs)",
     "aper_vpt_deep": "APER with deep VPT (first session 4 epochs)",
     "slca": "SLCA (whole ViT at lr x 0.01, 4 epochs per task, alignment)",
+    "ease": "EASE (a new adapter set per task, 4 epochs each; subspace ensemble)",
 }
 
 
