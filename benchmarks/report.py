@@ -252,6 +252,29 @@ def end_to_end_section(data: dict | None) -> list[str]:
 # ---------------------------------------------------------------- the document
 
 
+def method_inference_section(data: dict | None) -> list[str]:
+    lines = section_intro(
+        "Task-free inference vs number of tasks, method by method (paper Table 6)", "method_inference.py",
+        data is not None,
+        "Each method built as `carecl train` builds it (default options, 10 classes per task), grown to T tasks, "
+        "its learned tensors randomised, ViT-B/16 shapes; `method.predict` timed interleaved with the plain frozen "
+        "ViT forward of the same images. Pa: parameters added to the ViT after T tasks; Pa / T: added per task "
+        "(the paper's Pt also counts what is retrained every task, e.g. CaRE's shared adapter); classifier tensors: learned buffers (EASE's prototypes in every subspace). *care*: the "
+        "single pass; *care_iterative*: the release default, which adds iterative prediction while T <= 61.")
+    if data is None:
+        return lines
+    for run in data["runs"]:
+        lines += [f"### {device_title(run)}, batch {run['batch']}, {run['threads']} threads "
+                  f"(median of {run['repeats']} rounds)", ""]
+        rows = [[row["method"], str(row["tasks"]), f"{row['per_task_M']:.2f}", f"{row['parameters_M']:.2f}",
+                 f"{row['buffers_M']:.2f}", f"{row['seconds_per_image']:.3f} s",
+                 ratio(row["seconds_per_image"] / row["plain_seconds_per_image"])]
+                for row in run["rows"].values()]
+        lines += table(["method", "T", "Pa / T (M)", "Pa (M)", "classifier tensors (M)", "time per image", "× plain ViT"],
+                       rows)
+    return lines
+
+
 def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
     lines = section_intro(
         "Real data: every method on one real stream", "realdata/run.py", data is not None,
@@ -306,10 +329,13 @@ def render() -> str:
     iterative, alignment, end_to_end = common.load("iterative"), common.load("alignment"), common.load("end_to_end")
     targets: list[list[str]] = []
     realdata, profile = common.load("realdata"), common.load("realdata_profile")
-    body = (realdata_section(realdata, profile) + inference_section(inference, targets) + training_section(training, targets)
+    method_inference = common.load("method_inference")
+    body = (realdata_section(realdata, profile) + inference_section(inference, targets)
+            + method_inference_section(method_inference) + training_section(training, targets)
             + iterative_section(iterative) + alignment_section(alignment, training, targets)
             + end_to_end_section(end_to_end))
-    machines = sorted({machine_line(run["machine"]) for data in (inference, training, iterative, alignment, end_to_end)
+    machines = sorted({machine_line(run["machine"]) for data in (inference, method_inference, training, iterative,
+                                                                  alignment, end_to_end)
                        if data for run in data["runs"]})
     gpu = any(run["machine"]["device"] == "cuda" for data in (inference, training, iterative, alignment, end_to_end)
               if data for run in data["runs"])
