@@ -46,6 +46,7 @@ CONFIGS = {
     "aper_vpt_deep": "APER with deep VPT (first session 4 epochs)",
     "slca": "SLCA (whole ViT at lr x 0.01, 4 epochs per task, alignment)",
     "ease": "EASE (a new adapter set per task, 4 epochs each; subspace ensemble)",
+    "ssiat": "SSIAT (one shared adapter set tuned every task: 4 then 2 epochs; semantic shift, alignment)",
 }
 
 

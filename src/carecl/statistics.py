@@ -112,7 +112,7 @@ class StackedGaussians:
 
 
 class GaussianClassStatistics:
-    """Per-class feature mean and covariance (+1e-4*I) or variance (+1e-4); one Cholesky
+    """Per-class feature mean and covariance (+ridge·I, 1e-4 by default) or variance (+ridge); one Cholesky
     factor per class, computed once (float64, batched) on first use and reused.
 
     Statistics are kept in float32 on `device` (CPU by default: 1000 classes of width 768 hold
@@ -120,10 +120,13 @@ class GaussianClassStatistics:
     the current task's classes after each half of its training).
     """
 
-    def __init__(self, storage: str = "covariance", device: torch.device | str = "cpu") -> None:
+    def __init__(self, storage: str = "covariance", device: torch.device | str = "cpu",
+                 ridge: float = COVARIANCE_RIDGE) -> None:
         if storage not in STORAGE_MODES:
             raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
         self.storage = storage
+        # Added to every covariance diagonal (or variance); SSIAT's code uses 1e-3.
+        self.ridge = ridge
         self.device = torch.device(device)
         self._counts: dict[int, int] = {}
         self._means: dict[int, torch.Tensor] = {}
@@ -136,7 +139,7 @@ class GaussianClassStatistics:
     # -- adding classes
 
     def add_class(self, class_id: int, features: torch.Tensor) -> None:
-        """Statistics of one class from its (n, C) features, n >= 1 (n == 1: covariance 1e-4*I)."""
+        """Statistics of one class from its (n, C) features, n >= 1 (n == 1: covariance ridge·I)."""
         if features.dim() != 2 or features.shape[0] < 1:
             raise ValueError(f"class {class_id}: features must be (n >= 1, C), got shape {tuple(features.shape)}")
         features = features.detach().to(torch.float64)
@@ -183,13 +186,20 @@ class GaussianClassStatistics:
         if not (torch.isfinite(mean).all() and torch.isfinite(second).all()):
             raise ValueError(f"class {class_id}: features contain NaN or inf")
         if self.storage == "covariance":
-            second = second + COVARIANCE_RIDGE * torch.eye(mean.shape[0], dtype=second.dtype, device=second.device)
+            second = second + self.ridge * torch.eye(mean.shape[0], dtype=second.dtype, device=second.device)
         else:
-            second = second + COVARIANCE_RIDGE
+            second = second + self.ridge
         self._counts[class_id] = count
         self._means[class_id] = mean.to(self.device, torch.float32)
         self._seconds[class_id] = second.to(self.device, torch.float32)
         self._factors.forget(class_id)
+
+    def shift_means(self, class_ids: Sequence[int], offsets: torch.Tensor) -> None:
+        """Move stored means by (len(class_ids), C) offsets (SSIAT's semantic-shift update); covariances
+        and their factors stay as they are."""
+        for row, class_id in enumerate(class_ids):
+            index = self._require(class_id)
+            self._means[index] = self._means[index] + offsets[row].to(self._means[index])
 
     # -- reading
 

@@ -1,0 +1,183 @@
+"""SSIAT ("Semantically-Shifted Incremental Adapter-Tuning is A Continual ViTransformer", Tan et al.,
+CVPR 2024; code HAIV-Lab/SSIAT): one set of parallel adapters, shared by all tasks and tuned again in
+every task without constraints, with a cosine head per task trained by CosFace (CE of s·(cos − m) over
+the task's classes). Old classes live on as Gaussians (mean, covariance + 1e-3·I). Each task moves the
+stored means by the semantic shift its training caused, estimated from the current task's images:
+shift_c = Σ_i w_ci (after_i − before_i) / Σ_i w_ci, w_ci = exp(−‖before_i − μ_c‖² / 2σ²) + 1e-5. Then every
+head is retrained on features sampled from the Gaussians (classifier alignment, SLCA's decay of older
+means), and the aligned heads are kept.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carecl.alignment import align_classifier
+from carecl.alignment_config import AlignmentConfig
+from carecl.classifiers import CosineClassifier
+from carecl.config import ExperimentConfig, MethodConfig, require
+from carecl.methods.base import Method, Phase, StepOutput, TaskContext, register_method
+from carecl.scenario import Scenario, Task
+from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
+from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
+
+STATISTICS_PREFIX = "statistics."
+BEFORE_KEY = "features_before"
+
+
+def ssiat_alignment() -> AlignmentConfig:
+    # The authors' `_stage2_compact_classifier`: ca_epochs 5 at init_lr, cosine over them, 256 samples
+    # per class, means shrunk by (task + 1) / (tasks) * 0.1 with task = class // task size.
+    return AlignmentConfig(epochs=5, lr=0.01, scheduler_t_max=5, samples_per_class=256, decay=True,
+                           decay_formula="equal_tasks")
+
+
+@dataclass
+class SSIATConfig(MethodConfig):
+    name: str = "ssiat"
+    # The shared adapters (the authors' `ffn_num`, scale 0.1, no LayerNorm, dropout 0.1).
+    adapter_bottleneck: int = 64
+    adapter_scale: float = 0.1
+    adapter_dropout: float = 0.1
+    # Epochs of every task after the first (`inc_epochs`); the first trains `train.epochs` (`init_epochs`).
+    later_epochs: int = 10
+    # CosFace scale s (`scale`, also the alignment's logit scale) and margin m (`margin`).
+    scale: float = 20.0
+    margin: float = 0.0
+    # Move old class means by the estimated semantic shift (`ssca`), Gaussian kernel width σ (4.0 in the code).
+    shift_compensation: bool = True
+    shift_sigma: float = 4.0
+    # Added to each class covariance (1e-3 in the authors' `_compute_class_mean`).
+    covariance_ridge: float = 1e-3
+    # Classifier alignment (`ca`, `ca_epochs`); epochs 0 turns it off.
+    alignment: AlignmentConfig = field(default_factory=ssiat_alignment)
+
+    def validate(self) -> None:
+        require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
+        require(0.0 <= self.adapter_dropout < 1.0, "adapter_dropout", f"must be in [0, 1), got {self.adapter_dropout}")
+        require(self.later_epochs >= 0, "later_epochs", f"must be >= 0, got {self.later_epochs}")
+        require(self.scale > 0, "scale", f"must be positive, got {self.scale}")
+        require(self.shift_sigma > 0, "shift_sigma", f"must be positive, got {self.shift_sigma}")
+        require(self.covariance_ridge >= 0, "covariance_ridge", f"must be >= 0, got {self.covariance_ridge}")
+        self.alignment.validate()
+
+
+def semantic_shift(before: Tensor, after: Tensor, means: Tensor, sigma: float) -> Tensor:
+    """(classes, C): each class's kernel-weighted mean of the samples' feature displacement."""
+    before, after, means = before.double(), after.double(), means.double()
+    weights = torch.exp(-torch.cdist(means, before).square() / (2 * sigma ** 2)) + 1e-5
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return weights @ (after - before)
+
+
+@register_method("ssiat", SSIATConfig)
+class SSIAT(Method):
+    def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
+        super().__init__(config, backbone, scenario)
+        options = self.options
+        self.backbone = backbone
+        self.tuner = ParallelAdapterInjector(backbone, AdapterConfig(
+            bottleneck=options.adapter_bottleneck, scale=options.adapter_scale, layer_norm=False,
+            dropout=options.adapter_dropout))
+        self.classifier = CosineClassifier(backbone.num_features)
+        self.statistics = GaussianClassStatistics(ridge=options.covariance_ridge)
+        # The current task's training features before its training (for the shift); empty between tasks.
+        self.register_buffer(BEFORE_KEY, torch.zeros(0, backbone.num_features))
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    # ---- training ----------------------------------------------------------------------
+    def begin_task(self, task: Task) -> None:
+        for head in self.classifier.heads:
+            head.requires_grad_(False)  # the authors' old heads get no loss gradient: freezing them is the same
+        self.classifier.add_block(task.size)
+
+    def training_phases(self, task: Task) -> list[Phase]:
+        train = self.experiment.train
+        epochs = train.epochs if task.index == 0 else self.options.later_epochs
+        return [Phase("adapter", epochs, train.lr, train.min_lr, epochs)] if epochs > 0 else []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.tuner.parameters(), self.classifier.heads[-1]]
+
+    def training_loss(self, images: Tensor, targets: Tensor, task: Task) -> StepOutput:
+        cosines = self.classifier(self.backbone(images))[:, task.low: task.high]
+        local = targets - task.low
+        margin = self.options.margin * F.one_hot(local, task.size).to(cosines.dtype)
+        loss = F.cross_entropy(self.options.scale * (cosines - margin), local)
+        return StepOutput(loss, {"loss": loss.item()})
+
+    def begin_phase(self, phase: Phase, context: TaskContext) -> None:
+        if context.task.index > 0 and self.options.shift_compensation:
+            self.features_before = self.task_features(context)[0]
+
+    # ---- statistics, shift and alignment -------------------------------------------------
+    @torch.no_grad()
+    def task_features(self, context: TaskContext) -> tuple[Tensor, Tensor]:
+        """The task's training images (test transforms, fixed order) through the adapted ViT."""
+        if context.distributed.enabled:
+            raise NotImplementedError("ssiat estimates the semantic shift in a single process")
+        self.eval()
+        features, labels = [], []
+        for images, targets in context.statistics_loader():
+            features.append(self.backbone(images.to(context.device)).float())
+            labels.append(targets)
+        return torch.cat(features), torch.cat(labels)
+
+    @torch.no_grad()
+    def end_task(self, context: TaskContext) -> None:
+        task = context.task
+        features, labels = self.task_features(context)
+        if task.index > 0 and self.options.shift_compensation and len(self.features_before):
+            old = list(range(task.low))
+            means = torch.stack([self.statistics.mean(c) for c in old]).to(features.device)
+            shift = semantic_shift(self.features_before, features, means, self.options.shift_sigma)
+            self.statistics.shift_means(old, shift)
+        self.features_before = self.features_before.new_zeros(0, features.shape[1])
+        sums = ClassFeatureSums(task.low, task.high, features.shape[1])
+        sums.add(features, labels)
+        sums.store_into(self.statistics)
+        if task.index > 0:
+            with torch.enable_grad():
+                self.align(context)
+
+    def align(self, context: TaskContext) -> None:
+        task = context.task
+        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/ssiat".encode())
+        self.classifier.requires_grad_(True)
+        try:
+            align_classifier(self.classifier, self.statistics, self.options.alignment, n_seen_classes=task.high,
+                             scale=self.options.scale, batch_size=self.experiment.train.batch_size,
+                             task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,
+                             current_task_size=task.size, device=context.device, progress=context.progress,
+                             generator=torch.Generator(device=context.device).manual_seed(stream))
+        finally:
+            self.classifier.requires_grad_(False)
+
+    # ---- prediction and state ----------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        return self.classifier(self.backbone(images))[:, : self.n_seen_classes]
+
+    @torch.no_grad()
+    def class_probabilities(self, images: Tensor) -> Tensor:
+        return (self.options.scale * self.predict(images)).float().softmax(dim=1)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = super().state_tensors()
+        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        statistics = {k[len(STATISTICS_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATISTICS_PREFIX)}
+        if BEFORE_KEY in tensors:  # its length is the task's image count, unknown until loaded
+            self.features_before = tensors[BEFORE_KEY].to(self.features_before).clone()
+        super().load_state_tensors(tensors)
+        self.statistics.load_state_dict(statistics)
