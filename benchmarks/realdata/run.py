@@ -1,7 +1,7 @@
 """Real-data benchmark: every method through `carecl train` on the 20-class Fashion-MNIST + MNIST stream
 with the real ViT-S/14, then `carecl report`, results/realdata.json and BENCHMARKS.md.
 
-    python benchmarks/realdata/run.py                     # every config below (CaRE's two: ~80 min on 2 CPU cores)
+    python benchmarks/realdata/run.py                     # every config below (~2 h 40 min on 2 CPU cores; CaRE's two ~56 min)
     python benchmarks/realdata/run.py --only simplecil care   # re-run some rows, keep the others
     python benchmarks/realdata/run.py --reuse-finished        # after an interruption: keep runs that finished
 
@@ -82,7 +82,8 @@ def row_from_run(name: str, output: Path, wall: float) -> dict:
 def reuse_run(name: str, output: Path) -> dict:
     print(f"[realdata] {name}: reusing the finished run in {output}", file=sys.stderr, flush=True)
     # Start-up time of the original process is unknown; the tasks' own times are the honest lower bound.
-    return row_from_run(name, output, sum(json.loads((output / "metrics.json").read_text())["wall_time_s"]))
+    row = row_from_run(name, output, sum(json.loads((output / "metrics.json").read_text())["wall_time_s"]))
+    return {**row, "tasks_only": True}
 
 
 def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False) -> dict:
