@@ -10,12 +10,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from carecl.engine import Experiment, learn_task, resume_experiment, run_experiment
+from carecl.engine import Experiment, learn_task, run_experiment
 from carecl.tuners.adapter import AdapterConfig
 from carecl.tuners.adapter_bank import AdapterBankInjector
 
 from conftest import TINY_VIT, tiny_config
-from test_resume import Interrupted, assert_same_outcome, interrupt_at, outcome
+from test_resume import check_interrupted_run_resumes_identically
 
 EASE = {"name": "ease", "adapter_bottleneck": 4}
 
@@ -134,20 +134,6 @@ def test_three_tasks_through_the_loop(tmp_path):
     assert not math.isnan(summary.average_accuracy)
 
 
-def test_interrupted_mid_task_resumes_to_identical_results(tmp_path, monkeypatch, deterministic):
+def test_interrupted_mid_task_resumes_to_identical_results(tmp_path, monkeypatch):
     config = tiny_config(method=EASE, train={"epochs": 2, "batch_size": 8, "checkpoint_every_epochs": 1})
-    run_experiment(config, tmp_path / "reference")
-    reference = outcome(tmp_path / "reference")
-    interrupt_at(monkeypatch, "task1/task-adapters/epoch1/batch0")
-    with pytest.raises(Interrupted):
-        run_experiment(config, tmp_path / "run")
-    monkeypatch.undo()
-    resume_experiment(tmp_path / "run")
-    assert_same_outcome(tmp_path / "run", reference)
-
-
-@pytest.fixture
-def deterministic():
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
+    check_interrupted_run_resumes_identically(config, "task1/task-adapters/epoch1/batch0", tmp_path, monkeypatch)

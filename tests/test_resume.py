@@ -119,6 +119,23 @@ def interrupt_at(monkeypatch, label: str) -> None:
     monkeypatch.setattr(ckpt, "kill_point", kill_point)
 
 
+def check_interrupted_run_resumes_identically(config, label: str, tmp_path: Path, monkeypatch) -> None:
+    """`config` run through, then run again, interrupted at kill point `label` and resumed: the same
+    metrics and learner tensors (deterministic algorithms on; for other methods' test files)."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_experiment(config, tmp_path / "reference")
+        reference = outcome(tmp_path / "reference")
+        interrupt_at(monkeypatch, label)
+        with pytest.raises(Interrupted):
+            run_experiment(config, tmp_path / "run")
+        monkeypatch.undo()
+        resume_experiment(tmp_path / "run")
+        assert_same_outcome(tmp_path / "run", reference)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize(
     "every, label",
     [

@@ -5,16 +5,15 @@ mid-task (with the pre-training features it holds) to identical numbers."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
-from carecl.engine import Experiment, learn_task, resume_experiment, run_experiment
+from carecl.engine import Experiment, learn_task, run_experiment
 from carecl.methods.ssiat import semantic_shift
 
 from conftest import tiny_config
 from test_frozen_feature_methods import DEMO_BACKBONE, GLYPHS
-from test_resume import Interrupted, assert_same_outcome, interrupt_at, outcome
+from test_resume import check_interrupted_run_resumes_identically
 
 SSIAT = {"name": "ssiat", "adapter_bottleneck": 4, "later_epochs": 1,
          "alignment": {"epochs": 2, "scheduler_t_max": 2, "samples_per_class": 8}}
@@ -94,21 +93,7 @@ def test_three_tasks_through_the_loop(tmp_path):
     assert summary.a_last > 40.0  # 6 generated classes: chance is 16.7
 
 
-def test_interrupted_mid_task_resumes_to_identical_results(tmp_path, monkeypatch, deterministic):
+def test_interrupted_mid_task_resumes_to_identical_results(tmp_path, monkeypatch):
     config = tiny_config(method={**SSIAT, "later_epochs": 2},
                          train={"epochs": 2, "batch_size": 8, "checkpoint_every_epochs": 1})
-    run_experiment(config, tmp_path / "reference")
-    reference = outcome(tmp_path / "reference")
-    interrupt_at(monkeypatch, "task1/adapter/epoch1/batch0")
-    with pytest.raises(Interrupted):
-        run_experiment(config, tmp_path / "run")
-    monkeypatch.undo()
-    resume_experiment(tmp_path / "run")
-    assert_same_outcome(tmp_path / "run", reference)
-
-
-@pytest.fixture
-def deterministic():
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
+    check_interrupted_run_resumes_identically(config, "task1/adapter/epoch1/batch0", tmp_path, monkeypatch)

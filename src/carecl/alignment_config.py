@@ -48,3 +48,10 @@ class AlignmentConfig:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive to derive alignment.samples_per_class, got {batch_size}")
         return 5 * batch_size
+
+
+def slca_style_alignment() -> AlignmentConfig:
+    """SLCA's classifier alignment as LAMDA-PILOT codes it, which SSIAT's code copies: 5 epochs at lr 0.01,
+    cosine over them, 256 samples per class, older means shrunk with task = class // task size."""
+    return AlignmentConfig(epochs=5, lr=0.01, scheduler_t_max=5, samples_per_class=256, decay=True,
+                           decay_formula="equal_tasks")

@@ -103,6 +103,18 @@ class TaskContext:
     # Under torchrun the statistics loader yields this rank's shard: reduce sums over ranks with it.
     distributed: Distributed = SINGLE_PROCESS
 
+    @torch.no_grad()
+    def embed_task_images(self, embed: Callable[[torch.Tensor], torch.Tensor], purpose: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, class positions) of every training image of the task (test transforms, loader order),
+        in one process: `purpose` names what needs them all, for the error under torchrun."""
+        if self.distributed.enabled:
+            raise NotImplementedError(f"{purpose} in a single process")
+        features, labels = [], []
+        for images, targets in self.statistics_loader():
+            features.append(embed(images.to(self.device)).float())
+            labels.append(targets.to(self.device))
+        return torch.cat(features), torch.cat(labels)
+
 
 class Method(nn.Module):
     """Base class of continual learners; subclasses override the hooks they need (module docstring)."""

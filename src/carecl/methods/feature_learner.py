@@ -128,17 +128,10 @@ class FeatureLearner(Method):
         features, labels = self.task_features(context)
         self.fit_classes(features, labels, context.task)
 
-    @torch.no_grad()
     def task_features(self, context: TaskContext) -> tuple[Tensor, Tensor]:
         """Features and class positions of the task's training images (test transforms)."""
         self.eval()
-        if context.distributed.enabled:
-            raise NotImplementedError(f"{self.options.name} fits its classifier in a single process")
-        features, labels = [], []
-        for images, targets in context.statistics_loader():
-            features.append(self.features(images.to(context.device)))
-            labels.append(targets.to(context.device))
-        return torch.cat(features), torch.cat(labels)
+        return context.embed_task_images(self.features, f"{self.options.name} fits its classifier")
 
     # ---- what each method supplies ----------------------------------------------------------------
     def fit_classes(self, features: Tensor, labels: Tensor, task: Task) -> None:

@@ -23,19 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carecl.alignment import align_classifier
-from carecl.alignment_config import AlignmentConfig
+from carecl.alignment_config import AlignmentConfig, slca_style_alignment
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
 
 STATISTICS_PREFIX = "statistics."
-
-
-def slca_alignment() -> AlignmentConfig:
-    # PILOT's SLCA: ca_epochs epochs at the training lr, cosine over them, 256 samples per class, decay c // size.
-    return AlignmentConfig(epochs=5, lr=0.01, scheduler_t_max=5, samples_per_class=256, decay=True,
-                           decay_formula="equal_tasks")
 
 
 @dataclass
@@ -47,7 +41,7 @@ class SLCAConfig(MethodConfig):
     milestones: list[int] = field(default_factory=lambda: [18])
     lr_decay: float = 0.1
     # Classifier alignment; its scheduler_t_max should equal its epochs (PILOT: cosine over ca_epochs).
-    alignment: AlignmentConfig = field(default_factory=slca_alignment)
+    alignment: AlignmentConfig = field(default_factory=slca_style_alignment)
     # Logits divided by their mean per-task L2 norm, then by this temperature, during alignment; 0 = off.
     logit_norm: float = 0.1
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carecl.alignment import align_classifier
-from carecl.alignment_config import AlignmentConfig
+from carecl.alignment_config import AlignmentConfig, slca_style_alignment
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, Phase, StepOutput, TaskContext, register_method
@@ -28,13 +28,6 @@ from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
 
 STATISTICS_PREFIX = "statistics."
 BEFORE_KEY = "features_before"
-
-
-def ssiat_alignment() -> AlignmentConfig:
-    # The authors' `_stage2_compact_classifier`: ca_epochs 5 at init_lr, cosine over them, 256 samples
-    # per class, means shrunk by (task + 1) / (tasks) * 0.1 with task = class // task size.
-    return AlignmentConfig(epochs=5, lr=0.01, scheduler_t_max=5, samples_per_class=256, decay=True,
-                           decay_formula="equal_tasks")
 
 
 @dataclass
@@ -54,8 +47,8 @@ class SSIATConfig(MethodConfig):
     shift_sigma: float = 4.0
     # Added to each class covariance (1e-3 in the authors' `_compute_class_mean`).
     covariance_ridge: float = 1e-3
-    # Classifier alignment (`ca`, `ca_epochs`); epochs 0 turns it off.
-    alignment: AlignmentConfig = field(default_factory=ssiat_alignment)
+    # Classifier alignment (`ca`, `ca_epochs`; their `_stage2_compact_classifier` is SLCA's); epochs 0 turns it off.
+    alignment: AlignmentConfig = field(default_factory=slca_style_alignment)
 
     def validate(self) -> None:
         require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
@@ -115,25 +108,15 @@ class SSIAT(Method):
 
     def begin_phase(self, phase: Phase, context: TaskContext) -> None:
         if context.task.index > 0 and self.options.shift_compensation:
-            self.features_before = self.task_features(context)[0]
+            self.eval()
+            self.features_before = context.embed_task_images(self.backbone, "ssiat estimates the semantic shift")[0]
 
     # ---- statistics, shift and alignment -------------------------------------------------
     @torch.no_grad()
-    def task_features(self, context: TaskContext) -> tuple[Tensor, Tensor]:
-        """The task's training images (test transforms, fixed order) through the adapted ViT."""
-        if context.distributed.enabled:
-            raise NotImplementedError("ssiat estimates the semantic shift in a single process")
-        self.eval()
-        features, labels = [], []
-        for images, targets in context.statistics_loader():
-            features.append(self.backbone(images.to(context.device)).float())
-            labels.append(targets)
-        return torch.cat(features), torch.cat(labels)
-
-    @torch.no_grad()
     def end_task(self, context: TaskContext) -> None:
         task = context.task
-        features, labels = self.task_features(context)
+        self.eval()
+        features, labels = context.embed_task_images(self.backbone, "ssiat estimates the semantic shift")
         if task.index > 0 and self.options.shift_compensation and len(self.features_before):
             old = list(range(task.low))
             means = torch.stack([self.statistics.mean(c) for c in old]).to(features.device)
