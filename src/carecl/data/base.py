@@ -222,6 +222,19 @@ class SkippedImages:
         self._by_class = {}
 
 
+def single_class_batches(labels: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Dataset positions class by class (ascending label, dataset order within a class), cut into batches
+    of at most `batch_size` that never mix classes: PILOT's per-class feature loops, as one loader."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    labels = np.asarray(labels)
+    batches = []
+    for label in np.unique(labels):
+        positions = np.flatnonzero(labels == label).tolist()
+        batches += [positions[start: start + batch_size] for start in range(0, len(positions), batch_size)]
+    return batches
+
+
 class SkippingDataLoader(DataLoader):
     """A DataLoader yielding ``(images, labels)`` whose unreadable images are dropped and recorded.
 

@@ -15,7 +15,7 @@ from carecl.backbones import backbone_preprocessing, create_backbone
 from carecl.config import ConfigError, ExperimentConfig
 from carecl.data import BenchmarkData, build_dataset, resolve_preprocessing, transforms_for
 from carecl.data.base import canonical_dataset
-from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform
+from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform, single_class_batches
 from carecl.distributed import Distributed, DistributedError, ShardSampler
 from carecl.distributed import current as current_distributed
 from carecl.methods.base import build_method
@@ -150,9 +150,11 @@ class Experiment:
         return self.data.test_transform if self.data is not None else evaluation_transform(self.config)
 
     # ---- loaders ---------------------------------------------------------------------
-    def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0) -> DataLoader:
+    def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0, class_batch: int | None = None
+                ) -> DataLoader:
         """Training: a seeded shuffle per epoch (set_epoch), whose global batches are the same for
-        any number of processes; otherwise in order, each rank reading its own shard."""
+        any number of processes; otherwise in order, each rank reading its own shard, or with
+        `class_batch` (one process), class by class in batches of at most that many images."""
         source = self.data.train if split == "train" else self.data.test
         transform = self.data.train_transform if train else self.data.test_transform
         dataset = TaskDataset(source, self.scenario.label_map, low, high, transform, skip_unreadable=not self.config.data.strict)
@@ -163,6 +165,9 @@ class Experiment:
             sampler = DistributedSampler(dataset, distributed.world_size, distributed.rank, shuffle=True, seed=stream)
         else:
             batch, sampler = self.config.eval.batch_size, ShardSampler(len(dataset), distributed)
+        batching = {"batch_size": batch, "sampler": sampler}
+        if class_batch is not None:
+            batching = {"batch_sampler": single_class_batches(dataset.labels, class_batch)}
         data = self.config.data
         workers = data.num_workers if data.num_workers is not None else default_workers(source.samples, distributed)
         pin = data.pin_memory if data.pin_memory is not None else self.device.type == "cuda"
@@ -170,7 +175,7 @@ class Experiment:
         # more or less often cannot change training; it seeds the workers.
         generator = torch.Generator().manual_seed(stream)
         return SkippingDataLoader(
-            dataset, self.skipped_images, batch_size=batch, sampler=sampler, generator=generator, num_workers=workers,
+            dataset, self.skipped_images, **batching, generator=generator, num_workers=workers,
             pin_memory=pin, persistent_workers=data.persistent_workers and workers > 0,
         )
 
@@ -180,9 +185,13 @@ class Experiment:
     def statistics_loader(self, task: Task) -> DataLoader:
         return self._loader("train", task.low, task.high, train=False)
 
+    def class_batch_loader(self, task: Task, batch_size: int) -> DataLoader:
+        return self._loader("train", task.low, task.high, train=False, class_batch=batch_size)
+
     def test_loader(self, n_seen: int) -> DataLoader:
         return self._loader("test", 0, n_seen, train=False)
 
     def context(self, task: Task) -> TaskContext:
         return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task),
-                           self.config.train.progress and self.distributed.is_main, self.distributed)
+                           self.config.train.progress and self.distributed.is_main, self.distributed,
+                           lambda batch_size: self.class_batch_loader(task, batch_size))

@@ -132,6 +132,7 @@ def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int
                                 f"the loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         precision.backward_and_step(loss, optimizer)
+        experiment.method.after_optimizer_step(task)
         total, count = total + loss.item() * len(targets), count + len(targets)
         if training.progress is not None:
             training.progress.global_step += 1

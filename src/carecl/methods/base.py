@@ -11,7 +11,8 @@ Adding a method (one new file, `carecl/methods/<name>.py`, and a YAML; nothing e
 3. Hooks, each optional (call order per task below): `begin_task` grows what the task needs and
    must be deterministic (a saved run is rebuilt by replaying it before its weights load);
    `training_phases` (none for closed-form methods); `parameter_groups` (lr multiplier and weight
-   decay per group); `training_loss`; `begin_phase` / `end_phase`; `end_task`; `predict` returns
+   decay per group); `training_loss`; `after_optimizer_step` (in-place updates outside the gradient,
+   MOS's adapter merge); `begin_phase` / `end_phase`; `end_task`; `predict` returns
    scores over the seen classes; `class_probabilities` when a softmax of those scores is not a
    calibrated probability.
 4. State: everything learned must come back from `state_tensors()` (module weights and buffers
@@ -22,7 +23,7 @@ Adding a method (one new file, `carecl/methods/<name>.py`, and a YAML; nothing e
    training steps read (CaRE: the shared-adapter anchor) must therefore be in `state_tensors()`.
 6. Test: a 3-task run on shipped data, plus a test that fails if the method's core step breaks.
 
-Call order for each task: begin_task -> for each phase: begin_phase, [training_loss ...], end_phase
+Call order for each task: begin_task -> for each phase: begin_phase, [training_loss, after_optimizer_step ...], end_phase
 -> end_task (then the method counts the task as learned) -> predict / class_probabilities.
 """
 
@@ -102,6 +103,15 @@ class TaskContext:
     progress: bool = False
     # Under torchrun the statistics loader yields this rank's shard: reduce sums over ranks with it.
     distributed: Distributed = SINGLE_PROCESS
+
+    # Loader whose batches each hold one class, class by class, at most n images (PILOT's per-class loops).
+    class_batch_loader: Callable[[int], "DataLoader"] | None = None
+
+    def class_batches(self, batch_size: int, purpose: str) -> "DataLoader":
+        """The task's training images (test transforms) class by class in batches that never mix classes."""
+        if self.distributed.enabled or self.class_batch_loader is None:
+            raise NotImplementedError(f"{purpose} in a single process (it reads the task class by class)")
+        return self.class_batch_loader(batch_size)
 
     @torch.no_grad()
     def embed_task_images(self, embed: Callable[[torch.Tensor], torch.Tensor], purpose: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +196,9 @@ class Method(nn.Module):
 
     def training_loss(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} does not train by gradient descent")
+
+    def after_optimizer_step(self, task: Task) -> None:
+        """Called after every optimiser step of a training phase (state it changes is checkpointed with the weights)."""
 
     def begin_phase(self, phase: Phase, context: TaskContext) -> None:
         """Called when a training phase starts, never on a resume (see the resume contract above)."""
