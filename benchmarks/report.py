@@ -260,7 +260,9 @@ def method_inference_section(data: dict | None) -> list[str]:
         "its learned tensors randomised, ViT-B/16 shapes; `method.predict` timed interleaved with the plain frozen "
         "ViT forward of the same images. Pa: parameters added to the ViT after T tasks; Pa / T: added per task "
         "(the paper's Pt also counts what is retrained every task, e.g. CaRE's shared adapter); classifier tensors: learned buffers (EASE's prototypes in every subspace). *care*: the "
-        "single pass; *care_iterative*: the release default, which adds iterative prediction while T <= 61.")
+        "single pass; *care_iterative*: the release default, which adds iterative prediction while T <= 61. *mos*: "
+        "the first task's adapters plus the adapters each image's self-refinement visits (at most four; the "
+        "authors' code runs all T), so its time depends on how often the retrieval moves, not on T.")
     if data is None:
         return lines
     for run in data["runs"]:

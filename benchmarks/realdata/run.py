@@ -47,6 +47,7 @@ CONFIGS = {
     "slca": "SLCA (whole ViT at lr x 0.01, 4 epochs per task, alignment)",
     "ease": "EASE (a new adapter set per task, 4 epochs each; subspace ensemble)",
     "ssiat": "SSIAT (one shared adapter set tuned every task: 4 then 2 epochs; semantic shift, alignment)",
+    "mos": "MOS (one adapter set carried and merged, 4 epochs per task; self-refined retrieval, alignment)",
 }
 
 

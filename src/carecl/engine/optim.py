@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from carecl.config import TrainConfig
@@ -22,9 +24,24 @@ def build_optimizer(train: TrainConfig, groups: list[ParameterGroup], lr: float)
     return OPTIMIZERS[train.optimizer](param_groups, train)
 
 
+def coda_cosine(optimizer: torch.optim.Optimizer, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler:
+    """CODA-Prompt's CosineSchedule: lr x cos(99π·epoch / (200·(K - 1))), K = schedule_epochs."""
+    span = max(phase.schedule_epochs - 1, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: math.cos(99 * math.pi * epoch / (200 * span)))
+
+
+def cosine_annealing(optimizer: torch.optim.Optimizer, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(phase.schedule_epochs, 1), eta_min=phase.min_lr)
+
+
+SCHEDULES = {"cosine": cosine_annealing, "coda_cosine": coda_cosine}
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, phase: Phase) -> torch.optim.lr_scheduler.LRScheduler:
     """The phase's schedule, stepped once per epoch (every group follows it from its own starting lr):
-    MultiStepLR at the phase's milestones, else a cosine."""
+    MultiStepLR at the phase's milestones, else `SCHEDULES[phase.schedule]`."""
     if phase.milestones:
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(phase.milestones), gamma=phase.lr_decay)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(phase.schedule_epochs, 1), eta_min=phase.min_lr)
+    if phase.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {phase.schedule!r}; known: {sorted(SCHEDULES)}")
+    return SCHEDULES[phase.schedule](optimizer, phase)

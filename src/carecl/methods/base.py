@@ -57,7 +57,9 @@ class Phase:
     """A stretch of training with a fresh optimiser and one schedule, stepped per epoch.
 
     By default a cosine of period `schedule_epochs` (a phase may stop before the period ends); with
-    `milestones`, the lr is multiplied by `lr_decay` at each of those epochs instead (MultiStepLR).
+    `milestones`, the lr is multiplied by `lr_decay` at each of those epochs instead (MultiStepLR);
+    `schedule="coda_cosine"`: lr x cos(99π·epoch / (200·(schedule_epochs - 1))), CODA-Prompt's own
+    schedule (it never reaches zero and ignores `min_lr`).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Phase:
     schedule_epochs: int
     milestones: tuple[int, ...] = ()
     lr_decay: float = 0.1
+    schedule: str = "cosine"
 
     @property
     def final_lr(self) -> float:

@@ -1,0 +1,108 @@
+"""DualPrompt ("DualPrompt: Complementary Prompting for Rehearsal-free Continual Learning", Wang et al., ECCV
+2022), as LAMDA-PILOT runs it (a port of JH-LEE-KR/dualprompt-pytorch): prefix tuning in the first blocks.
+A G(eneral)-prompt, shared by every task, gives prefix keys and values to blocks `g_layers`; an E(xpert)-
+prompt pool gives them to blocks `e_layers`, one slot per task. Training uses the task's own slot (and
+pulls its key towards the queries); at test the query (the frozen ViT's CLS feature) picks the slot by key
+matching. The head reads the CLS token. Each new task's slot starts as a copy of the previous one.
+
+Two behaviours of the authors' code are kept by default, each behind an option:
+- `batchwise_selection`: at test, the slot chosen most often in the batch serves every image of it;
+- `kv_reshape_quirk`: the selected prefixes, laid out (2, batch, ...), are reshaped rather than permuted to
+  (batch, 2, ...), so image b gets entries 2b and 2b + 1 of that layout as its key and value prefixes (the
+  first half of the batch gets key prefixes in both roles, the second half value prefixes). Training and
+  test both do it, and at test an image's prefixes depend on its neighbours' selected slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from carecl.config import ExperimentConfig, require
+from carecl.methods.base import StepOutput, register_method
+from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions
+from carecl.scenario import Scenario, Task
+from carecl.tuners.prefix import Prefix, PrefixInjector
+from carecl.tuners.prompt_pool import PromptPool
+
+
+@dataclass
+class DualPromptConfig(PromptScheduleOptions):
+    name: str = "dualprompt"
+    g_layers: list[int] = field(default_factory=lambda: [0, 1])
+    g_length: int = 5
+    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    e_length: int = 5
+    pool_size: int = 10
+    batchwise_selection: bool = True
+    kv_reshape_quirk: bool = True
+    # Start task t's slot from slot t - 1 (`shared_prompt_pool`).
+    copy_previous_slot: bool = True
+    pull_weight: float = 0.1
+
+    def validate(self) -> None:
+        require(not set(self.g_layers) & set(self.e_layers), "e_layers", f"must not share blocks with g_layers "
+                f"{self.g_layers}, got {self.e_layers}")
+        require(self.g_length > 0 or not self.g_layers, "g_length", f"must be positive, got {self.g_length}")
+        require(self.e_length > 0, "e_length", f"must be positive, got {self.e_length}")
+        require(self.pool_size > 0, "pool_size", f"must be positive, got {self.pool_size}")
+        require(self.pull_weight >= 0, "pull_weight", f"must be >= 0, got {self.pull_weight}")
+
+
+def reshape_quirk(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The authors' (2, B, ...) -> (B, 2, ...) reshape: image b's key and value are entries 2b and 2b + 1."""
+    mixed = torch.stack([keys, values]).reshape(keys.shape[0], 2, *keys.shape[1:])
+    return mixed[:, 0], mixed[:, 1]
+
+
+@register_method("dualprompt", DualPromptConfig)
+class DualPrompt(PromptLearner):
+    def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
+        super().__init__(config, backbone, scenario)
+        options, width = self.options, backbone.num_features
+        depth = len(backbone.blocks)
+        for layer in (*options.g_layers, *options.e_layers):
+            if not 0 <= layer < depth:
+                raise ValueError(f"method.g_layers / e_layers: block {layer} does not exist (the ViT has {depth})")
+        self.prefixes = PrefixInjector(backbone, sorted([*options.g_layers, *options.e_layers]))
+        self.injectors = [self.prefixes]
+        # (layers, key/value, length, C), U(-1, 1) as the authors'.
+        self.g_prompt = nn.Parameter(torch.empty(len(options.g_layers), 2, options.g_length, width).uniform_(-1, 1))
+        self.pool = PromptPool(options.pool_size, (len(options.e_layers), 2, options.e_length, width), width, 1,
+                               options.batchwise_selection)
+
+    def begin_task(self, task: Task) -> None:
+        if self.options.copy_previous_slot and 0 < task.index < self.pool.size:
+            with torch.no_grad():
+                self.pool.prompts[task.index] = self.pool.prompts[task.index - 1]
+
+    def task_slot(self, task: Task, batch: int, device: torch.device) -> Tensor | None:
+        """Training uses the task's own slot while the pool has one (the authors' prompt mask)."""
+        if task.index >= self.pool.size:
+            return None
+        return torch.full((batch, 1), task.index, dtype=torch.long, device=device)
+
+    def prompted_features(self, images: Tensor, task: Task | None) -> tuple[Tensor, Tensor]:
+        forced = None if task is None else self.task_slot(task, len(images), images.device)
+        selection = self.pool.select(self.query(images), forced)
+        chosen = self.pool.gather(selection.indices)[:, 0]  # (B, layers, 2, length, C)
+        batch, per_block = len(images), {}
+        for index, layer in enumerate(self.options.g_layers):
+            keys, values = self.g_prompt[index].unsqueeze(1).expand(-1, batch, -1, -1)
+            per_block[layer] = Prefix(keys, values)
+        for index, layer in enumerate(self.options.e_layers):
+            keys, values = chosen[:, index, 0], chosen[:, index, 1]
+            if self.options.kv_reshape_quirk:
+                keys, values = reshape_quirk(keys, values)
+            per_block[layer] = Prefix(keys, values)
+        with self.prefixes.prefixes(per_block):
+            features = self.backbone(images)
+        return features, selection.pull
+
+    def training_loss(self, images: Tensor, targets: Tensor, task: Task) -> StepOutput:
+        features, pull = self.prompted_features(images, task)
+        classification = self.current_task_loss(features, targets, task)
+        loss = classification - self.options.pull_weight * pull
+        return StepOutput(loss, {"loss": loss.item(), "pull": pull.item()})

@@ -1,0 +1,79 @@
+"""What the prompt learners (L2P, DualPrompt, CODA-Prompt) share, as LAMDA-PILOT runs them: a frozen ViT,
+a query from the frozen ViT's own CLS pass, a linear head over every class of the stream (timm's init),
+trained with CE over the current task's classes only (the authors mask earlier classes with -inf and
+slice off later ones), one optimiser per task on a constant or cosine schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carecl.config import ExperimentConfig, MethodConfig
+from carecl.methods.base import Method, Phase
+from carecl.scenario import Scenario, Task
+from carecl.tuners.base import Injector
+from carecl.tuners.prompt_pool import frozen_query
+
+
+@dataclass
+class PromptScheduleOptions(MethodConfig):
+    # PILOT's `scheduler`: "constant" keeps train.lr for every epoch; "cosine" decays to train.min_lr;
+    # "coda_cosine": CODA-Prompt's own cosine (engine/optim.py).
+    schedule: Literal["constant", "cosine", "coda_cosine"] = "constant"
+
+
+def linear_head(width: int, n_classes: int) -> nn.Linear:
+    """A Linear over every class of the stream, initialised as timm initialises a ViT head."""
+    head = nn.Linear(width, n_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class PromptLearner(Method):
+    """Subclasses set `self.injectors` (bypassed for the query) and implement `prompted_features`."""
+
+    def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
+        super().__init__(config, backbone, scenario)
+        self.backbone = backbone
+        self.head = self.build_head(backbone.num_features, int(scenario.boundaries[-1]))
+        self.injectors: list[Injector] = []
+
+    def build_head(self, width: int, n_classes: int) -> nn.Linear:
+        return linear_head(width, n_classes)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    def training_phases(self, task: Task) -> list[Phase]:
+        train = self.experiment.train
+        if train.epochs == 0:
+            return []
+        schedule = self.options.schedule
+        min_lr = train.lr if schedule == "constant" else train.min_lr
+        return [Phase("prompts", train.epochs, train.lr, min_lr, train.epochs,
+                      schedule="coda_cosine" if schedule == "coda_cosine" else "cosine")]
+
+    def query(self, images: Tensor) -> Tensor:
+        """The frozen ViT's pooled CLS feature (every injector stands aside)."""
+        with contextlib.ExitStack() as stack:
+            for injector in self.injectors:
+                stack.enter_context(injector.bypassed())
+            return frozen_query(self.backbone, images)
+
+    def prompted_features(self, images: Tensor, task: Task | None) -> tuple[Tensor, Tensor]:
+        """(features for the head, pull term of the key matching); `task` is the training task, None at test."""
+        raise NotImplementedError
+
+    def current_task_loss(self, features: Tensor, targets: Tensor, task: Task) -> Tensor:
+        return F.cross_entropy(self.head(features)[:, task.low: task.high], targets - task.low)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        return self.head(self.prompted_features(images, None)[0])[:, : self.n_seen_classes]
