@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from carecl.engine import Experiment, learn_task, run_experiment
-from carecl.methods.mos import merge_towards_mean, orthogonality_loss
+from carecl.methods.mos import merge_towards_mean
+from carecl.methods.regularisers import orthogonality_loss
 from carecl.tuners.adapter import AdapterConfig
 
 from conftest import TINY_VIT, tiny_config

@@ -48,6 +48,9 @@ CONFIGS = {
     "ease": "EASE (a new adapter set per task, 4 epochs each; subspace ensemble)",
     "ssiat": "SSIAT (one shared adapter set tuned every task: 4 then 2 epochs; semantic shift, alignment)",
     "mos": "MOS (one adapter set carried and merged, 4 epochs per task; self-refined retrieval, alignment)",
+    "l2p": "L2P (prompt pool of 10, top 5 by key matching, batch-level selection; 4 epochs per task)",
+    "dualprompt": "DualPrompt (G-prompt + E-prompt pool, prefix tuning; 4 epochs per task)",
+    "coda_prompt": "CODA-Prompt (attention-weighted prompt components, prefix tuning; 4 epochs per task)",
 }
 
 

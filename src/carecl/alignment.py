@@ -79,6 +79,7 @@ def align_classifier(
     progress: bool = False,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
     logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> list[float]:
     """Retrain `classifier` alone on features sampled from the class Gaussians.
 
@@ -88,7 +89,8 @@ def align_classifier(
     once per epoch. `on_epoch_end(epoch, mean_loss, lr_after_step)` is called after each epoch.
     `logits(features)` replaces `scale * classifier(features)[:, :n_seen_classes]` for heads that are
     not a CosineClassifier (SLCA's logit-normalised linear heads); the classifier's trainable parameters
-    are trained either way.
+    are trained either way. `steps_per_epoch` < n_seen_classes uses only that many of each epoch's
+    mini-batches (HiDe-Prompt's code steps once per *old* class).
     Returns the mean loss of each epoch ([] when `config.epochs == 0`).
     """
     if config.epochs == 0:
@@ -119,7 +121,7 @@ def align_classifier(
     epochs = tqdm(range(config.epochs), desc="alignment", disable=not progress, leave=False)
     for epoch in epochs:
         loss = _align_epoch(logits or (lambda f: scale * classifier(f)[:, :n_seen_classes]), gaussians, optimizer,
-                            samples_per_class, n_seen_classes, mean_scale, generator)
+                            samples_per_class, steps_per_epoch or n_seen_classes, mean_scale, generator)
         scheduler.step()
         losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4f}")
@@ -134,7 +136,7 @@ def _align_epoch(
     gaussians: StackedGaussians,
     optimizer: torch.optim.Optimizer,
     samples_per_class: int,
-    n_seen_classes: int,
+    steps: int,
     mean_scale: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> float:
@@ -144,7 +146,7 @@ def _align_epoch(
     source = generator.device if generator is not None else device
     order = torch.randperm(features.shape[0], generator=generator, device=source).to(device)
     total = torch.zeros((), device=device)
-    for step in range(n_seen_classes):
+    for step in range(steps):
         # Gather one shuffled mini-batch at a time rather than permuting the whole sample set.
         batch = order[step * samples_per_class : (step + 1) * samples_per_class]
         loss = F.cross_entropy(logits_of(features[batch]), labels[batch])
@@ -152,7 +154,7 @@ def _align_epoch(
         loss.backward()
         optimizer.step()
         total += loss.detach()
-    mean_loss = (total / n_seen_classes).item()
+    mean_loss = (total / steps).item()
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"classifier alignment loss is {mean_loss}")
     return mean_loss

@@ -73,7 +73,7 @@ class DataConfig:
     # Transform recipe; null = the dataset's own (the CaRE release's for published benchmarks). A method's
     # published settings may name another, e.g. APER trains every benchmark with pilot_wide_crop.
     transforms: Literal["pilot_cifar", "pilot_random_interpolation", "pilot_random_interpolation_jitter",
-                        "pilot_wide_crop", "backbone", "in_memory"] | None = None
+                        "pilot_wide_crop", "pilot_coda", "backbone", "in_memory"] | None = None
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
@@ -134,6 +134,8 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Clip the gradients' total norm to this before each step (HiDe-Prompt / NoRGa: 1.0); null: no clipping.
+    clip_grad_norm: float | None = None
     # auto (CUDA when available), cpu, cuda, cuda:N or mps.
     device: str = "auto"
     # CPU threads for torch; null = auto: 1 for small models on CPU (more threads only contend on
@@ -155,6 +157,8 @@ class TrainConfig:
         require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, train.lr = {self.lr}], got {self.min_lr}")
         require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm",
+                f"must be positive or null, got {self.clip_grad_norm}")
         require(bool(DEVICE_PATTERN.match(self.device)), "device",
                 f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         require(self.threads is None or self.threads > 0, "threads", f"must be positive (or null for auto), got {self.threads}")

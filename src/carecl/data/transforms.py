@@ -134,6 +134,14 @@ def release_wide_crop(p: Preprocessing) -> TransformPair:
     return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
 
 
+def coda_crop(p: Preprocessing) -> TransformPair:
+    """LAMDA-PILOT's CODA-Prompt transforms: timm-default random resized crop + flip; the test resize
+    (CIFAR: straight to 224, `crop_pct` 1; ImageNet-R: 256 then a 224 centre crop, `crop_pct` 0.875)."""
+    interpolation = INTERPOLATIONS[p.interpolation]
+    train = [T.RandomResizedCrop(p.image_size, interpolation=interpolation), *_flip(p)]
+    return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
+
+
 def backbone_style(p: Preprocessing) -> TransformPair:
     """A user's images: random resized crop (timm's default scale) and flip for training, as `augment` says."""
     interpolation = INTERPOLATIONS[p.interpolation]
@@ -176,6 +184,7 @@ for _name, _recipe in {
     "pilot_random_interpolation": _release(release_random_interpolation(color_jitter=False), normalised=True),
     "pilot_random_interpolation_jitter": _release(release_random_interpolation(color_jitter=True), normalised=True),
     "pilot_wide_crop": _release(release_wide_crop, normalised=False),
+    "pilot_coda": TransformRecipe(coda_crop, Preprocessing(INPUT_SIZE, None, None, "bilinear", 1.0)),
     "backbone": TransformRecipe(backbone_style, None),
     "in_memory": TransformRecipe(in_memory, Preprocessing(IN_MEMORY_SIZE, None, None)),
 }.items():

@@ -131,7 +131,7 @@ def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int
             raise TrainingError(f"task {task.index + 1} {phase.name}, epoch {epoch + 1}/{phase.epochs}, batch {batch + 1}: "
                                 f"the loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
-        precision.backward_and_step(loss, optimizer)
+        precision.backward_and_step(loss, optimizer, experiment.config.train.clip_grad_norm)
         experiment.method.after_optimizer_step(task)
         total, count = total + loss.item() * len(targets), count + len(targets)
         if training.progress is not None:

@@ -71,12 +71,18 @@ class Precision:
         with torch.autocast(self.device_type, dtype=self.dtype):
             yield
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          clip_grad_norm: float | None = None) -> None:
+        """Backward, the gradients' total norm clipped to `clip_grad_norm` when set, then the step."""
         if self.scaler is None:
             loss.backward()
+            clip_gradients(optimizer, clip_grad_norm)
             optimizer.step()
             return
         self.scaler.scale(loss).backward()
+        if clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            clip_gradients(optimizer, clip_grad_norm)
         self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         self.scaler.update()
 
@@ -86,3 +92,8 @@ class Precision:
     def load_state(self, state: dict[str, Any] | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)

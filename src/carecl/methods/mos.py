@@ -34,6 +34,7 @@ from carecl.alignment import align_classifier
 from carecl.alignment_config import AlignmentConfig
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
+from carecl.methods.regularisers import orthogonality_loss
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
 from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
@@ -106,13 +107,6 @@ def merge_towards_mean(blocks: list[tuple[list[Tensor], list[Tensor]]], times: l
         targets = [t for _, t, count in entries if count > round_]
         torch._foreach_mul_(data, 1 - momentum)
         torch._foreach_add_(data, targets)
-
-
-def orthogonality_loss(features: Tensor, stored_means: Tensor, temperature: float) -> Tensor:
-    """CE of each row of [stored means; features] against itself over their scaled dot products."""
-    rows = torch.cat([stored_means.to(features.dtype), features]) if len(stored_means) else features
-    similarity = rows @ rows.T / temperature
-    return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
 
 
 @register_method("mos", MOSConfig)
