@@ -51,6 +51,8 @@ CONFIGS = {
     "l2p": "L2P (prompt pool of 10, top 5 by key matching, batch-level selection; 4 epochs per task)",
     "dualprompt": "DualPrompt (G-prompt + E-prompt pool, prefix tuning; 4 epochs per task)",
     "coda_prompt": "CODA-Prompt (attention-weighted prompt components, prefix tuning; 4 epochs per task)",
+    "hide_prompt": "HiDe-Prompt (task-identity MLP, a prefix prompt per task, alignment; 4 + 4 epochs per task)",
+    "norga": "NoRGa (HiDe-Prompt with a sigmoid residual gate on prefix scores; 4 + 4 epochs per task)",
 }
 
 

@@ -73,7 +73,7 @@ class DataConfig:
     # Transform recipe; null = the dataset's own (the CaRE release's for published benchmarks). A method's
     # published settings may name another, e.g. APER trains every benchmark with pilot_wide_crop.
     transforms: Literal["pilot_cifar", "pilot_random_interpolation", "pilot_random_interpolation_jitter",
-                        "pilot_wide_crop", "pilot_coda", "backbone", "in_memory"] | None = None
+                        "pilot_wide_crop", "pilot_coda", "hide_cifar", "backbone", "in_memory"] | None = None
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10

@@ -27,6 +27,8 @@ INPUT_SIZE = 224
 # The release resizes to 256 before its 224 centre crop.
 RELEASE_CROP_PCT = INPUT_SIZE / 256
 HALF = (0.5, 0.5, 0.5)
+# CIFAR-100's channel statistics, as HiDe-Prompt's code normalises CIFAR whatever the backbone.
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
 # Side of the generated / in-memory images when `data.image_size` is not set.
@@ -142,6 +144,14 @@ def coda_crop(p: Preprocessing) -> TransformPair:
     return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
 
 
+def hide_cifar(p: Preprocessing) -> TransformPair:
+    """HiDe-Prompt's / NoRGa's CIFAR transforms: timm-default random resized crop (bicubic), flip, brightness
+    jitter 63/255, CIFAR's mean and std; test resize 256 and crop 224 (the recipe's defaults)."""
+    train = [T.RandomResizedCrop(p.image_size, interpolation=INTERPOLATIONS[p.interpolation]), *_flip(p),
+             T.ColorJitter(brightness=63 / 255)]
+    return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
+
+
 def backbone_style(p: Preprocessing) -> TransformPair:
     """A user's images: random resized crop (timm's default scale) and flip for training, as `augment` says."""
     interpolation = INTERPOLATIONS[p.interpolation]
@@ -185,6 +195,7 @@ for _name, _recipe in {
     "pilot_random_interpolation_jitter": _release(release_random_interpolation(color_jitter=True), normalised=True),
     "pilot_wide_crop": _release(release_wide_crop, normalised=False),
     "pilot_coda": TransformRecipe(coda_crop, Preprocessing(INPUT_SIZE, None, None, "bilinear", 1.0)),
+    "hide_cifar": TransformRecipe(hide_cifar, Preprocessing(INPUT_SIZE, CIFAR_MEAN, CIFAR_STD, "bicubic", RELEASE_CROP_PCT)),
     "backbone": TransformRecipe(backbone_style, None),
     "in_memory": TransformRecipe(in_memory, Preprocessing(IN_MEMORY_SIZE, None, None)),
 }.items():

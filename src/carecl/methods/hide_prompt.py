@@ -247,6 +247,7 @@ class HiDePrompt(PromptLearner):
     def slots_of(self, task: Task, images: Tensor) -> Tensor:
         return torch.full((len(images),), task.index, dtype=torch.long, device=images.device)
 
+    @torch.no_grad()
     def merge_slot(self, task_index: int) -> None:
         """Their post-training prompt momentum: slot t <- (1 - m) slot t + m mean(slots < t)."""
         momentum = self.options.prompt_momentum
