@@ -58,3 +58,40 @@ def test_mismatched_weights_list_the_keys(tmp_path):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(BackboneError, match="file not found"):
         create_backbone(tiny(weights=str(tmp_path / "none.safetensors")))
+
+
+def _release_checkpoint(source: torch.nn.Module, layout: str) -> dict:
+    """A tiny ViT's weights laid out as a self-supervised release saves them."""
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    if layout == "ibot":  # {"teacher": {"backbone.*", "head.*"}} and iBOT's mask token
+        teacher = {f"backbone.{k}": v for k, v in state.items()}
+        teacher.update({"backbone.masked_embed": torch.zeros(32), "head.last_layer.weight": torch.zeros(4, 32)})
+        return {"teacher": teacher, "student": {"x": torch.zeros(1)}, "epoch": 3}
+    if layout == "mocov3":  # {"model": {"module.base_encoder.*", "module.momentum_encoder.*", "module.predictor.*"}}
+        model = {f"module.base_encoder.{k}": v for k, v in state.items()}
+        model.update({f"module.momentum_encoder.{k}": torch.zeros_like(v) for k, v in state.items()})
+        model.update({"module.predictor.0.weight": torch.zeros(4, 32), "module.base_encoder.head.0.weight": torch.zeros(4, 32)})
+        return {"model": model, "optimizer": {"x": torch.zeros(1)}}
+    return state  # DINO: the raw state dict
+
+
+@pytest.mark.parametrize("layout", ["ibot", "mocov3", "dino"])
+def test_self_supervised_release_checkpoints_load_with_their_key_conventions(tmp_path, layout):
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+    path = tmp_path / f"{layout}.pth"
+    torch.save(_release_checkpoint(source, layout), path)
+    model = create_backbone(tiny(weights=str(path)))
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_fc_norm_model_takes_the_release_final_norm():
+    # MoCo v3 in HiDe-Prompt's loader: the ViT pools through an fc_norm, which gets the release's `norm.*`.
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
+    with torch.no_grad():
+        source.norm.weight.normal_()
+    target = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, fc_norm=True,
+                               global_pool="token", **TINY_VIT)
+    from carecl.backbones import normalise_checkpoint_keys
+    state = normalise_checkpoint_keys(_release_checkpoint(source, "mocov3")["model"], target)
+    assert torch.equal(state["fc_norm.weight"], source.norm.weight) and "norm.weight" not in state

@@ -107,11 +107,33 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
         raise BackboneError(f"backbone.weights: cannot read {path}: {error}") from None
-    for container in ("state_dict", "model", "module"):
+    # Self-supervised releases wrap their weights: iBOT's teacher, MoCo v3's model, others' state_dict.
+    for container in ("teacher", "state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
     if not isinstance(state, dict):
         raise BackboneError(f"backbone.weights: {path} holds no state dict")
+    return state
+
+
+# Key prefixes of self-supervised checkpoints, outermost first: MoCo v3 keeps the ViT as the query encoder
+# (the momentum encoder and predictor are dropped); DINO / iBOT teachers as `backbone.` next to their heads.
+ENCODER_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.", "backbone.", "encoder.")
+# Training-only tensors of those releases (iBOT's mask token).
+TRAINING_ONLY_KEYS = ("masked_embed",)
+
+
+def normalise_checkpoint_keys(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """A self-supervised release's keys in timm's names: the encoder's own tensors with their prefix
+    removed, training-only tensors dropped, `norm.` moved to `fc_norm.` for a model pooled through an
+    fc_norm (MoCo v3's ViT in HiDe-Prompt's loader)."""
+    for prefix in ENCODER_PREFIXES:
+        if any(key.startswith(prefix) for key in state) and not any(key in model.state_dict() for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    state = {key: value for key, value in state.items() if key not in TRAINING_ONLY_KEYS}
+    pooled_norm = isinstance(model.norm, torch.nn.Identity) and not isinstance(model.fc_norm, torch.nn.Identity)
+    if pooled_norm:
+        state = {("fc_" + key if key.startswith("norm.") else key): value for key, value in state.items()}
     return state
 
 
@@ -137,7 +159,7 @@ def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:
         except (KeyError, RuntimeError, ValueError) as error:
             raise BackboneError(f"backbone.weights: {path} does not fit the architecture: {error}") from None
         return
-    state = checkpoint_filter_fn(read_state_dict(path), model)
+    state = checkpoint_filter_fn(normalise_checkpoint_keys(read_state_dict(path), model), model)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     check_state_fits(model, state, path)
     model.load_state_dict(state, strict=False)
