@@ -85,8 +85,8 @@ def test_self_supervised_release_checkpoints_load_with_their_key_conventions(tmp
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_a_fc_norm_model_takes_the_release_final_norm():
-    # MoCo v3 in HiDe-Prompt's loader: the ViT pools through an fc_norm, which gets the release's `norm.*`.
+def test_a_fc_norm_model_drops_the_release_final_norm_as_hide_prompt_loads_it():
+    # MoCo v3 in HiDe-Prompt's loader: the ViT pools through an fc_norm, which keeps LayerNorm's init.
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT)
     with torch.no_grad():
         source.norm.weight.normal_()
@@ -94,4 +94,6 @@ def test_a_fc_norm_model_takes_the_release_final_norm():
                                global_pool="token", **TINY_VIT)
     from carecl.backbones import normalise_checkpoint_keys
     state = normalise_checkpoint_keys(_release_checkpoint(source, "mocov3")["model"], target)
-    assert torch.equal(state["fc_norm.weight"], source.norm.weight) and "norm.weight" not in state
+    assert "norm.weight" not in state
+    assert torch.equal(state["fc_norm.weight"], torch.ones(32)) and torch.equal(state["fc_norm.bias"], torch.zeros(32))
+    target.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=True)

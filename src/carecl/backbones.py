@@ -125,15 +125,17 @@ TRAINING_ONLY_KEYS = ("masked_embed",)
 
 def normalise_checkpoint_keys(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """A self-supervised release's keys in timm's names: the encoder's own tensors with their prefix
-    removed, training-only tensors dropped, `norm.` moved to `fc_norm.` for a model pooled through an
-    fc_norm (MoCo v3's ViT in HiDe-Prompt's loader)."""
+    removed, training-only tensors dropped. A model pooled through an fc_norm (MoCo v3's ViT in
+    HiDe-Prompt's loader) has no final `norm`: the release's is dropped and the fc_norm keeps LayerNorm's
+    initial scale 1 and shift 0, as their loader leaves it (it discards every key the model lacks)."""
     for prefix in ENCODER_PREFIXES:
         if any(key.startswith(prefix) for key in state) and not any(key in model.state_dict() for key in state):
             state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     state = {key: value for key, value in state.items() if key not in TRAINING_ONLY_KEYS}
     pooled_norm = isinstance(model.norm, torch.nn.Identity) and not isinstance(model.fc_norm, torch.nn.Identity)
     if pooled_norm:
-        state = {("fc_" + key if key.startswith("norm.") else key): value for key, value in state.items()}
+        state = {key: value for key, value in state.items() if not key.startswith("norm.")}
+        state.update({f"fc_norm.{name}": value.detach().clone() for name, value in model.fc_norm.state_dict().items()})
     return state
 
 

@@ -57,6 +57,8 @@ class DataConfig:
     shuffle: bool = True
     # Explicit class order (original class ids); overrides `shuffle`.
     class_order: list[int] | None = None
+    # five_datasets: the members' order (svhn, mnist, cifar10, notmnist, fashion_mnist); null = that order.
+    dataset_order: list[str] | None = None
     # Input side in pixels; null = the dataset's default: 224 for the published benchmarks, the
     # backbone's pretrained input size for imagefolder, 32 for in-memory sets (digits, synthetic, glyphs).
     image_size: int | None = None

@@ -19,7 +19,7 @@ from carecl.data.base import (
 )
 
 # Imported for their side effect: each registers its datasets in DATASETS.
-from carecl.data import cifar, digits, glyphs, imagefolder, synthetic  # noqa: E402,F401  isort: skip
+from carecl.data import cifar, digits, five_datasets, glyphs, imagefolder, synthetic  # noqa: E402,F401  isort: skip
 from carecl.data.transforms import (  # noqa: E402
     DEFAULT_BACKBONE_PREPROCESSING,
     TRANSFORMS,

@@ -212,6 +212,7 @@ DATASET_RECIPES: dict[str, str] = {
     "omnibenchmark": "pilot_wide_crop",
     "omnibenchmark1k": "pilot_wide_crop",
     "cub": "pilot_wide_crop",
+    "five_datasets": "pilot_wide_crop",
     "imagefolder": "backbone",
     "digits": "in_memory",
     "synthetic": "in_memory",
