@@ -11,7 +11,7 @@ the authors' penalty ‖X Xᵀ - I‖² on them (0 in every published config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from carecl.config import ExperimentConfig, require
 from carecl.methods.base import StepOutput, register_method
-from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions
+from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions, prompted_blocks
 from carecl.scenario import Scenario, Task
 from carecl.tuners.prefix import Prefix, PrefixInjector
 
@@ -32,7 +32,8 @@ class CODAPromptConfig(PromptScheduleOptions):
     pool_size: int = 100
     prompt_length: int = 8
     orthogonality_weight: float = 0.0
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Prefixed blocks; null = blocks 0-4 (those the ViT has).
+    layers: list[int] | None = None
     schedule: Literal["constant", "cosine", "coda_cosine"] = "coda_cosine"
 
     def validate(self) -> None:
@@ -40,7 +41,7 @@ class CODAPromptConfig(PromptScheduleOptions):
         require(self.prompt_length >= 2 and self.prompt_length % 2 == 0, "prompt_length",
                 f"must be even and >= 2 (half keys, half values), got {self.prompt_length}")
         require(self.orthogonality_weight >= 0, "orthogonality_weight", f"must be >= 0, got {self.orthogonality_weight}")
-        require(len(self.layers) > 0, "layers", "must name at least one block")
+        require(self.layers is None or len(self.layers) > 0, "layers", "must name at least one block")
 
 
 def gram_schmidt_rows(rows: Tensor, start: int, stop: int, generator: torch.Generator | None = None) -> Tensor:
@@ -70,16 +71,14 @@ class CODAPrompt(PromptLearner):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features
-        depth = len(backbone.blocks)
-        if any(not 0 <= layer < depth for layer in options.layers):
-            raise ValueError(f"method.layers: {options.layers} names a block the ViT (depth {depth}) does not have")
+        self.layers = prompted_blocks(options.layers, [0, 1, 2, 3, 4], len(backbone.blocks), "layers")
         self.per_task = options.pool_size // scenario.n_tasks
         if self.per_task == 0:
             raise ValueError(f"method.pool_size {options.pool_size} gives no component to each of {scenario.n_tasks} "
                              "tasks: it must be at least the number of tasks")
-        self.prefixes = PrefixInjector(backbone, list(options.layers))
+        self.prefixes = PrefixInjector(backbone, self.layers)
         self.injectors = [self.prefixes]
-        layers, pool = len(options.layers), options.pool_size
+        layers, pool = len(self.layers), options.pool_size
         self.components = nn.Parameter(torch.zeros(layers, pool, options.prompt_length, width))
         self.keys = nn.Parameter(torch.zeros(layers, pool, width))
         self.attention = nn.Parameter(torch.zeros(layers, pool, width))
@@ -120,7 +119,7 @@ class CODAPrompt(PromptLearner):
         else:
             trained_from, stop = self.components_of(task.index)
         per_block, penalty = {}, query.new_zeros(())
-        for index, layer in enumerate(self.options.layers):
+        for index, layer in enumerate(self.layers):
             per_block[layer], layer_penalty = self.layer_prefix(index, query, stop, trained_from)
             penalty = penalty + layer_penalty
         with self.prefixes.prefixes(per_block):

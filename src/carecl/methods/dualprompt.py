@@ -15,14 +15,14 @@ Two behaviours of the authors' code are kept by default, each behind an option:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from carecl.config import ExperimentConfig, require
 from carecl.methods.base import StepOutput, register_method
-from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions
+from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions, prompted_blocks
 from carecl.scenario import Scenario, Task
 from carecl.tuners.prefix import Prefix, PrefixInjector
 from carecl.tuners.prompt_pool import PromptPool
@@ -31,9 +31,11 @@ from carecl.tuners.prompt_pool import PromptPool
 @dataclass
 class DualPromptConfig(PromptScheduleOptions):
     name: str = "dualprompt"
-    g_layers: list[int] = field(default_factory=lambda: [0, 1])
+    # G-prompt and E-prompt blocks; null = blocks 0-1 and 2-4 (on a ViT of under 3 blocks: its last block for
+    # the E-prompt, the ones before for the G-prompt).
+    g_layers: list[int] | None = None
     g_length: int = 5
-    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    e_layers: list[int] | None = None
     e_length: int = 5
     pool_size: int = 10
     batchwise_selection: bool = True
@@ -43,12 +45,21 @@ class DualPromptConfig(PromptScheduleOptions):
     pull_weight: float = 0.1
 
     def validate(self) -> None:
-        require(not set(self.g_layers) & set(self.e_layers), "e_layers", f"must not share blocks with g_layers "
-                f"{self.g_layers}, got {self.e_layers}")
-        require(self.g_length > 0 or not self.g_layers, "g_length", f"must be positive, got {self.g_length}")
+        require(not set(self.g_layers or []) & set(self.e_layers or []), "e_layers",
+                f"must not share blocks with g_layers {self.g_layers}, got {self.e_layers}")
+        require(self.g_length > 0, "g_length", f"must be positive, got {self.g_length}")
         require(self.e_length > 0, "e_length", f"must be positive, got {self.e_length}")
         require(self.pool_size > 0, "pool_size", f"must be positive, got {self.pool_size}")
         require(self.pull_weight >= 0, "pull_weight", f"must be >= 0, got {self.pull_weight}")
+
+
+def dual_blocks(options: DualPromptConfig, depth: int) -> tuple[list[int], list[int]]:
+    """(G-prompt blocks, E-prompt blocks) for a ViT of `depth` blocks."""
+    e_layers = prompted_blocks(options.e_layers, [2, 3, 4], depth, "e_layers") or [depth - 1]
+    g_layers = prompted_blocks(options.g_layers, [0, 1], depth, "g_layers")
+    if options.g_layers is None:
+        g_layers = [block for block in g_layers if block not in e_layers]
+    return g_layers, e_layers
 
 
 def reshape_quirk(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,15 +73,12 @@ class DualPrompt(PromptLearner):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features
-        depth = len(backbone.blocks)
-        for layer in (*options.g_layers, *options.e_layers):
-            if not 0 <= layer < depth:
-                raise ValueError(f"method.g_layers / e_layers: block {layer} does not exist (the ViT has {depth})")
-        self.prefixes = PrefixInjector(backbone, sorted([*options.g_layers, *options.e_layers]))
+        self.g_layers, self.e_layers = dual_blocks(options, len(backbone.blocks))
+        self.prefixes = PrefixInjector(backbone, sorted([*self.g_layers, *self.e_layers]))
         self.injectors = [self.prefixes]
         # (layers, key/value, length, C), U(-1, 1) as the authors'.
-        self.g_prompt = nn.Parameter(torch.empty(len(options.g_layers), 2, options.g_length, width).uniform_(-1, 1))
-        self.pool = PromptPool(options.pool_size, (len(options.e_layers), 2, options.e_length, width), width, 1,
+        self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2, options.g_length, width).uniform_(-1, 1))
+        self.pool = PromptPool(options.pool_size, (len(self.e_layers), 2, options.e_length, width), width, 1,
                                options.batchwise_selection)
 
     def begin_task(self, task: Task) -> None:
@@ -89,10 +97,10 @@ class DualPrompt(PromptLearner):
         selection = self.pool.select(self.query(images), forced)
         chosen = self.pool.gather(selection.indices)[:, 0]  # (B, layers, 2, length, C)
         batch, per_block = len(images), {}
-        for index, layer in enumerate(self.options.g_layers):
+        for index, layer in enumerate(self.g_layers):
             keys, values = self.g_prompt[index].unsqueeze(1).expand(-1, batch, -1, -1)
             per_block[layer] = Prefix(keys, values)
-        for index, layer in enumerate(self.options.e_layers):
+        for index, layer in enumerate(self.e_layers):
             keys, values = chosen[:, index, 0], chosen[:, index, 1]
             if self.options.kv_reshape_quirk:
                 keys, values = reshape_quirk(keys, values)

@@ -32,7 +32,7 @@ from carecl.alignment_config import AlignmentConfig
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import ParameterGroup, Phase, StepOutput, TaskContext, register_method
 from carecl.methods.dualprompt import reshape_quirk
-from carecl.methods.prompt_learner import PromptLearner, linear_head
+from carecl.methods.prompt_learner import PromptLearner, linear_head, prompted_blocks
 from carecl.methods.regularisers import orthogonality_loss
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
@@ -59,7 +59,8 @@ def tii_alignment() -> AlignmentConfig:
 @dataclass
 class HiDePromptConfig(MethodConfig):
     name: str = "hide_prompt"
-    prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Prefixed blocks; null = blocks 0-4 (those the ViT has).
+    prompt_layers: list[int] | None = None
     prompt_length: int = 5
     # Slots in the pool; null = one per task.
     pool_size: int | None = None
@@ -85,7 +86,7 @@ class HiDePromptConfig(MethodConfig):
     tii_alignment: AlignmentConfig = field(default_factory=tii_alignment)
 
     def validate(self) -> None:
-        require(len(self.prompt_layers) > 0, "prompt_layers", "must name at least one block")
+        require(self.prompt_layers is None or len(self.prompt_layers) > 0, "prompt_layers", "must name at least one block")
         require(self.prompt_length > 0, "prompt_length", f"must be positive, got {self.prompt_length}")
         require(self.pool_size is None or self.pool_size > 0, "pool_size", f"must be positive, got {self.pool_size}")
         require(0.0 <= self.prompt_momentum < 1.0, "prompt_momentum", f"must be in [0, 1), got {self.prompt_momentum}")
@@ -128,16 +129,15 @@ class TaskIdentityMLP(nn.Module):
 class HiDePrompt(PromptLearner):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
-        options, width, depth = self.options, backbone.num_features, len(backbone.blocks)
-        if any(not 0 <= layer < depth for layer in options.prompt_layers):
-            raise ValueError(f"method.prompt_layers: {options.prompt_layers} names a block the ViT (depth {depth}) lacks")
+        options, width = self.options, backbone.num_features
+        self.layers = prompted_blocks(options.prompt_layers, [0, 1, 2, 3, 4], len(backbone.blocks), "prompt_layers")
         pool = options.pool_size or scenario.n_tasks
         if pool < scenario.n_tasks:
             raise ValueError(f"method.pool_size {pool} is smaller than the {scenario.n_tasks} tasks (one slot per task)")
-        self.prefixes = PrefixInjector(backbone, list(options.prompt_layers))
+        self.prefixes = PrefixInjector(backbone, self.layers)
         self.injectors = [self.prefixes]
         # (slots, layers, key/value, length, C), U(-1, 1) as theirs.
-        self.prompts = nn.Parameter(torch.empty(pool, len(options.prompt_layers), 2, options.prompt_length, width)
+        self.prompts = nn.Parameter(torch.empty(pool, len(self.layers), 2, options.prompt_length, width)
                                     .uniform_(-1, 1))
         self.tii_mlp = TaskIdentityMLP(width, options.tii_mlp_hidden)
         self.tii_head = linear_head(width, int(scenario.boundaries[-1]))
@@ -200,7 +200,7 @@ class HiDePrompt(PromptLearner):
             slots = torch.full((len(images),), task.index, dtype=torch.long, device=images.device)
         prompts = self.slot_prompts(slots, task)
         per_block = {}
-        for index, layer in enumerate(self.options.prompt_layers):
+        for index, layer in enumerate(self.layers):
             keys, values = prompts[:, index, 0], prompts[:, index, 1]
             if self.options.kv_reshape_quirk:
                 keys, values = reshape_quirk(keys, values)

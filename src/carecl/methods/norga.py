@@ -44,8 +44,8 @@ class NoRGa(HiDePrompt):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         # act_scale[l] = (τ_l, α_l), as their `e_prompt.act_scale`.
-        self.act_scale = nn.Parameter(torch.ones(len(self.options.prompt_layers), 2))
-        self.layer_position = {layer: index for index, layer in enumerate(self.options.prompt_layers)}
+        self.act_scale = nn.Parameter(torch.ones(len(self.layers), 2))
+        self.layer_position = {layer: index for index, layer in enumerate(self.layers)}
         self.prefixes.score_hook = self.gate_scores
 
     def gate_scores(self, block: int, scores: Tensor, n_prefix: int) -> Tensor:

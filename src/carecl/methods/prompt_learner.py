@@ -28,6 +28,17 @@ class PromptScheduleOptions(MethodConfig):
     schedule: Literal["constant", "cosine", "coda_cosine"] = "constant"
 
 
+def prompted_blocks(chosen: list[int] | None, default: list[int], depth: int, key: str) -> list[int]:
+    """The blocks a prompt learner prefixes: `chosen` (each must exist), or its published `default` cut to the
+    ViT's depth (a 2-block test ViT gets blocks 0 and 1)."""
+    if chosen is None:
+        return [block for block in default if block < depth]
+    missing = [block for block in chosen if not 0 <= block < depth]
+    if missing:
+        raise ValueError(f"method.{key}: blocks {missing} do not exist (the ViT has {depth} blocks)")
+    return list(chosen)
+
+
 def linear_head(width: int, n_classes: int) -> nn.Linear:
     """A Linear over every class of the stream, initialised as timm initialises a ViT head."""
     head = nn.Linear(width, n_classes)
