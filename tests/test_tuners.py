@@ -10,7 +10,9 @@ from timm.models.vision_transformer import Attention
 from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
 from carecl.tuners.brmoe.config import BRMoEConfig
 from carecl.tuners.brmoe.model import BRMoEViT
+from carecl.tuners.adapter_bank import AdapterBankInjector
 from carecl.tuners.prefix import Prefix, PrefixInjector
+from carecl.tuners.prompt_tokens import PromptTokenInjector
 from carecl.tuners.ssf import SSFConfig, SSFInjector
 from carecl.tuners.vpt import VPTConfig, VPTInjector
 
@@ -40,8 +42,16 @@ INJECTORS = {
     "vpt_shallow": lambda vit: VPTInjector(vit, VPTConfig(n_prompts=3)),
     "vpt_deep": lambda vit: VPTInjector(vit, VPTConfig(n_prompts=3, deep=True)),
     "prefix": lambda vit: PrefixInjector(vit),
+    "adapter_bank": lambda vit: bank_with_sets(vit),
+    "prompt_tokens": lambda vit: PromptTokenInjector(vit),
     "brmoe": brmoe,
 }
+
+
+def bank_with_sets(vit) -> AdapterBankInjector:
+    bank = AdapterBankInjector(vit, AdapterConfig(bottleneck=8))
+    bank.add_set(), bank.add_set()
+    return bank
 
 
 def perturb(injector) -> None:
@@ -61,6 +71,13 @@ def run(injector, x):
         prefixes = {i: Prefix(torch.randn(x.shape[0], 2, width, generator=g), torch.randn(x.shape[0], 2, width, generator=g))
                     for i in injector.block_indices}
         with injector.prefixes(prefixes):
+            return injector.vit.forward_features(x)
+    if isinstance(injector, AdapterBankInjector):
+        with injector.using(1):
+            return injector.vit.forward_features(x)
+    if isinstance(injector, PromptTokenInjector):
+        prompts = torch.randn(x.shape[0], 3, injector.vit.embed_dim, generator=torch.Generator().manual_seed(4))
+        with injector.inserting(prompts):
             return injector.vit.forward_features(x)
     if isinstance(injector, BRMoEViT):
         injector.layers.train(False)
@@ -85,13 +102,13 @@ def test_injected_then_removed_gives_the_unmodified_outputs(name):
     assert not injector.injected
 
 
-@pytest.mark.parametrize("name", ["adapter", "adapter_learned_scale", "ssf", "prefix"])
+@pytest.mark.parametrize("name", ["adapter", "adapter_learned_scale", "ssf", "prefix", "adapter_bank", "prompt_tokens"])
 def test_a_fresh_injection_leaves_outputs_unchanged(name):
     vit, x = tiny_vit(), images()
     with torch.no_grad():
         reference = vit.forward_features(x)
         INJECTORS[name](vit)
-        injected = vit.forward_features(x)  # prefix: no prefix set for this forward
+        injected = vit.forward_features(x)  # prefix, bank, prompt tokens: none chosen for this forward
     torch.testing.assert_close(injected, reference, rtol=0, atol=0)
 
 
@@ -187,7 +204,7 @@ def test_ssf_follows_every_target_layer():
         SSFInjector(tiny_vit(), SSFConfig(block_targets=["attn.qkvv"]))
 
 
-@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix"])
+@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix", "adapter_bank"])
 def test_bypassed_injection_computes_the_frozen_vit(name):
     vit, x = tiny_vit(), images()
     with torch.no_grad():
