@@ -32,6 +32,9 @@ def arguments():
     parser.add_argument("--tasks", type=lambda s: [int(v) for v in s.split(",")], default=None)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other methods' rows of the saved results (same batch, tasks and threads)")
+    parser.add_argument("--note", default=None, help="a remark on this call's rows, printed under the table")
     return parser.parse_args()
 
 
@@ -91,10 +94,30 @@ def main() -> None:
     threads = common.set_threads(args.threads)
     tasks = args.tasks or ([10] if args.quick else [10, 50, 100])
     repeats = args.repeats or (1 if args.quick else 2)
-    document = {"runs": [{"machine": common.machine("cpu"), "threads": threads, "batch": args.batch,
-                          "repeats": repeats, "tasks": tasks, "classes_per_task": CLASSES,
-                          "rows": measure(args, tasks, repeats)}]}
-    common.finish("method_inference", document, args)
+    run = {"machine": common.machine("cpu"), "threads": threads, "batch": args.batch, "repeats": repeats,
+           "tasks": tasks, "classes_per_task": CLASSES, "rows": measure(args, tasks, repeats)}
+    if args.note:
+        for row in run["rows"].values():
+            row["note"] = args.note
+    if args.merge:
+        run = merged_with_saved(run)
+    common.finish("method_inference", {"runs": [run]}, args)
+
+
+def merged_with_saved(run: dict) -> dict:
+    """`run`'s rows added to the saved run's, which must have been measured with the same settings."""
+    saved = common.load("method_inference")
+    if not saved:
+        return run
+    previous = saved["runs"][-1]
+    settings = ("threads", "batch", "repeats", "tasks")
+    if any(previous[key] != run[key] for key in settings):
+        raise SystemExit(f"--merge: the saved results used other settings ({ {k: previous[k] for k in settings} })")
+    rows = {**previous["rows"], **run["rows"]}
+    order = {name: index for index, name in enumerate(METHODS)}
+    run["rows"] = dict(sorted(rows.items(), key=lambda item: (order[item[1]["method"]], item[1]["tasks"])))
+    run["merged_from"] = "rows of methods not measured in this call come from an earlier call with the same settings"
+    return run
 
 
 if __name__ == "__main__":

@@ -274,6 +274,15 @@ def method_inference_section(data: dict | None) -> list[str]:
                 for row in run["rows"].values()]
         lines += table(["method", "T", "Pa / T (M)", "Pa (M)", "classifier tensors (M)", "time per image", "× plain ViT"],
                        rows)
+        notes = sorted({f"{row['method']}: {row['note']}" for row in run["rows"].values() if row.get("note")})
+        if notes:
+            lines += [f"Note, {note}." for note in notes] + [""]
+        mos = run["rows"].get("mos 100")
+        if mos is not None:
+            total = mos["parameters_M"] + mos["buffers_M"]  # the sum of snapshots: 12 blocks x 25,360 (ViT-B, bottleneck 16)
+            lines += [f"MOS at T = 100: Pa + classifier tensors = {total:.2f} M, of which 0.30 M is carecl's running sum "
+                      f"of the snapshots (one adapter set); without it {total - 0.30432:.2f} M (paper Table 6 gives MOS's "
+                      "Pa as 32.27 M).", ""]
         ease = run["rows"].get("ease 100")
         if ease is not None:
             lines += [f"EASE at T = 100: Pa + classifier tensors = {ease['parameters_M'] + ease['buffers_M']:.2f} M "

@@ -118,12 +118,12 @@ def write_rows(rows: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=assets.default_cache())
-    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="run only these configs")
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="run only these configs, in this order")
     parser.add_argument("--reuse-finished", action="store_true",
                         help="keep a config's run if it already finished in <cache>/runs (its metrics.json has every task)")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
-    names = [name for name in CONFIGS if not args.only or name in args.only]
+    names = list(dict.fromkeys(args.only)) if args.only else list(CONFIGS)
     previous = json.loads((RESULTS / "realdata.json").read_text()) if (RESULTS / "realdata.json").is_file() else {}
     rows = {row["name"]: row for row in previous.get("rows", [])}
     for name in names:
