@@ -16,7 +16,7 @@ from carecl.engine import Experiment, learn_task, run_experiment
 from carecl.engine.optim import build_scheduler
 from carecl.methods.base import Phase
 from carecl.methods.coda_prompt import gram_schmidt_rows
-from carecl.methods.dualprompt import reshape_quirk
+from carecl.methods.prompt_learner import reshape_quirk
 from carecl.tuners.prefix import Prefix, PrefixInjector
 from carecl.tuners.prompt_pool import PromptPool, majority_slots
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from carecl.config import ExperimentConfig, require
 from carecl.methods.base import StepOutput, register_method
-from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions, prompted_blocks
+from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions, prompted_blocks, slot_prefixes
 from carecl.scenario import Scenario, Task
 from carecl.tuners.prefix import Prefix, PrefixInjector
 from carecl.tuners.prompt_pool import PromptPool
@@ -62,12 +62,6 @@ def dual_blocks(options: DualPromptConfig, depth: int) -> tuple[list[int], list[
     return g_layers, e_layers
 
 
-def reshape_quirk(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """The authors' (2, B, ...) -> (B, 2, ...) reshape: image b's key and value are entries 2b and 2b + 1."""
-    mixed = torch.stack([keys, values]).reshape(keys.shape[0], 2, *keys.shape[1:])
-    return mixed[:, 0], mixed[:, 1]
-
-
 @register_method("dualprompt", DualPromptConfig)
 class DualPrompt(PromptLearner):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
@@ -96,14 +90,9 @@ class DualPrompt(PromptLearner):
         forced = None if task is None else self.task_slot(task, len(images), images.device)
         selection = self.pool.select(self.query(images), forced)
         chosen = self.pool.gather(selection.indices)[:, 0]  # (B, layers, 2, length, C)
-        batch, per_block = len(images), {}
+        per_block = slot_prefixes(chosen, self.e_layers, self.options.kv_reshape_quirk)
         for index, layer in enumerate(self.g_layers):
-            keys, values = self.g_prompt[index].unsqueeze(1).expand(-1, batch, -1, -1)
-            per_block[layer] = Prefix(keys, values)
-        for index, layer in enumerate(self.e_layers):
-            keys, values = chosen[:, index, 0], chosen[:, index, 1]
-            if self.options.kv_reshape_quirk:
-                keys, values = reshape_quirk(keys, values)
+            keys, values = self.g_prompt[index].unsqueeze(1).expand(-1, len(images), -1, -1)
             per_block[layer] = Prefix(keys, values)
         with self.prefixes.prefixes(per_block):
             features = self.backbone(images)

@@ -31,12 +31,11 @@ from carecl.alignment import align_classifier
 from carecl.alignment_config import AlignmentConfig
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import ParameterGroup, Phase, StepOutput, TaskContext, register_method
-from carecl.methods.dualprompt import reshape_quirk
-from carecl.methods.prompt_learner import PromptLearner, linear_head, prompted_blocks
+from carecl.methods.prompt_learner import PromptLearner, linear_head, prompted_blocks, slot_prefixes
 from carecl.methods.regularisers import orthogonality_loss
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
-from carecl.tuners.prefix import Prefix, PrefixInjector
+from carecl.tuners.prefix import PrefixInjector
 from carecl.tuners.prompt_pool import majority_slots
 
 STATISTICS_PREFIX, TII_STATISTICS_PREFIX = "statistics.", "tii_statistics."
@@ -198,13 +197,7 @@ class HiDePrompt(PromptLearner):
         """The CLS feature with each image's slot (training: the task's; test: `slots`) prefixed."""
         if task is not None:
             slots = torch.full((len(images),), task.index, dtype=torch.long, device=images.device)
-        prompts = self.slot_prompts(slots, task)
-        per_block = {}
-        for index, layer in enumerate(self.layers):
-            keys, values = prompts[:, index, 0], prompts[:, index, 1]
-            if self.options.kv_reshape_quirk:
-                keys, values = reshape_quirk(keys, values)
-            per_block[layer] = Prefix(keys, values)
+        per_block = slot_prefixes(self.slot_prompts(slots, task), self.layers, self.options.kv_reshape_quirk)
         with self.prefixes.prefixes(per_block):
             return self.backbone(images)
 

@@ -18,6 +18,7 @@ from carecl.config import ExperimentConfig, MethodConfig
 from carecl.methods.base import Method, Phase
 from carecl.scenario import Scenario, Task
 from carecl.tuners.base import Injector
+from carecl.tuners.prefix import Prefix
 from carecl.tuners.prompt_pool import frozen_query
 
 
@@ -37,6 +38,25 @@ def prompted_blocks(chosen: list[int] | None, default: list[int], depth: int, ke
     if missing:
         raise ValueError(f"method.{key}: blocks {missing} do not exist (the ViT has {depth} blocks)")
     return list(chosen)
+
+
+def reshape_quirk(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """DualPrompt's PyTorch port (and HiDe-Prompt / NoRGa after it) lays the chosen prefixes out (2, B, ...) and
+    *reshapes* them to (B, 2, ...): image b's key and value are entries 2b and 2b + 1 of that layout."""
+    mixed = torch.stack([keys, values]).reshape(keys.shape[0], 2, *keys.shape[1:])
+    return mixed[:, 0], mixed[:, 1]
+
+
+def slot_prefixes(prompts: Tensor, blocks: list[int], kv_reshape_quirk: bool) -> dict[int, Prefix]:
+    """Per block, the prefix of each image's slot prompts (B, blocks, 2, length, C), reshaped as the authors'
+    code does when `kv_reshape_quirk`."""
+    per_block = {}
+    for index, block in enumerate(blocks):
+        keys, values = prompts[:, index, 0], prompts[:, index, 1]
+        if kv_reshape_quirk:
+            keys, values = reshape_quirk(keys, values)
+        per_block[block] = Prefix(keys, values)
+    return per_block
 
 
 def linear_head(width: int, n_classes: int) -> nn.Linear:
