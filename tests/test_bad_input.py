@@ -198,7 +198,7 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     _, error = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, error  # the stderr says what stopped it otherwise
     assert "Traceback" not in error
     assert f"continue with `carecl train --resume {tmp_path / 'run'}`" in error
     assert "interrupted (Ctrl-C)" in (tmp_path / "run" / "log.txt").read_text()
