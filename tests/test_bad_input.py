@@ -196,6 +196,9 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
     started = time.time()
     while time.time() - started < deadline and not (store.pointer_path.is_file()):
         time.sleep(0.2)
+    if not store.pointer_path.is_file():  # Ctrl-C during start-up (imports) is not what this test is about
+        process.kill()
+        pytest.fail(f"no checkpoint within {deadline} s: the machine is too loaded for this test")
     process.send_signal(signal.SIGINT)
     _, error = process.communicate(timeout=120)
     assert process.returncode == 130, error  # the stderr says what stopped it otherwise
