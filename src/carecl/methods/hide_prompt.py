@@ -196,7 +196,7 @@ class HiDePrompt(PromptLearner):
     def features_with_slots(self, images: Tensor, task: Task | None, slots: Tensor | None = None) -> Tensor:
         """The CLS feature with each image's slot (training: the task's; test: `slots`) prefixed."""
         if task is not None:
-            slots = torch.full((len(images),), task.index, dtype=torch.long, device=images.device)
+            slots = self.slots_of(task, images)
         per_block = slot_prefixes(self.slot_prompts(slots, task), self.layers, self.options.kv_reshape_quirk)
         with self.prefixes.prefixes(per_block):
             return self.backbone(images)
@@ -238,6 +238,7 @@ class HiDePrompt(PromptLearner):
             self.align(context, self.statistics, self.head, self.head, self.options.alignment, "head")
 
     def slots_of(self, task: Task, images: Tensor) -> Tensor:
+        """Task t's slot for every image of the batch."""
         return torch.full((len(images),), task.index, dtype=torch.long, device=images.device)
 
     @torch.no_grad()
