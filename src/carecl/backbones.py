@@ -128,8 +128,9 @@ def normalise_checkpoint_keys(state: dict[str, torch.Tensor], model: VisionTrans
     removed, training-only tensors dropped. A model pooled through an fc_norm (MoCo v3's ViT in
     HiDe-Prompt's loader) has no final `norm`: the release's is dropped and the fc_norm keeps LayerNorm's
     initial scale 1 and shift 0, as their loader leaves it (it discards every key the model lacks)."""
+    model_keys = set(model.state_dict())
     for prefix in ENCODER_PREFIXES:
-        if any(key.startswith(prefix) for key in state) and not any(key in model.state_dict() for key in state):
+        if any(key.startswith(prefix) for key in state) and not model_keys & set(state):
             state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     state = {key: value for key, value in state.items() if key not in TRAINING_ONLY_KEYS}
     pooled_norm = isinstance(model.norm, torch.nn.Identity) and not isinstance(model.fc_norm, torch.nn.Identity)
