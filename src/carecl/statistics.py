@@ -135,6 +135,8 @@ class GaussianClassStatistics:
         # Cholesky factor (C, C) or standard deviation (C,) per class: derived, so not in state_dict.
         # Each is a row of one stacked table, so alignment reads all classes without copying them.
         self._factors = _FactorTable()
+        # (n, C) means of classes 0..n-1 on a device, kept until a mean changes (MOS / HiDe regulariser reads).
+        self._mean_table: torch.Tensor | None = None
 
     # -- adding classes
 
@@ -193,6 +195,7 @@ class GaussianClassStatistics:
         self._means[class_id] = mean.to(self.device, torch.float32)
         self._seconds[class_id] = second.to(self.device, torch.float32)
         self._factors.forget(class_id)
+        self._mean_table = None
 
     def shift_means(self, class_ids: Sequence[int], offsets: torch.Tensor) -> None:
         """Move stored means by (len(class_ids), C) offsets (SSIAT's semantic-shift update); covariances
@@ -200,8 +203,20 @@ class GaussianClassStatistics:
         for row, class_id in enumerate(class_ids):
             index = self._require(class_id)
             self._means[index] = self._means[index] + offsets[row].to(self._means[index])
+        self._mean_table = None
 
     # -- reading
+
+    def mean_table(self, n_classes: int, device: torch.device | str) -> torch.Tensor:
+        """(n_classes, C) float32 means of classes 0..n_classes-1 on `device` ((0, 0) for none), cached until a
+        mean changes: a training step can read it every batch."""
+        device = torch.device(device)
+        table = self._mean_table
+        if table is None or len(table) != n_classes or table.device != device:
+            means = [self.mean(c) for c in range(n_classes)]
+            table = torch.stack(means).to(device) if means else torch.zeros(0, 0, device=device)
+            self._mean_table = table
+        return table
 
     @property
     def class_ids(self) -> list[int]:
@@ -308,6 +323,7 @@ class GaussianClassStatistics:
             if state[name].shape[0] != len(ids):
                 raise ValueError(f"class statistics state: {name!r} has {state[name].shape[0]} rows for {len(ids)} classes")
         self._counts, self._means, self._seconds, self._factors = {}, {}, {}, _FactorTable()
+        self._mean_table = None
         for row, c in enumerate(ids):
             self._counts[c] = int(state["counts"][row])
             self._means[c] = state["means"][row].to(self.device).clone()

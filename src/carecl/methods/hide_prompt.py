@@ -144,7 +144,6 @@ class HiDePrompt(PromptLearner):
         self.tii_statistics = GaussianClassStatistics(options.tii_alignment.storage, ridge=options.covariance_ridge)
         # Which phase the training steps belong to (0: task identity, 1: prompts), saved for a mid-phase resume.
         self.register_buffer("phase_index", torch.zeros((), dtype=torch.long))
-        self._stored_means: Tensor | None = None
 
     # ---- phases ----------------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:
@@ -201,13 +200,6 @@ class HiDePrompt(PromptLearner):
         with self.prefixes.prefixes(per_block):
             return self.backbone(images)
 
-    def stored_means(self, n_classes: int, device: torch.device) -> Tensor:
-        if self._stored_means is None or len(self._stored_means) != n_classes:
-            means = [self.statistics.mean(c) for c in range(n_classes)]
-            width = self.backbone.num_features
-            self._stored_means = torch.stack(means).float().to(device) if means else torch.zeros(0, width, device=device)
-        return self._stored_means
-
     def training_loss(self, images: Tensor, targets: Tensor, task: Task) -> StepOutput:
         if int(self.phase_index) == 0:
             logits = self.tii_logits(self.query(images))[:, task.low: task.high]
@@ -215,7 +207,7 @@ class HiDePrompt(PromptLearner):
             return StepOutput(loss, {"tii_loss": loss.item()})
         features = self.features_with_slots(images, task)
         classification = self.current_task_loss(features, targets, task)
-        regulariser = orthogonality_loss(features, self.stored_means(task.low, features.device), 0.8)
+        regulariser = orthogonality_loss(features, self.statistics.mean_table(task.low, features.device), 0.8)
         loss = classification + self.options.orthogonality_weight * regulariser
         return StepOutput(loss, {"loss": loss.item(), "orthogonality": regulariser.item()})
 
@@ -233,7 +225,6 @@ class HiDePrompt(PromptLearner):
         self.merge_slot(task.index)
         self.collect_statistics(context, self.statistics,
                                 lambda images: self.features_with_slots(images, None, self.slots_of(task, images)))
-        self._stored_means = None
         if task.index > 0:
             self.align(context, self.statistics, self.head, self.head, self.options.alignment, "head")
 
@@ -299,4 +290,3 @@ class HiDePrompt(PromptLearner):
         for prefix, statistics in ((STATISTICS_PREFIX, self.statistics), (TII_STATISTICS_PREFIX, self.tii_statistics)):
             statistics.load_state_dict({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
         super().load_state_tensors(tensors)
-        self._stored_means = None

@@ -128,7 +128,6 @@ class MOS(Method):
         # Class means through the first task's adapters (their cosine `fc`, sigma 1, for the task guess).
         self.register_buffer("prototypes", torch.zeros(0, backbone.num_features))
         self.statistics = GaussianClassStatistics(options.alignment.storage, ridge=options.covariance_ridge)
-        self._stored_means: Tensor | None = None
 
     def backbone_modules(self) -> list[nn.Module]:
         return [self.backbone]
@@ -176,18 +175,10 @@ class MOS(Method):
         return [ParameterGroup(list(self.working.adapters.parameters()), name="adapters"),
                 ParameterGroup(list(self.head.parameters()), lr_scale=self.options.head_lr_scale, name="head")]
 
-    def stored_means(self, n_classes: int, device: torch.device) -> Tensor:
-        """(n_classes, width) means of the classes learned so far (cached: they change only between tasks)."""
-        if self._stored_means is None or len(self._stored_means) != n_classes:
-            width = self.backbone.num_features
-            means = [self.statistics.mean(c) for c in range(n_classes)]
-            self._stored_means = torch.stack(means).float().to(device) if means else torch.zeros(0, width, device=device)
-        return self._stored_means
-
     def training_loss(self, images: Tensor, targets: Tensor, task: Task) -> StepOutput:
         features = self.merging_forward(images, task.index)
         classification = F.cross_entropy(self.head(features)[:, task.low: task.high], targets - task.low)
-        orthogonality = orthogonality_loss(features, self.stored_means(task.low, features.device),
+        orthogonality = orthogonality_loss(features, self.statistics.mean_table(task.low, features.device),
                                            self.options.orthogonality_temperature)
         loss = classification + self.options.orthogonality_weight * orthogonality
         return StepOutput(loss, {"loss": loss.item(), "orthogonality": orthogonality.item()})
@@ -208,7 +199,6 @@ class MOS(Method):
                 self.align(context)
         for total, parameter in zip(self.snapshot_sums, snapshot):
             total += parameter
-        self._stored_means = None
         with self.working.bypassed(), self.bank.using(0):
             features, labels = context.embed_task_images(self.backbone, "mos computes its prototypes")
         sums = torch.zeros(task.size, features.shape[1], device=features.device).index_add_(0, labels - task.low, features)
@@ -284,5 +274,4 @@ class MOS(Method):
         statistics = {k[len(STATISTICS_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATISTICS_PREFIX)}
         super().load_state_tensors(tensors)
         self.statistics.load_state_dict(statistics)
-        self._stored_means = None
 
