@@ -1,4 +1,5 @@
-"""Frozen timm Vision Transformers, by name, with weights from the hub or a local file."""
+"""Frozen backbones, by name, with weights from the hub or a local file: timm Vision Transformers here,
+CLIP models (`backbone.family: open_clip`) in `carecl.clip_backbone`."""
 
 from __future__ import annotations
 
@@ -41,8 +42,12 @@ def backbone_preprocessing(config: BackboneConfig) -> Preprocessing:
     """Input size, mean/std, interpolation and crop of the backbone's timm pretrained config (no model is built).
 
     `model_kwargs.img_size` overrides the input size; a name timm has no pretrained config for gets
-    ImageNet-21K ViT conventions.
+    ImageNet-21K ViT conventions. A CLIP backbone: CLIP's own preprocessing.
     """
+    if config.family == "open_clip":
+        from carecl.clip_backbone import clip_preprocessing
+
+        return clip_preprocessing(config)
     name = resolve_name(config.name)
     pretrained = timm.models.get_pretrained_cfg(name)
     if pretrained is None:
@@ -60,13 +65,18 @@ def _side(size) -> int:
     return int(size[-1]) if isinstance(size, (list, tuple)) else int(size)
 
 
-def create_backbone(config: BackboneConfig, image_size: int | None = None) -> VisionTransformer:
-    """Build the ViT named in `config` without a classification head, frozen and in eval mode.
+def create_backbone(config: BackboneConfig, image_size: int | None = None) -> torch.nn.Module:
+    """Build the ViT named in `config` without a classification head (or the CLIP model, family open_clip),
+    frozen and in eval mode.
 
     `image_size` (the data's input side) is passed to timm as `img_size` when the model would otherwise
     expect another size (timm then resamples pretrained position embeddings); a conflicting
     `model_kwargs.img_size` is an error.
     """
+    if config.family == "open_clip":
+        from carecl.clip_backbone import create_clip
+
+        return create_clip(config, image_size)
     name = resolve_name(config.name)
     use_hub = config.pretrained and config.weights is None
     kwargs = dict(config.model_kwargs)

@@ -44,6 +44,26 @@ def require(condition: bool, field_name: str, message: str) -> None:
 
 
 @dataclass
+class DomainConfig:
+    """One member of a multi-domain stream (`data.dataset: domains`): an image folder learned as one task."""
+
+    name: str = ""
+    # DIR/train/<class>/ and DIR/test/<class>/, or DIR/<class>/ with test_fraction.
+    root: str = ""
+    test_fraction: float | None = None
+    # Prompt templates for this domain's class names ("a photo of a {}, a type of aircraft."); null: the method's.
+    templates: list[str] | None = None
+
+    def validate(self) -> None:
+        require(bool(self.name), "name", "must be set (it names the domain in reports)")
+        require(bool(self.root), "root", "must be set (the domain's image folder)")
+        require(self.test_fraction is None or 0.0 < self.test_fraction < 1.0, "test_fraction",
+                f"must be in (0, 1), got {self.test_fraction}")
+        for template in self.templates or []:
+            require("{}" in template, "templates", f"each needs a {{}} for the class name, got {template!r}")
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"
     # Folder holding <dataset folder>/train and /test (ImageFolder), or the CIFAR archive;
@@ -57,8 +77,14 @@ class DataConfig:
     shuffle: bool = True
     # Explicit class order (original class ids); overrides `shuffle`.
     class_order: list[int] | None = None
-    # five_datasets: the members' order (svhn, mnist, cifar10, notmnist, fashion_mnist); null = that order.
+    # five_datasets: the members' order (svhn, mnist, cifar10, notmnist, fashion_mnist); null = that order;
+    # mtil: its members' order (order I: aircraft, caltech101, ..., sun397; see docs/datasets.md).
     dataset_order: list[str] | None = None
+    # dataset `domains`: the members, each an image folder learned as one task in its own label space.
+    domains: list[DomainConfig] | None = None
+    # Display names of the classes (text classifiers read them): a text file with one name per line in class-id
+    # order, or a YAML/JSON mapping from folder name to name; null: the dataset's own (folder names).
+    class_names_file: str | None = None
     # Input side in pixels; null = the dataset's default: 224 for the published benchmarks, the
     # backbone's pretrained input size for imagefolder, 32 for in-memory sets (digits, synthetic, glyphs).
     image_size: int | None = None
@@ -75,7 +101,8 @@ class DataConfig:
     # Transform recipe; null = the dataset's own (the CaRE release's for published benchmarks). A method's
     # published settings may name another, e.g. APER trains every benchmark with pilot_wide_crop.
     transforms: Literal["pilot_cifar", "pilot_random_interpolation", "pilot_random_interpolation_jitter",
-                        "pilot_wide_crop", "pilot_coda", "hide_cifar", "backbone", "in_memory"] | None = None
+                        "pilot_wide_crop", "pilot_coda", "hide_cifar", "backbone", "clip", "clip_crop_at_test",
+                        "in_memory"] | None = None
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
@@ -107,17 +134,26 @@ class DataConfig:
                 f"must be >= 0 (or null for auto), got {self.num_workers}")
         if self.class_order is not None:
             require(len(set(self.class_order)) == len(self.class_order), "class_order", "contains repeated class ids")
+        if self.domains is not None:
+            names = [domain.name for domain in self.domains]
+            require(len(set(names)) == len(names), "domains", f"names must differ, got {names}")
 
 
 @dataclass
 class BackboneConfig:
-    # Any timm ViT name; the release's legacy `vit_base_patch16_224_in21k` is accepted.
+    # timm: any timm ViT name (the release's legacy `vit_base_patch16_224_in21k` is accepted);
+    # open_clip: an open_clip model name (ViT-B-16-quickgelu is OpenAI's ViT-B/16), or `custom` with the
+    # architecture in model_kwargs (embed_dim, vision_cfg, text_cfg); needs `pip install "carecl[clip]"`.
     name: str = "vit_base_patch16_224.augreg_in21k"
+    family: Literal["timm", "open_clip"] = "timm"
     pretrained: bool = True
-    # Local weights file (.safetensors, .pth/.pt/.bin, .npz), or asset:NAME for one shipped with
-    # carecl; overrides the hub download.
+    # open_clip: the pretrained tag downloaded when pretrained is true and no weights file is given.
+    tag: str = "openai"
+    # Local weights file (.safetensors, .pth/.pt/.bin, .npz; open_clip: also OpenAI's JIT archive such as
+    # ViT-B-16.pt), or asset:NAME for one shipped with carecl; overrides the hub download.
     weights: str | None = None
-    # Extra timm constructor arguments (tiny test models: depth, embed_dim, img_size, ...).
+    # Extra constructor arguments (timm: depth, embed_dim, img_size, ...; open_clip: create_model's keywords,
+    # or the whole architecture for `custom`).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,11 +210,19 @@ class EvalConfig:
     topk: int = 5
     # Evaluate after every n-th task (and always after the last); 0 = only after the last task.
     every_n_tasks: int = 1
+    # class_incremental: one head over every seen class; task_incremental: each task's test images scored
+    # within that task's own classes (multi-domain task-incremental learning, MTIL).
+    protocol: Literal["class_incremental", "task_incremental"] = "class_incremental"
+    # task_incremental: also evaluate the tasks not learned yet (zero-shot transfer; MTIL's Transfer metric);
+    # needs a method that can score unseen classes (a CLIP text head).
+    unseen_tasks: bool = False
 
     def validate(self) -> None:
         require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         require(self.topk > 0, "topk", f"must be positive, got {self.topk}")
         require(self.every_n_tasks >= 0, "every_n_tasks", f"must be >= 0 (0 = only after the last task), got {self.every_n_tasks}")
+        require(not self.unseen_tasks or self.protocol == "task_incremental", "unseen_tasks",
+                "needs eval.protocol: task_incremental")
 
 
 @dataclass

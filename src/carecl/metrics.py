@@ -1,4 +1,5 @@
-"""Class-incremental metrics (pure NumPy): accuracy matrix, A_last, average accuracy, forgetting."""
+"""Continual-learning metrics (pure NumPy): accuracy matrix, A_last, average accuracy, forgetting, and the
+multi-domain task-incremental (MTIL) Transfer / Avg / Last of a matrix that also measured unlearned tasks."""
 
 from __future__ import annotations
 
@@ -75,6 +76,39 @@ def accuracy_matrix(evaluations: list[TaskEvaluation]) -> np.ndarray:
     return matrix
 
 
+def learned_part(matrix: np.ndarray, evaluated_tasks) -> np.ndarray:
+    """The matrix with the entries of tasks not yet learned at each evaluation (zero-shot ones) set to nan."""
+    learned = np.array(matrix, dtype=float, copy=True)
+    for row, task in enumerate(evaluated_tasks):
+        learned[row, task + 1:] = np.nan
+    return learned
+
+
+def measures_unlearned_tasks(matrix: np.ndarray, evaluated_tasks) -> bool:
+    return any(np.isfinite(np.asarray(matrix)[row, task + 1:]).any() for row, task in enumerate(evaluated_tasks))
+
+
+def transfer(matrix: np.ndarray, evaluated_tasks) -> float:
+    """MTIL's Transfer: mean over tasks j > 0 of the mean accuracy on j at the evaluations before j was learned."""
+    matrix = np.asarray(matrix, dtype=float)
+    per_task = []
+    for column in range(1, matrix.shape[1]):
+        before = [matrix[row, column] for row, task in enumerate(evaluated_tasks) if task < column]
+        if before:
+            per_task.append(np.mean(before))
+    return float(np.mean(per_task)) if per_task else float("nan")
+
+
+def task_averaged(matrix: np.ndarray) -> float:
+    """MTIL's Avg: mean over tasks of the mean accuracy on the task over all evaluations."""
+    return float(np.mean(np.nanmean(np.asarray(matrix, dtype=float), axis=0))) if np.size(matrix) else float("nan")
+
+
+def last_row_average(matrix: np.ndarray) -> float:
+    """MTIL's Last: mean over tasks of their accuracy at the last evaluation."""
+    return float(np.nanmean(np.asarray(matrix, dtype=float)[-1])) if np.size(matrix) else float("nan")
+
+
 def forgetting_per_group(matrix: np.ndarray) -> np.ndarray:
     """For each task group but the last column: best accuracy at an earlier evaluation minus accuracy at
     the last one; nan for a group no earlier evaluation measured."""
@@ -117,16 +151,25 @@ class RunSummary:
     matrix: list[list[float]] = field(default_factory=list)
     # 0-based task index of each evaluation (of each curve point and matrix row).
     evaluated_tasks: list[int] = field(default_factory=list)
+    # MTIL's Transfer / Avg / Last (nan unless the evaluations also measured tasks not yet learned).
+    transfer: float = float("nan")
+    task_average: float = float("nan")
+    last_task_average: float = float("nan")
 
     @classmethod
     def from_evaluations(cls, evaluations: list[TaskEvaluation]) -> "RunSummary":
         curve = [e.top1 for e in evaluations]
         matrix = accuracy_matrix(evaluations)
+        tasks = [e.task for e in evaluations]
+        zero_shot = measures_unlearned_tasks(matrix, tasks)
         return cls(
             top1_curve=curve,
             a_last=last_accuracy(curve),
             average_accuracy=average_incremental_accuracy(curve),
-            forgetting=forgetting(matrix),
+            forgetting=forgetting(learned_part(matrix, tasks)),
             matrix=matrix.tolist(),
-            evaluated_tasks=[e.task for e in evaluations],
+            evaluated_tasks=tasks,
+            transfer=transfer(matrix, tasks) if zero_shot else float("nan"),
+            task_average=task_averaged(matrix) if zero_shot else float("nan"),
+            last_task_average=last_row_average(matrix) if zero_shot else float("nan"),
         )

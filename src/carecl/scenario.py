@@ -72,6 +72,11 @@ class Scenario:
 
     order: np.ndarray
     sizes: tuple[int, ...]
+    # Class names by original class id (text classifiers read them); empty: unknown.
+    class_names: tuple[str, ...] = ()
+    # A multi-domain stream's members, one per task: names and prompt templates (None: the method's).
+    task_names: tuple[str, ...] = ()
+    task_templates: tuple[tuple[str, ...] | None, ...] = ()
 
     @classmethod
     def build(
@@ -82,9 +87,35 @@ class Scenario:
         seed: int,
         shuffle: bool = True,
         explicit_order: Sequence[int] | None = None,
+        class_names: Sequence[str] = (),
+        member_sizes: Sequence[int] | None = None,
+        task_names: Sequence[str] = (),
+        task_templates: Sequence[Sequence[str] | None] = (),
     ) -> "Scenario":
+        """Tasks of `init_cls` then `increment` classes in the (seeded) class order; a multi-domain stream
+        (`member_sizes`) instead learns its members in turn, each one task, classes in id order."""
+        if member_sizes is not None:
+            if sum(member_sizes) != n_classes:
+                raise ScenarioError(f"the members' {sum(member_sizes)} classes do not add up to {n_classes}")
+            return cls(order=np.arange(n_classes, dtype=np.int64), sizes=tuple(member_sizes),
+                       class_names=tuple(class_names), task_names=tuple(task_names),
+                       task_templates=tuple(tuple(t) if t is not None else None for t in task_templates))
         order = class_order(n_classes, seed, shuffle, explicit_order)
-        return cls(order=order, sizes=tuple(task_sizes(n_classes, init_cls, increment)))
+        return cls(order=order, sizes=tuple(task_sizes(n_classes, init_cls, increment)), class_names=tuple(class_names))
+
+    def task_name(self, index: int) -> str:
+        return self.task_names[index] if self.task_names else f"T{index + 1}"
+
+    def templates(self, index: int) -> tuple[str, ...] | None:
+        """Task `index`'s own prompt templates (a multi-domain member's), or None."""
+        return self.task_templates[index] if self.task_templates else None
+
+    def names(self, low: int, high: int) -> list[str]:
+        """Names of the classes at positions [low, high) of the class order (`class <id>` where unknown)."""
+        ids = self.order[low:high].tolist()
+        if not self.class_names:
+            return [f"class {class_id}" for class_id in ids]
+        return [self.class_names[class_id] for class_id in ids]
 
     @property
     def n_tasks(self) -> int:

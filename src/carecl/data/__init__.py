@@ -7,6 +7,7 @@
 from dataclasses import replace
 
 from carecl.config import DataConfig
+from carecl.data.class_names import read_class_names
 from carecl.data.base import (
     DATASETS,
     BenchmarkData,
@@ -19,7 +20,7 @@ from carecl.data.base import (
 )
 
 # Imported for their side effect: each registers its datasets in DATASETS.
-from carecl.data import cifar, digits, five_datasets, glyphs, imagefolder, synthetic  # noqa: E402,F401  isort: skip
+from carecl.data import cifar, digits, domains, five_datasets, glyphs, imagefolder, synthetic  # noqa: E402,F401  isort: skip
 from carecl.data.transforms import (  # noqa: E402
     DEFAULT_BACKBONE_PREPROCESSING,
     TRANSFORMS,
@@ -39,6 +40,8 @@ def build_dataset(cfg: DataConfig, backbone: Preprocessing = DEFAULT_BACKBONE_PR
     name = canonical_dataset(cfg)
     preprocessing = resolve_preprocessing(name, cfg, backbone)
     data = DATASETS.get(name)(cfg, preprocessing.image_size)
+    if cfg.class_names_file is not None:
+        data = replace(data, class_names=read_class_names(cfg.class_names_file, data.class_names))
     check_config_fits(cfg, data)
     pair = transforms_for(name, cfg, backbone)
     return replace(data, train_transform=pair.train, test_transform=pair.test)

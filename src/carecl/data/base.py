@@ -64,6 +64,11 @@ class BenchmarkData:
     # set by `carecl.data.build_dataset` from the dataset's transform recipe.
     train_transform: Transform | None = None
     test_transform: Transform | None = None
+    # A multi-domain stream's members, each learned as one task: class counts (ids are consecutive, member by
+    # member), names and prompt templates (None: the method's). None: tasks follow data.init_cls / increment.
+    task_sizes: list[int] | None = None
+    task_names: list[str] | None = None
+    task_templates: list[list[str] | None] | None = None
 
     @property
     def n_classes(self) -> int:

@@ -152,6 +152,19 @@ def hide_cifar(p: Preprocessing) -> TransformPair:
     return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
 
 
+def clip_crop(p: Preprocessing) -> TransformPair:
+    """CLIP's fine-tuning transforms (open_clip / OpenAI `clip.load`): random resized crop over 90-100 % of the
+    image (bicubic), no flip; test: resize and centre crop (the backbone's preprocessing, crop_pct 1)."""
+    train = [T.RandomResizedCrop(p.image_size, scale=(0.9, 1.0), interpolation=INTERPOLATIONS[p.interpolation])]
+    return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
+
+
+def clip_crop_at_test(p: Preprocessing) -> TransformPair:
+    """MoE-Adapters4CL's CIL evaluation quirk: test images go through the training random crop too."""
+    train = clip_crop(p).train
+    return TransformPair(train, train)
+
+
 def backbone_style(p: Preprocessing) -> TransformPair:
     """A user's images: random resized crop (timm's default scale) and flip for training, as `augment` says."""
     interpolation = INTERPOLATIONS[p.interpolation]
@@ -197,6 +210,8 @@ for _name, _recipe in {
     "pilot_coda": TransformRecipe(coda_crop, Preprocessing(INPUT_SIZE, None, None, "bilinear", 1.0)),
     "hide_cifar": TransformRecipe(hide_cifar, Preprocessing(INPUT_SIZE, CIFAR_MEAN, CIFAR_STD, "bicubic", RELEASE_CROP_PCT)),
     "backbone": TransformRecipe(backbone_style, None),
+    "clip": TransformRecipe(clip_crop, None),
+    "clip_crop_at_test": TransformRecipe(clip_crop_at_test, None),
     "in_memory": TransformRecipe(in_memory, Preprocessing(IN_MEMORY_SIZE, None, None)),
 }.items():
     TRANSFORMS.register(_name)(_recipe)
@@ -214,6 +229,7 @@ DATASET_RECIPES: dict[str, str] = {
     "cub": "pilot_wide_crop",
     "five_datasets": "pilot_wide_crop",
     "imagefolder": "backbone",
+    "domains": "backbone",
     "digits": "in_memory",
     "synthetic": "in_memory",
     "glyphs": "in_memory",

@@ -1,4 +1,5 @@
-"""Evaluate a learner on the test data of every class seen so far."""
+"""Evaluate a learner: on the test data of every class seen so far in one head (class-incremental), or task by
+task, each in its own label space (task-incremental, MTIL)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from tqdm.auto import tqdm
 
 from carecl.methods.base import Method
 from carecl.distributed import SINGLE_PROCESS, Distributed
-from carecl.metrics import TaskEvaluation, correct_predictions
+from carecl.metrics import TaskEvaluation, accuracy, correct_predictions
+from carecl.scenario import Task
 
 
 @torch.no_grad()
@@ -33,3 +35,33 @@ def evaluate(method: Method, loader: DataLoader, device: torch.device, task: int
     shards = distributed.all_gather_objects((top1, in_topk, targets))
     top1, in_topk, targets = (np.concatenate(parts) for parts in zip(*shards))
     return TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)
+
+
+@torch.no_grad()
+def task_correct(method: Method, task: Task, loader: DataLoader, device: torch.device, topk: int,
+                 distributed: Distributed) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (top-1, top-k) correctness of `predict_in_task` on one task's test images, gathered over ranks."""
+    method.eval()
+    top1, in_topk = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=bool)]
+    for images, labels in loader:
+        scores = method.predict_in_task(images.to(device, non_blocking=True), task).float().cpu().numpy()
+        correct = correct_predictions(scores, labels.numpy() - task.low, topk)
+        top1.append(correct[0])
+        in_topk.append(correct[1])
+    shards = distributed.all_gather_objects((np.concatenate(top1), np.concatenate(in_topk)))
+    return tuple(np.concatenate(parts) for parts in zip(*shards))
+
+
+def evaluate_in_tasks(method: Method, loaders: list[tuple[Task, DataLoader]], device: torch.device, task: int, topk: int,
+                      distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
+    """Task-incremental accuracy after task `task`: each of `loaders`' tasks (learned ones, maybe later ones too)
+    scored in its own label space; top-1 / top-k pool the learned tasks' test images."""
+    results = [(evaluated, *task_correct(method, evaluated, loader, device, topk, distributed))
+               for evaluated, loader in loaders]
+    learned = [r for r in results if r[0].index <= task]
+    top1 = np.concatenate([r[1] for r in learned])
+    in_topk = np.concatenate([r[2] for r in learned])
+    old = np.concatenate([r[1] for r in learned if r[0].index < task] or [np.zeros(0, dtype=bool)])
+    return TaskEvaluation(task=task, top1=accuracy(top1), topk=accuracy(in_topk), k=topk,
+                          group_accuracy=[accuracy(r[1]) for r in results], old_accuracy=accuracy(old),
+                          new_accuracy=accuracy(learned[-1][1]), n_samples=int(len(top1)))

@@ -84,6 +84,11 @@ def evaluation_transform(config: ExperimentConfig) -> Transform:
     return transforms_for(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).test
 
 
+def training_transform(config: ExperimentConfig) -> Transform:
+    """The training transform the config's dataset is built with."""
+    return transforms_for(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).train
+
+
 def input_size(config: ExperimentConfig) -> int:
     """The side of the model's input images under `config` (the data's resolved image size)."""
     return resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).image_size
@@ -113,21 +118,27 @@ class Experiment:
         per_process_batch(config.train.batch_size, distributed or current_distributed())
         resolve_device(config.train.device)  # a missing GPU fails before the data are scanned
         data = data if data is not None else build_dataset(config.data, backbone_preprocessing(config.backbone))
-        return cls._assemble(config, data.n_classes, data=data)
+        return cls._assemble(config, data.n_classes, data=data, class_names=data.class_names,
+                             members=(data.task_sizes, data.task_names or (), data.task_templates or ()))
 
     @classmethod
     def for_inference(cls, config: ExperimentConfig, classes: RunClasses) -> "Experiment":
         """An experiment without its dataset, for prediction: the scenario from the recorded class count (the order
         from the config, as in training), the test transform from `data.dataset`; it has no loaders."""
         evaluation_transform(config)  # an unknown dataset fails here, not at the first image
-        return cls._assemble(config, classes.n_classes, recorded_classes=classes)
+        domains = config.data.domains or []
+        return cls._assemble(config, classes.n_classes, recorded_classes=classes, class_names=classes.names or (),
+                             members=(classes.task_sizes, [d.name for d in domains], [d.templates for d in domains]))
 
     @classmethod
     def _assemble(cls, config: ExperimentConfig, n_classes: int, data: BenchmarkData | None = None,
-                  recorded_classes: RunClasses | None = None) -> "Experiment":
+                  recorded_classes: RunClasses | None = None, class_names=(), members=(None, (), ())) -> "Experiment":
+        """`members`: a multi-domain stream's (class counts, names, templates), one task each."""
+        sizes, names, templates = members
         scenario = Scenario.build(
             n_classes, config.data.init_cls, config.data.increment,
             seed=config.seed, shuffle=config.data.shuffle, explicit_order=config.data.class_order,
+            class_names=class_names, member_sizes=sizes, task_names=names, task_templates=templates,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # random-init backbones are reproducible from the config
@@ -135,6 +146,9 @@ class Experiment:
         device = resolve_device(config.train.device)
         configure_threads(config.train.threads, device, backbone, current_distributed())
         method = build_method(config, backbone, scenario).to(device)
+        if config.eval.unseen_tasks and not method.scores_unseen_tasks:
+            raise ConfigError(f"eval.unseen_tasks: {config.method.name} cannot score classes it has not learned "
+                              "(only methods with a text head, such as moe_adapters, can)")
         return cls(config, data, scenario, method, device, recorded_classes=recorded_classes)
 
     @property
@@ -190,6 +204,10 @@ class Experiment:
 
     def test_loader(self, n_seen: int) -> DataLoader:
         return self._loader("test", 0, n_seen, train=False)
+
+    def task_test_loader(self, task: Task) -> DataLoader:
+        """The test images of one task's classes (task-incremental evaluation: one task per batch)."""
+        return self._loader("test", task.low, task.high, train=False)
 
     def context(self, task: Task) -> TaskContext:
         return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task),

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from carecl.data.base import SkippedImages
 from carecl.distributed import Distributed
-from carecl.engine.evaluation import evaluate
+from carecl.engine.evaluation import evaluate, evaluate_in_tasks
 from carecl.engine.experiment import Experiment
 from carecl.engine.loggers import RunLogger, build_logger, step_scalars
-from carecl.engine.optim import build_optimizer, build_scheduler
+from carecl.engine.optim import PER_STEP_SCHEDULES, build_optimizer, build_scheduler
 from carecl.engine.precision import Precision, wrap_training_step
 from carecl.errors import CareclError
 from carecl.formatting import format_clock
@@ -68,8 +68,8 @@ def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume
     """
     experiment, task, loader = training.experiment, training.task, training.loader
     method, train = experiment.method, experiment.config.train
-    optimizer = build_optimizer(train, method.parameter_groups(phase), phase.lr)
-    scheduler = build_scheduler(optimizer, phase)
+    optimizer = build_optimizer(train, method.parameter_groups(phase), phase.lr, phase.optimizer)
+    scheduler = build_scheduler(optimizer, phase, len(loader))
     precision = Precision.build(train.precision, experiment.device)
     first_epoch = 0
     if resume is not None:
@@ -79,11 +79,14 @@ def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume
         rescale_schedule(optimizer, scheduler, starting_lrs, phase.min_lr)
         precision.load_state(resume.scaler)
         first_epoch = resume.epoch
-    epochs = tqdm(range(first_epoch, phase.epochs), desc=f"task {task.index + 1} {phase.name}", leave=False,
-                  initial=first_epoch, total=phase.epochs, disable=not shows_progress(experiment))
+    n_epochs = 1 if phase.steps is not None else phase.epochs
+    per_step = scheduler if phase.schedule in PER_STEP_SCHEDULES and not phase.milestones else None
+    epochs = tqdm(range(first_epoch, n_epochs), desc=f"task {task.index + 1} {phase.name}", leave=False,
+                  initial=first_epoch, total=n_epochs, disable=not shows_progress(experiment))
     for epoch in epochs:
-        mean_loss = fit_epoch(training, phase, phase_index, epoch, optimizer, precision)
-        scheduler.step()
+        mean_loss = fit_epoch(training, phase, phase_index, epoch, optimizer, precision, per_step)
+        if per_step is None:
+            scheduler.step()
         epochs.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         log.debug("task %d %s: loss %.4f", task.index + 1, phase.name, mean_loss)
         if save is not None and every and (epoch + 1) % every == 0:
@@ -113,15 +116,16 @@ def rescale_schedule(optimizer: torch.optim.Optimizer, scheduler, starting_lrs: 
 
 
 def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int, optimizer: torch.optim.Optimizer,
-              precision: Precision) -> float:
-    """One pass over the task's training loader; the mean loss."""
+              precision: Precision, per_step_scheduler=None) -> float:
+    """One pass over the task's training loader (or a fixed-step phase's `phase.steps` batches); the mean loss.
+    `per_step_scheduler` is stepped after every optimiser step."""
     experiment, task, loader = training.experiment, training.task, training.loader
     label = f"task{task.index}/{phase.name.replace(' ', '-')}"
     experiment.method.train()
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(phase_index * EPOCHS_PER_PHASE_LIMIT + epoch)  # a new order per epoch and phase
+    first_pass = phase_index * EPOCHS_PER_PHASE_LIMIT + epoch  # a new order per epoch and phase
+    batches = cycled_batches(loader, phase.steps, first_pass) if phase.steps is not None else passes(loader, first_pass)
     total, count = 0.0, 0
-    for batch, (images, targets) in enumerate(loader):
+    for batch, (images, targets) in enumerate(batches):
         ckpt.kill_point(f"{label}/epoch{epoch}/batch{batch}")
         images = images.to(experiment.device, non_blocking=True)
         targets = targets.to(experiment.device, non_blocking=True)
@@ -133,12 +137,33 @@ def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int
         optimizer.zero_grad(set_to_none=True)
         precision.backward_and_step(loss, optimizer, experiment.config.train.clip_grad_norm)
         experiment.method.after_optimizer_step(task)
+        if per_step_scheduler is not None:
+            per_step_scheduler.step()
         total, count = total + loss.item() * len(targets), count + len(targets)
         if training.progress is not None:
             training.progress.global_step += 1
             training.logger.log_step(training.progress.global_step,
                                      step_scalars(StepOutput(loss, logs), optimizer.param_groups[0]["lr"]))
     return total / max(count, 1)
+
+
+def passes(loader: DataLoader, first_pass: int, n_passes: int = 1):
+    """The loader's batches over `n_passes` passes, each a new order of the DistributedSampler."""
+    for index in range(n_passes):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(first_pass + index)
+        yield from loader
+
+
+def cycled_batches(loader: DataLoader, steps: int, first_pass: int):
+    """Exactly `steps` batches, restarting the loader (a new shuffle) whenever it runs out."""
+    if len(loader) == 0:
+        raise TrainingError("the task has no training batches")
+    n_passes = -(-steps // len(loader))
+    for index, batch in enumerate(passes(loader, first_pass, n_passes)):
+        if index == steps:
+            return
+        yield batch
 
 
 def generator_state(loader: DataLoader) -> torch.Tensor | None:
@@ -260,8 +285,7 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
     config, scenario = experiment.config, experiment.scenario
     evaluation = None
     if should_evaluate(task, scenario.n_tasks, config.eval.every_n_tasks):
-        evaluation = evaluate(experiment.method, experiment.test_loader(task.high), experiment.device, task.index,
-                              config.eval.topk, distributed=experiment.distributed)
+        evaluation = evaluate_task(experiment, task)
         progress.evaluations.append(evaluation)
         logger.log_task(task.index, evaluation, (time.perf_counter() - started) if started is not None
                         else progress.wall_times[task.index])
@@ -272,6 +296,17 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
     log.info("%s", task_line(task, scenario.n_tasks, evaluation, progress))
     log_skipped_images(task, progress.skipped_images[task.index])
     writer.write_metrics(progress)
+
+
+def evaluate_task(experiment: Experiment, task: Task) -> TaskEvaluation:
+    """The evaluation after `task` under eval.protocol."""
+    config, method = experiment.config.eval, experiment.method
+    if config.protocol == "class_incremental":
+        return evaluate(method, experiment.test_loader(task.high), experiment.device, task.index, config.topk,
+                        distributed=experiment.distributed)
+    evaluated = experiment.scenario.tasks() if config.unseen_tasks else experiment.scenario.tasks()[:task.index + 1]
+    loaders = [(each, experiment.task_test_loader(each)) for each in evaluated]
+    return evaluate_in_tasks(method, loaders, experiment.device, task.index, config.topk, experiment.distributed)
 
 
 def should_evaluate(task: Task, n_tasks: int, every_n_tasks: int) -> bool:

@@ -44,7 +44,8 @@ def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
         distributed.barrier()
         with training_session(RunDirectory(output), distributed):
             return learn_all_tasks(experiment, TaskWriter(), build_run_logger(experiment, output))
-    with RunDirectory.created(output, config, class_names=experiment.data.class_names) as run:
+    with RunDirectory.created(output, config, class_names=experiment.data.class_names,
+                              task_sizes=experiment.data.task_sizes) as run:
         distributed.barrier()
         with training_session(run, distributed, lock=False):
             describe_start(experiment)

@@ -59,7 +59,13 @@ class Phase:
     By default a cosine of period `schedule_epochs` (a phase may stop before the period ends); with
     `milestones`, the lr is multiplied by `lr_decay` at each of those epochs instead (MultiStepLR);
     `schedule="coda_cosine"`: lr x cos(99π·epoch / (200·(schedule_epochs - 1))), CODA-Prompt's own
-    schedule (it never reaches zero and ignores `min_lr`).
+    schedule (it never reaches zero and ignores `min_lr`); `schedule="warmup_cosine"`: stepped per
+    optimiser step, linear warm-up over `warmup_steps` then a cosine to 0 at the phase's last step
+    (MoE-Adapters4CL); `schedule="constant"`: lr throughout.
+
+    `steps`: the phase is that many optimiser steps, the loader restarted (a new shuffle) whenever it
+    runs out, instead of `epochs` passes (a fixed-step phase counts as one epoch for checkpoints).
+    `optimizer`: this phase's optimiser instead of `train.optimizer` (MoE-Adapters4CL's autoencoders: Adam).
     """
 
     name: str
@@ -70,6 +76,9 @@ class Phase:
     milestones: tuple[int, ...] = ()
     lr_decay: float = 0.1
     schedule: str = "cosine"
+    steps: int | None = None
+    warmup_steps: int = 0
+    optimizer: str | None = None
 
     @property
     def final_lr(self) -> float:
@@ -131,6 +140,9 @@ class TaskContext:
 
 class Method(nn.Module):
     """Base class of continual learners; subclasses override the hooks they need (module docstring)."""
+
+    # Can score the classes of tasks not learned yet (a CLIP text head: eval.unseen_tasks, zero-shot transfer).
+    scores_unseen_tasks = False
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__()
@@ -216,6 +228,14 @@ class Method(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Scores (batch, n_seen_classes) over all classes seen so far."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_in_task(self, images: torch.Tensor, task: Task) -> torch.Tensor:
+        """Scores (batch, task.size) over one task's classes (task-incremental evaluation): by default the
+        columns of `predict` for a learned task."""
+        if task.index >= self.n_learned_tasks:
+            raise NotImplementedError(f"{type(self).__name__} cannot score task {task.index + 1} before learning it")
+        return self.predict(images)[:, task.low:task.high]
 
     @torch.no_grad()
     def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:

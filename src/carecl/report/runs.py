@@ -17,7 +17,17 @@ import numpy as np
 
 from carecl.config import ConfigError, load_config
 from carecl.formatting import format_number
-from carecl.metrics import average_incremental_accuracy, forgetting, forgetting_per_group, last_accuracy
+from carecl.metrics import (
+    average_incremental_accuracy,
+    forgetting,
+    forgetting_per_group,
+    last_accuracy,
+    last_row_average,
+    learned_part,
+    measures_unlearned_tasks,
+    task_averaged,
+    transfer,
+)
 from carecl.runs.directory import CONFIG_FILE, METRICS_JSON, STATE_FILE, RunDirectoryError
 
 log = logging.getLogger("carecl")
@@ -36,6 +46,8 @@ class RunSettings:
     init_cls: int | None = None
     increment: int | None = None
     seed: int | None = None
+    # A multi-domain stream's members, in order (their own tasks, whatever init_cls / increment say).
+    domains: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -43,6 +55,8 @@ class RunSettings:
 
     @property
     def split_name(self) -> str:
+        if self.domains:
+            return " → ".join(self.domains)
         if self.init_cls is None or self.increment is None:
             return ""
         # The CaRE/PILOT convention: "B0" means the first task is as large as the others.
@@ -111,12 +125,34 @@ class ReportedRun:
         return average_incremental_accuracy(self.top1_curve)
 
     @property
+    def learned_matrix(self) -> np.ndarray:
+        """The matrix without the evaluations of tasks before they were learned (zero-shot transfer)."""
+        return learned_part(self.matrix, self.evaluated_tasks)
+
+    @property
     def forgetting(self) -> float:
-        return forgetting(self.matrix)
+        return forgetting(self.learned_matrix)
 
     @property
     def forgetting_per_group(self) -> np.ndarray:
-        return forgetting_per_group(self.matrix)
+        return forgetting_per_group(self.learned_matrix)
+
+    @property
+    def measures_transfer(self) -> bool:
+        """Evaluated tasks before learning them (MTIL): Transfer / Avg / Last apply."""
+        return measures_unlearned_tasks(self.matrix, self.evaluated_tasks)
+
+    @property
+    def transfer(self) -> float:
+        return transfer(self.matrix, self.evaluated_tasks) if self.measures_transfer else float("nan")
+
+    @property
+    def task_average(self) -> float:
+        return task_averaged(self.matrix) if self.measures_transfer else float("nan")
+
+    @property
+    def last_task_average(self) -> float:
+        return last_row_average(self.matrix) if self.measures_transfer else float("nan")
 
 
 def _as_float(value: Any) -> float:
@@ -167,6 +203,11 @@ def curve_and_matrix(document: dict[str, Any], path: Path) -> tuple[np.ndarray, 
         raise ReportError(f"{path}: accuracy matrix has {len(rows)} rows for {n} evaluated tasks")
     evaluated, source = evaluated_task_indices(summary, tasks, n, path)
     n_groups = int(evaluated[-1]) + 1
+    width = max(len(row) for row in rows)
+    zero_shot = any(np.isfinite(row[task + 1:]).any() for task, row in zip(evaluated, rows))
+    if source is not None and all(len(row) == width for row in rows) and zero_shot:
+        # The evaluations also measured tasks not learned yet (MTIL's zero-shot transfer): keep them all.
+        return np.array(curve), np.array(rows, dtype=float), evaluated
     matrix = np.full((n, n_groups), np.nan)
     for i, (task, row) in enumerate(zip(evaluated, rows)):
         if len(row) > n_groups:
@@ -210,7 +251,8 @@ def read_settings(run_dir: Path) -> RunSettings:
         return RunSettings(method=run_dir.resolve().name)
     data = config.data
     return RunSettings(method=config.method.name, dataset=data.dataset, init_cls=data.init_cls,
-                       increment=data.increment, seed=config.seed)
+                       increment=data.increment, seed=config.seed,
+                       domains=tuple(domain.name for domain in data.domains or []))
 
 
 def count_saved_elements(run_dir: Path) -> int | None:

@@ -17,7 +17,8 @@ def _task_numbers(numbers: Sequence[int], shown: int = 10) -> str:
 
 
 SUMMARY_COLUMNS = ("label", "run_dir", "tasks", "planned_tasks", "classes", "a_last", "average_accuracy",
-                   "forgetting", "added_parameters", "wall_time_s", "evaluations", "last_evaluated_task")
+                   "forgetting", "added_parameters", "wall_time_s", "evaluations", "last_evaluated_task",
+                   "transfer", "task_average", "last_task_average")
 
 
 def summary_row(run: ReportedRun) -> dict[str, str]:
@@ -35,6 +36,9 @@ def summary_row(run: ReportedRun) -> dict[str, str]:
         "wall_time_s": format_number(run.wall_time_s, ".3f"),
         "evaluations": str(run.n_evaluations),
         "last_evaluated_task": str(run.evaluated_task_numbers[-1]),
+        "transfer": format_number(run.transfer, ".4f"),
+        "task_average": format_number(run.task_average, ".4f"),
+        "last_task_average": format_number(run.last_task_average, ".4f"),
     }
 
 
@@ -55,8 +59,10 @@ SPARSE_MARK = "†"
 
 
 def markdown_table(runs: Sequence[ReportedRun]) -> str:
+    """One row per run; MTIL's Transfer / Avg / Last columns when some run evaluated tasks before learning them."""
+    transfer = any(run.measures_transfer for run in runs)
     header = ["run", "directory", "tasks", "classes", "A_last (%)", "Ā (%)", "forgetting (points)",
-              "added parameters", "wall time"]
+              *(["Transfer (%)", "Avg (%)", "Last (%)"] if transfer else []), "added parameters", "wall time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for run in runs:
         tasks = str(run.n_tasks) if run.n_tasks == run.n_planned_tasks else f"{run.n_tasks} of {run.n_planned_tasks}"
@@ -69,6 +75,8 @@ def markdown_table(runs: Sequence[ReportedRun]) -> str:
             format_number(run.a_last),
             average,
             format_number(run.forgetting),
+            *([format_number(run.transfer), format_number(run.task_average), format_number(run.last_task_average)]
+              if transfer else []),
             "n/a" if run.added_parameters is None else f"{run.added_parameters:,}",
             format_duration(run.wall_time_s),
         ]

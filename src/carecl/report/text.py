@@ -30,4 +30,7 @@ def accuracy_table(summary: RunSummary) -> str:
         f"A_last {summary.a_last:.2f}   average incremental accuracy {summary.average_accuracy:.2f}   "
         f"forgetting {_cell(summary.forgetting).strip()}"
     )
+    if summary.transfer == summary.transfer:  # not nan: tasks were also evaluated before being learned (MTIL)
+        lines.append(f"MTIL: Transfer {summary.transfer:.2f}   Avg {summary.task_average:.2f}   "
+                     f"Last {summary.last_task_average:.2f}   (columns right of the diagonal: before learning)")
     return "\n".join(lines)

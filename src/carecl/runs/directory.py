@@ -56,6 +56,8 @@ class RunClasses:
     n_classes: int
     # By original class id; None when unknown (a release checkpoint imported without them).
     names: tuple[str, ...] | None = None
+    # A multi-domain stream's members' class counts (its tasks); None: tasks from data.init_cls / increment.
+    task_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.names is not None and len(self.names) != self.n_classes:
@@ -77,18 +79,24 @@ class RunClasses:
         return f"class {class_id} is {self.names[class_id]!r} in the record, {class_names[class_id]!r} in the dataset"
 
     def to_json(self) -> dict[str, Any]:
-        return {"n_classes": self.n_classes, "names": list(self.names) if self.names is not None else None}
+        document = {"n_classes": self.n_classes, "names": list(self.names) if self.names is not None else None}
+        if self.task_sizes is not None:
+            document["task_sizes"] = list(self.task_sizes)
+        return document
 
     @classmethod
     def from_json(cls, document: Any, source: Path) -> "RunClasses":
         n_classes = document.get("n_classes") if isinstance(document, dict) else None
         names = document.get("names") if isinstance(document, dict) else None
+        sizes = document.get("task_sizes") if isinstance(document, dict) else None
         valid = (type(n_classes) is int and n_classes > 0 and (names is None or (
             isinstance(names, list) and len(names) == n_classes and all(isinstance(n, str) for n in names))))
+        valid = valid and (sizes is None or (isinstance(sizes, list) and all(type(n) is int and n > 0 for n in sizes)
+                                             and sum(sizes) == n_classes))
         if not valid:
-            raise RunDirectoryError(f"{source}: expected n_classes (a positive integer) and names "
-                                    "(a list of n_classes strings, or null)")
-        return cls(n_classes, tuple(names) if names is not None else None)
+            raise RunDirectoryError(f"{source}: expected n_classes (a positive integer), names (a list of n_classes "
+                                    "strings, or null) and optionally task_sizes (positive integers summing to n_classes)")
+        return cls(n_classes, tuple(names) if names is not None else None, tuple(sizes) if sizes is not None else None)
 
 
 class RunDirectory:
@@ -122,7 +130,7 @@ class RunDirectory:
     @classmethod
     @contextlib.contextmanager
     def created(cls, path: str | Path, config: ExperimentConfig, class_names: Sequence[str] | None = None,
-                n_classes: int | None = None) -> Iterator["RunDirectory"]:
+                n_classes: int | None = None, task_sizes: Sequence[int] | None = None) -> Iterator["RunDirectory"]:
         """A new run directory, locked for the block: config.yaml and (given `class_names`, the dataset's by
         class id, or only `n_classes`) classes.json are written only once the lock is held, so two runs
         started on one directory at the same instant can never mix their files."""
@@ -138,7 +146,8 @@ class RunDirectory:
                                         f"or continue it with `carecl train --resume {run.path}`")
             if class_names is not None or n_classes is not None:
                 names = tuple(class_names) if class_names is not None else None
-                run.write_classes(RunClasses(n_classes if n_classes is not None else len(names), names))
+                run.write_classes(RunClasses(n_classes if n_classes is not None else len(names), names,
+                                             tuple(task_sizes) if task_sizes is not None else None))
             atomic_write_bytes(run.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
             yield run
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from carecl.config import require
@@ -51,13 +50,15 @@ class BottleneckAdapter(nn.Module):
 
 
 class ParallelAdapterInjector(Injector):
-    """One adapter per block (`adapters[L]`), parallel to the block's MLP."""
+    """One adapter per block (`adapters[L]`), parallel to the block's MLP (a timm ViT or a CLIP tower)."""
 
-    def __init__(self, vit: VisionTransformer, config: AdapterConfig) -> None:
+    wraps_clip_towers = True
+
+    def __init__(self, vit: nn.Module, config: AdapterConfig) -> None:
         super().__init__(vit)
         config.validate()
         reference = next(vit.parameters())
-        self.adapters = nn.ModuleList(BottleneckAdapter(vit.embed_dim, config) for _ in vit.blocks).to(
+        self.adapters = nn.ModuleList(BottleneckAdapter(self.layout.width, config) for _ in self.blocks).to(
             reference.device, reference.dtype)
         ParallelBranch(self, self._branch)
 

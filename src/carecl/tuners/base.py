@@ -1,6 +1,10 @@
 """What every injector shares: it wraps an unmodified timm ViT, keeps the handles of what it changed,
 and `remove()` gives the ViT back exactly as it was (PEFT's config + layer + injector shape).
 
+Block-parallel injectors (adapters, MoE adapters) also wrap either tower of an open_clip CLIP: its
+ResidualAttentionBlocks compute the same pre-LN block (`ln_2` is fed the post-attention residual, as
+timm's `norm2`), batch-first; `TowerLayout` names the blocks and that norm for each kind of tower.
+
 Two ways in, both undone by `remove()`:
 - hooks on the ViT's own modules (adapters, SSF, VPT, BR-MoE), kept as RemovableHandles;
 - a module of the ViT replaced by a wrapper that holds the original and calls its weights
@@ -10,6 +14,7 @@ Two ways in, both undone by `remove()`:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -17,13 +22,25 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where a tower's blocks are and which of each block's norms is fed the MLP sub-block's input."""
+
+    blocks: tuple[nn.Module, ...]
+    mlp_norm: str
+    width: int
+
+
 class Injector(nn.Module):
     """Base of the injectors: the frozen ViT (`vit`) plus the injected parts, all submodules, so `.to()`
-    moves them together; a method lists the ViT in `backbone_modules()` so it is never saved."""
+    moves them together; a method lists the ViT in `backbone_modules()` so it is never saved.
+    Subclasses with `wraps_clip_towers = True` also take an open_clip image or text tower as `vit`."""
 
-    def __init__(self, vit: VisionTransformer) -> None:
+    wraps_clip_towers = False
+
+    def __init__(self, vit: nn.Module) -> None:
         super().__init__()
-        check_supported(vit, type(self).__name__)
+        self.layout = tower_layout(vit, type(self).__name__, self.wraps_clip_towers)
         self.vit = vit.requires_grad_(False)
         self._handles: list[RemovableHandle] = []
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
@@ -40,8 +57,8 @@ class Injector(nn.Module):
             self.active = previous
 
     @property
-    def blocks(self) -> list[Block]:
-        return list(self.vit.blocks)
+    def blocks(self) -> list[nn.Module]:
+        return list(self.layout.blocks)
 
     def add_hook(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
@@ -65,6 +82,30 @@ class Injector(nn.Module):
         return self.vit
 
 
+def tower_layout(model: nn.Module, who: str, clip_towers: bool = False) -> TowerLayout:
+    """The layout of a timm ViT, or (with `clip_towers`) of an open_clip image or text tower; anything else
+    is refused with a message naming `who`."""
+    transformer = getattr(model, "transformer", None)
+    if clip_towers and transformer is not None and hasattr(transformer, "resblocks"):
+        check_clip_tower(model, who)
+        return TowerLayout(tuple(transformer.resblocks), "ln_2", transformer.width)
+    check_supported(model, who)
+    return TowerLayout(tuple(model.blocks), "norm2", model.embed_dim)
+
+
+def check_clip_tower(tower: nn.Module, who: str) -> None:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    transformer = tower.transformer
+    for index, block in enumerate(transformer.resblocks):
+        if type(block) is not ResidualAttentionBlock:
+            raise TypeError(f"{who} supports open_clip's ResidualAttentionBlock, resblocks[{index}] is {type(block).__name__}")
+    if not transformer.batch_first:
+        raise TypeError(f"{who}: the open_clip tower runs sequence-first; build it with batch_first=True")
+    if transformer.grad_checkpointing:
+        raise ValueError(f"{who}: grad checkpointing re-runs blocks outside their hooks; disable it")
+
+
 def check_supported(vit: nn.Module, who: str) -> None:
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"{who} needs a timm VisionTransformer, got {type(vit).__name__}")
@@ -79,7 +120,7 @@ def check_supported(vit: nn.Module, who: str) -> None:
 class ParallelBranch:
     """A block-parallel branch: z' = z_a + mlp(norm2(z_a)) + branch(z_a), with z_a the MLP sub-block's input.
 
-    A pre-hook on `norm2` captures z_a; a forward hook on the block adds `branch(index, z_a)` to its
+    A pre-hook on `norm2` (`ln_2` in a CLIP tower) captures z_a; a forward hook on the block adds `branch(index, z_a)` to its
     output (None adds nothing). Both handles go to the injector. The hooks are objects, not closures,
     so a deep copy of the injector (a bound-method `branch`) gets hooks that call the copy.
     """
@@ -89,7 +130,8 @@ class ParallelBranch:
         self.branch = branch
         self.inputs: dict[int, Tensor] = {}
         for index, block in enumerate(injector.blocks):
-            injector.add_hook(block.norm2.register_forward_pre_hook(_CaptureInput(self, index)))
+            norm = getattr(block, injector.layout.mlp_norm)
+            injector.add_hook(norm.register_forward_pre_hook(_CaptureInput(self, index)))
             injector.add_hook(block.register_forward_hook(_AddBranch(self, index)))
 
 
