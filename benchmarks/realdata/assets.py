@@ -11,6 +11,12 @@
   Classes are `fashion_<k>_<name>` then `mnist_<k>` (sorted folder names = class ids 0..19),
   the first 200 training and 60 test images of each class.
 
+- CLIP-shaped model (for the CLIP methods, no real CLIP being reachable here): the same ViT-S/14 as
+  the image tower of an open_clip CLIP (keys renamed, the patch-embedding bias folded into the patch
+  position embeddings, an identity projection, so its image embedding is the ViT's CLS feature) with
+  a random 12-layer text tower (seed 0) and logit scale 100; its architecture is CLIP_SHAPED below.
+  Display names for the classes go to `<cache>/fmnist-mnist_names.yaml` (data.class_names_file).
+
 Nothing here is needed at test time; the cache (default ~/.cache/carecl-realdata, or
 $CARECL_REALDATA_CACHE) is reused when complete.
 """
@@ -45,6 +51,17 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 200, 60
 NATIVE_GRID, IMAGE_SIZE, PATCH = 37, 112, 14
 DATASET_NAME = "fmnist-mnist"
 WEIGHTS_NAME = f"vit_small_patch14_focus_{IMAGE_SIZE}px.safetensors"
+CLIP_SHAPED_NAME = f"clip_shaped_vits14_focus_{IMAGE_SIZE}px_random_text.safetensors"
+NAMES_FILE = f"{DATASET_NAME}_names.yaml"
+# backbone.model_kwargs of the CLIP-shaped model (benchmarks/realdata/moe_adapters.yaml repeats it).
+CLIP_SHAPED = {
+    "embed_dim": 384,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 12, "width": 384, "head_width": 64, "patch_size": PATCH,
+                   "ls_init_value": 1.0, "no_ln_pre": True, "norm_kwargs": {"eps": 1e-6}},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 384, "heads": 6, "layers": 12},
+}
+FASHION_TEXT = ("t-shirt or top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                "ankle boot")
 
 
 def default_cache() -> Path:
@@ -259,9 +276,71 @@ def build_backbone(cache: Path) -> Path:
     return target
 
 
+def open_clip_visual_state(vit: dict) -> dict:
+    """timm ViT-S/14 tensors under open_clip VisionTransformer names (`visual.` prefix)."""
+    import torch
+
+    state = {"visual.class_embedding": vit["cls_token"].reshape(-1), "visual.conv1.weight": vit["patch_embed.proj.weight"],
+             "visual.ln_post.weight": vit["norm.weight"], "visual.ln_post.bias": vit["norm.bias"],
+             "visual.proj": torch.eye(vit["norm.weight"].shape[0])}
+    positions = vit["pos_embed"][0].clone()
+    positions[1:] += vit["patch_embed.proj.bias"]  # open_clip's conv1 has no bias: add it to every patch token
+    state["visual.positional_embedding"] = positions
+    renames = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+               "attn.proj": "attn.out_proj", "ls1.gamma": "ls_1.gamma", "norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+               "mlp.fc2": "mlp.c_proj", "ls2.gamma": "ls_2.gamma"}
+    for key, value in vit.items():
+        if not key.startswith("blocks."):
+            continue
+        _, index, rest = key.split(".", 2)
+        for old, new in renames.items():
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        state[f"visual.transformer.resblocks.{index}.{rest}"] = value
+    return state
+
+
+def build_clip_shaped(cache: Path, vit_weights: Path) -> Path:
+    target = cache / CLIP_SHAPED_NAME
+    if target.is_file():
+        return target
+    import math
+
+    import open_clip
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**CLIP_SHAPED)
+    state = model.state_dict()
+    state.update(open_clip_visual_state(load_file(str(vit_weights))))
+    state["logit_scale"] = torch.tensor(math.log(100.0))
+    model.load_state_dict(state)
+    partial = target.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("attn_mask")}, str(partial))
+    partial.rename(target)
+    say(f"CLIP-shaped model: {target}")
+    return target
+
+
+def write_class_names(cache: Path) -> Path:
+    target = cache / NAMES_FILE
+    names = {f"fashion_{k}_{FASHION_NAMES[k]}": text for k, text in enumerate(FASHION_TEXT)}
+    names.update({f"mnist_{k}": f"handwritten digit {k}" for k in range(10)})
+    target.write_text("".join(f"{folder}: {text}\n" for folder, text in names.items()))
+    return target
+
+
 def build(cache: Path) -> tuple[Path, Path]:
     cache.mkdir(parents=True, exist_ok=True)
-    return build_backbone(cache), build_images(cache)
+    weights, images = build_backbone(cache), build_images(cache)
+    write_class_names(cache)
+    try:
+        build_clip_shaped(cache, weights)
+    except ImportError:
+        say('CLIP-shaped model skipped: pip install "carecl[clip]" for the CLIP methods\' rows')
+    return weights, images
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from carecl.config import ASSET_PREFIX, BackboneConfig
+from carecl.config import BackboneConfig
 from carecl.data.transforms import DEFAULT_BACKBONE_PREPROCESSING, Preprocessing
-from carecl.errors import CareclError
+from carecl.weight_files import BackboneError, check_state_fits, resolve_weights_path
 
 # Names used by the CaRE/PILOT release that timm has since renamed.
 LEGACY_NAMES = {
@@ -21,10 +21,6 @@ LEGACY_NAMES = {
     "vit_base_patch16_224_in1k": "vit_base_patch16_224.augreg_in1k",
     "vit_large_patch16_224_in21k": "vit_large_patch16_224.augreg_in21k",
 }
-
-
-class BackboneError(CareclError, ValueError):
-    """The backbone name or weights file cannot be used; the message names it."""
 
 
 def resolve_name(name: str) -> str:
@@ -150,15 +146,6 @@ def normalise_checkpoint_keys(state: dict[str, torch.Tensor], model: VisionTrans
     return state
 
 
-def resolve_weights_path(weights: str | Path) -> Path:
-    """A file path, or `asset:NAME` for a weights file shipped inside the carecl package."""
-    if isinstance(weights, str) and weights.startswith(ASSET_PREFIX):
-        from importlib import resources
-
-        return Path(str(resources.files("carecl") / "assets" / weights[len(ASSET_PREFIX) :]))
-    return Path(weights).expanduser()
-
-
 def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:
     """Load a local weights file into `model`, listing every key that does not fit."""
     path = resolve_weights_path(weights)
@@ -176,20 +163,3 @@ def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     check_state_fits(model, state, path)
     model.load_state_dict(state, strict=False)
-
-
-def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k])
-    )
-    if missing or unexpected or misshaped:
-        lines = [f"backbone.weights: {source} does not fit the architecture"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
-        raise BackboneError("\n".join(lines))

@@ -12,6 +12,7 @@ model around other weights.
 from __future__ import annotations
 
 import copy
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,17 @@ from torch import nn
 
 from carecl.config import BackboneConfig
 from carecl.data.transforms import Preprocessing
-from carecl.errors import CareclError
+from carecl.weight_files import BackboneError, check_state_fits, resolve_weights_path
 
 CUSTOM = "custom"
 # OpenAI CLIP's pixel statistics (every CLIP tower here unless the model config names others).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Entries of OpenAI's archives that are not weights.
-ARCHIVE_METADATA = ("input_resolution", "context_length", "vocab_size")
+# Entries of OpenAI's archives that are not weights (and open_clip's causal mask, a buffer it never saves).
+ARCHIVE_METADATA = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
-class ClipBackboneError(CareclError, ValueError):
+class ClipBackboneError(BackboneError):
     """The CLIP backbone cannot be built or loaded; the message names the key or file."""
 
 
@@ -102,7 +103,9 @@ def read_clip_state(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     if zipfile.is_zipfile(path) and any(name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist()):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -116,8 +119,6 @@ def read_clip_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_clip_weights(model: nn.Module, weights: str | Path) -> None:
     """Load a local CLIP checkpoint, listing every key that does not fit."""
-    from carecl.backbones import check_state_fits, resolve_weights_path
-
     path = resolve_weights_path(weights)
     if not path.is_file():
         raise ClipBackboneError(f"backbone.weights: file not found: {path}")
