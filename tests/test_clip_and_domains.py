@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,63 @@ def test_mtil_metrics_by_hand_and_forgetting_ignores_zero_shot_entries():
     assert forgetting(learned_part(matrix, tasks)) == summary.forgetting
     plain = RunSummary.from_evaluations([TaskEvaluation(0, 50.0, 90.0, 2, [50.0], float("nan"), 50.0, 4)])
     assert np.isnan(plain.transfer) and np.isnan(plain.task_average)
+
+
+class FakeArchive:
+    """A torchvision-style dataset: `classes`, `targets`, (PIL image, label) items; refuses a missing root."""
+
+    def __init__(self, root: str, download: bool, train: bool = True, size: int = 10) -> None:
+        if not (Path(root) / "present").exists():
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+        assert download is False
+        self.classes = ["sea_lion", "fire_truck", "maple_tree"]
+        self.targets = [index % 3 for index in range(size if train else size // 2)]
+        self.offset = 0 if train else 100
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return Image.new("L", (8, 8), color=self.offset + index), self.targets[index]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def test_mtil_reads_members_in_order_with_the_authors_splits_and_protocol(tmp_path, monkeypatch):
+    from carecl.data import mtil
+
+    official = mtil.Member(lambda **k: FakeArchive(**k), {"train": True}, {"train": False},
+                           lambda d: d.targets, lambda d: d.classes)
+    single = mtil.Member(lambda **k: FakeArchive(size=13, **k), None, None, lambda d: d.targets, lambda d: d.classes)
+    monkeypatch.setattr(mtil, "MEMBERS", {"pets": official, "eurosat": single})
+    (tmp_path / "present").touch()
+    data = DataConfig(dataset="mtil", root=str(tmp_path), dataset_order=["eurosat", "pets"], image_size=8)
+    built = build_dataset(data)
+    assert built.task_names == ["eurosat", "pets"] and built.task_sizes == [3, 3]
+    assert built.class_names[:3] == ["sea lion", "fire truck", "maple tree"]
+    assert built.task_templates == [["a photo of a {}."], ["a photo of a {}."]]
+    # The split of a member without a test set is torch's random_split with a generator seeded 42.
+    train_part, test_part = torch.utils.data.random_split(range(13), [10, 3], generator=torch.Generator().manual_seed(42))
+    assert [item.index for item in built.train.samples[:10]] == list(train_part)
+    assert [item.index for item in built.test.samples[:3]] == list(test_part)
+    assert built.train.targets[10:].tolist() == [index % 3 + 3 for index in range(10)]  # pets' ids follow eurosat's
+    assert np.asarray(built.train.samples[10].load()).shape == (8, 8, 3)
+    (tmp_path / "mtil_protocol.json").write_text(json.dumps(
+        {"pets": {"classnames": ["seal", "engine", "maple"], "templates": ["a photo of a {}, a type of pet."]}}))
+    built = build_dataset(data)
+    assert built.class_names[3:] == ["seal", "engine", "maple"]
+    assert built.task_templates[1] == ["a photo of a {}, a type of pet."]
+    (tmp_path / "present").unlink()
+    with pytest.raises(DatasetError, match=r"mtil member 'eurosat': cannot read it under .*nothing is downloaded"):
+        build_dataset(data)
+    with pytest.raises(DatasetError, match=r"unknown mtil members \['nope'\]"):
+        build_dataset(dataclasses.replace(data, dataset_order=["nope"]))
+
+
+def test_domain_learning_rates_follow_the_member_and_unknown_names_fail(tmp_path):
+    roots = write_domains(tmp_path / "data")
+    method = Experiment.build(domains_config(roots, {"name": "moe_adapters", "domain_lr": {"stripes": 0.5}})).method
+    lrs = [phase.lr for task in method.scenario.tasks() for phase in method.training_phases(task)]
+    assert lrs == [0.01, 0.5, 0.01]
+    with pytest.raises(ConfigError, match=r"domain_lr names no member of the stream: \['stripe'\]"):
+        Experiment.build(domains_config(roots, {"name": "moe_adapters", "domain_lr": {"stripe": 0.5}}))

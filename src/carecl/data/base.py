@@ -1,7 +1,8 @@
 """Core dataset types: splits, benchmarks, the per-task view, and the dataset registry.
 
 A split holds its samples in one of three kinds, chosen by the loader that built it:
-- ``list[str]``: image file paths, opened lazily with PIL and converted to RGB;
+- ``list``: image file paths, opened lazily with PIL and converted to RGB (a multi-domain stream's list
+  may also hold uint8 arrays, or items with a ``load()`` returning a PIL image);
 - ``np.ndarray`` uint8 ``(N, H, W, 3)``: in-memory pixels (CIFAR), turned into PIL per item
   so the benchmark's PIL transforms apply unchanged;
 - ``torch.Tensor`` float ``(N, 3, H, W)`` in [0, 1]: ready-made images (digits, synthetic),
@@ -183,7 +184,12 @@ class TaskDataset(Dataset):
             return samples[index]
         if isinstance(samples, np.ndarray):
             return Image.fromarray(samples[index]).convert("RGB")
-        return load_rgb_image(samples[index])
+        item = samples[index]
+        if isinstance(item, str):
+            return load_rgb_image(item)
+        if isinstance(item, np.ndarray):  # a multi-domain stream mixing in-memory members with files
+            return Image.fromarray(item).convert("RGB")
+        return item.load()  # an image of another library's dataset (carecl.data.mtil.DatasetItem)
 
 
 def collate_readable(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[UnreadableImage]]:

@@ -230,6 +230,7 @@ DATASET_RECIPES: dict[str, str] = {
     "five_datasets": "pilot_wide_crop",
     "imagefolder": "backbone",
     "domains": "backbone",
+    "mtil": "clip",
     "tinyimagenet": "backbone",
     "digits": "in_memory",
     "synthetic": "in_memory",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carecl.clip_backbone import tokenize
-from carecl.config import ExperimentConfig, MethodConfig, require
+from carecl.config import ConfigError, ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
 from carecl.engine.experiment import input_size
 from carecl.methods.ddas import DDAS_PHASE, DDASConfig, DistributionSelector, build_features
@@ -56,6 +56,8 @@ class MoEAdaptersConfig(MethodConfig):
     label_smoothing: float = 0.0
     # Optimiser steps per task (MTIL: 1000); null: `train.epochs` passes over the task's data (CIL: 1).
     steps_per_task: int | None = None
+    # A multi-domain member's own learning rate, by member name (MTIL's per-dataset lr); others: train.lr.
+    domain_lr: dict[str, float] | None = None
     warmup_steps: int = 30
     # The authors' CIL keeps the router noise on at evaluation; off by default (predictions are then deterministic).
     eval_noise: bool = False
@@ -73,6 +75,9 @@ class MoEAdaptersConfig(MethodConfig):
         require(self.steps_per_task is None or self.steps_per_task > 0, "steps_per_task",
                 f"must be positive or null, got {self.steps_per_task}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for member, lr in (self.domain_lr or {}).items():
+            require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "domain_lr",
+                    f"{member}: must be a positive number, got {lr!r}")
         require(self.routers == "shared" or self.ddas is not None, "ddas",
                 "is needed with routers: per_task (it picks each test batch's router)")
         if self.ddas is not None:
@@ -98,6 +103,10 @@ class MoEAdapters(Method):
             raise TypeError("moe_adapters needs a CLIP backbone: set backbone.family: open_clip")
         self.clip = backbone
         options: MoEAdaptersConfig = self.options
+        unknown = sorted(set(options.domain_lr or {}) - set(scenario.task_names))
+        if unknown and scenario.task_names:
+            raise ConfigError(f"method.domain_lr names no member of the stream: {unknown} "
+                              f"(members: {', '.join(scenario.task_names)})")
         self.image_moe = MoEAdapterInjector(backbone.visual, options.adapter)
         self.text_moe = MoEAdapterInjector(text_tower(backbone), options.adapter)
         self.selector = None
@@ -137,8 +146,9 @@ class MoEAdapters(Method):
         options, train = self.options, self.experiment.train
         phases = self.selector.phases() if self.selector is not None else []
         steps = options.steps_per_task
+        lr = float((options.domain_lr or {}).get(self.scenario.task_name(task.index), train.lr))
         if steps is not None or train.epochs > 0:
-            phases.append(Phase(EXPERTS_PHASE, train.epochs, train.lr, 0.0, train.epochs, schedule="warmup_cosine",
+            phases.append(Phase(EXPERTS_PHASE, train.epochs, lr, 0.0, train.epochs, schedule="warmup_cosine",
                                 steps=steps, warmup_steps=options.warmup_steps))
         return phases
 
