@@ -7,6 +7,7 @@ import timm
 import torch
 from timm.models.vision_transformer import Attention
 
+from carecl.tuners.moe_adapter import MoEAdapterConfig, MoEAdapterInjector
 from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
 from carecl.tuners.brmoe.config import BRMoEConfig
 from carecl.tuners.brmoe.model import BRMoEViT
@@ -45,7 +46,14 @@ INJECTORS = {
     "adapter_bank": lambda vit: bank_with_sets(vit),
     "prompt_tokens": lambda vit: PromptTokenInjector(vit),
     "brmoe": brmoe,
+    "moe_adapter": lambda vit: routed_moe(vit),
 }
+
+
+def routed_moe(vit) -> MoEAdapterInjector:
+    injector = MoEAdapterInjector(vit, MoEAdapterConfig(experts=3, top_k=2, bottleneck=8))
+    injector.route = injector.add_router()
+    return injector
 
 
 def bank_with_sets(vit) -> AdapterBankInjector:
@@ -102,7 +110,8 @@ def test_injected_then_removed_gives_the_unmodified_outputs(name):
     assert not injector.injected
 
 
-@pytest.mark.parametrize("name", ["adapter", "adapter_learned_scale", "ssf", "prefix", "adapter_bank", "prompt_tokens"])
+@pytest.mark.parametrize("name", ["adapter", "adapter_learned_scale", "ssf", "prefix", "adapter_bank", "prompt_tokens",
+                                  "moe_adapter"])
 def test_a_fresh_injection_leaves_outputs_unchanged(name):
     vit, x = tiny_vit(), images()
     with torch.no_grad():
@@ -204,7 +213,7 @@ def test_ssf_follows_every_target_layer():
         SSFInjector(tiny_vit(), SSFConfig(block_targets=["attn.qkvv"]))
 
 
-@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix", "adapter_bank"])
+@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix", "adapter_bank", "moe_adapter"])
 def test_bypassed_injection_computes_the_frozen_vit(name):
     vit, x = tiny_vit(), images()
     with torch.no_grad():

@@ -53,6 +53,8 @@ CONFIGS = {
     "coda_prompt": "CODA-Prompt (attention-weighted prompt components, prefix tuning; 4 epochs per task)",
     "hide_prompt": "HiDe-Prompt (task-identity MLP, a prefix prompt per task, alignment; 4 + 4 epochs per task)",
     "norga": "NoRGa (HiDe-Prompt with a sigmoid residual gate on prefix scores; 4 + 4 epochs per task)",
+    "moe_adapters": "MoE-Adapters4CL (CIL settings, 2 experts per block in both towers of a CLIP-shaped model: the real "
+                    "ViT-S/14 as image tower, a random text tower; 4 epochs per task)",
 }
 
 
@@ -98,8 +100,13 @@ def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_fin
         return reuse_run(name, output)
     if output.exists():
         shutil.rmtree(output)
-    command = [sys.executable, "-m", "carecl", "train", "--config", str(HERE / f"{name}.yaml"),
-               "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}",
+    config = HERE / f"{name}.yaml"
+    extra = []
+    if "family: open_clip" in config.read_text():  # the CLIP methods: the CLIP-shaped model, and names to prompt with
+        weights = cache / assets.CLIP_SHAPED_NAME
+        extra = ["--set", f"data.class_names_file={cache / assets.NAMES_FILE}"]
+    command = [sys.executable, "-m", "carecl", "train", "--config", str(config),
+               "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}", *extra,
                "--set", "train.progress=false", "--output", str(output)]
     print(f"[realdata] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
     started = time.perf_counter()
