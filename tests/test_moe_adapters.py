@@ -213,3 +213,14 @@ method: {json.dumps(MTIL)}
     assert main(["report", str(tmp_path / "run"), "--output", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Transfer (%)" in report and "colours → stripes → textures" in report
+
+
+def test_an_mtil_run_interrupted_mid_task_resumes_identically(tmp_path, monkeypatch):
+    from test_resume import check_interrupted_run_resumes_identically
+
+    roots = write_domains(tmp_path / "data", train=4, test=2)
+    config = domains_config(roots, MTIL, train={"checkpoint_every_epochs": 1})
+    # In-process loading: persistent DataLoader workers would carry their augmentation RNG across the phase
+    # boundary, which a resumed run restarts from the loader's seed.
+    config.data.num_workers = 0
+    check_interrupted_run_resumes_identically(config, "task1/experts/epoch0/batch3", tmp_path, monkeypatch)
