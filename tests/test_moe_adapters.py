@@ -224,3 +224,24 @@ def test_an_mtil_run_interrupted_mid_task_resumes_identically(tmp_path, monkeypa
     # boundary, which a resumed run restarts from the loader's seed.
     config.data.num_workers = 0
     check_interrupted_run_resumes_identically(config, "task1/experts/epoch0/batch3", tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"routers": "per_task"}, r"method\.ddas is needed with routers: per_task"),
+    ({"routers": "per_task", "ddas": {"code_size": 0}}, r"method\.ddas\.code_size must be positive"),
+    ({"top_k": 3}, r"method\.top_k must be in 1\.\.experts \(2\)"),
+    ({"template": "a photo"}, r"method\.template needs a \{\}"),
+])
+def test_invalid_options_name_the_key(options, message):
+    from carecl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        clip_config({**CIL, **options})
+
+
+def test_moe_adapters_refuses_a_vit_backbone():
+    from carecl.config import ConfigError
+    from conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="needs a CLIP backbone: set backbone.family: open_clip"):
+        Experiment.build(tiny_config(method=CIL))

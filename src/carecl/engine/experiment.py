@@ -84,11 +84,6 @@ def evaluation_transform(config: ExperimentConfig) -> Transform:
     return transforms_for(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).test
 
 
-def training_transform(config: ExperimentConfig) -> Transform:
-    """The training transform the config's dataset is built with."""
-    return transforms_for(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).train
-
-
 def input_size(config: ExperimentConfig) -> int:
     """The side of the model's input images under `config` (the data's resolved image size)."""
     return resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).image_size

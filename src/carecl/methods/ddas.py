@@ -50,11 +50,11 @@ class DDASConfig:
     reference_steps: int = 1000
 
     def validate(self) -> None:
-        require(self.code_size > 0, "ddas.code_size", f"must be positive, got {self.code_size}")
-        require(self.steps > 0, "ddas.steps", f"must be positive, got {self.steps}")
-        require(self.lr > 0, "ddas.lr", f"must be positive, got {self.lr}")
-        require(self.threshold > 0, "ddas.threshold", f"must be positive, got {self.threshold}")
-        require(self.reference_steps > 0, "ddas.reference_steps", f"must be positive, got {self.reference_steps}")
+        require(self.code_size > 0, "code_size", f"must be positive, got {self.code_size}")
+        require(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(self.threshold > 0, "threshold", f"must be positive, got {self.threshold}")
+        require(self.reference_steps > 0, "reference_steps", f"must be positive, got {self.reference_steps}")
 
 
 class AutoEncoder(nn.Module):

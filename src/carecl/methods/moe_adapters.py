@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from carecl.clip_backbone import tokenize
 from carecl.config import ConfigError, ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
-from carecl.engine.experiment import input_size
+from carecl.backbones import backbone_preprocessing
+from carecl.data import resolve_preprocessing, transforms_for
+from carecl.data.base import canonical_dataset
 from carecl.methods.ddas import DDAS_PHASE, DDASConfig, DistributionSelector, build_features
 from carecl.scenario import Scenario, Task
 from carecl.tuners.moe_adapter import MoEAdapterConfig, MoEAdapterInjector
@@ -80,12 +82,16 @@ class MoEAdaptersConfig(MethodConfig):
                     f"{member}: must be a positive number, got {lr!r}")
         require(self.routers == "shared" or self.ddas is not None, "ddas",
                 "is needed with routers: per_task (it picks each test batch's router)")
-        if self.ddas is not None:
-            self.ddas.validate()
 
     @property
     def adapter(self) -> MoEAdapterConfig:
         return MoEAdapterConfig(self.experts, self.top_k, self.bottleneck, self.adapter_scale, self.adapter_dropout)
+
+
+def data_transforms(config: ExperimentConfig):
+    """The run's (train, test) transforms and input side, as its dataset is built with them."""
+    name, backbone = canonical_dataset(config.data), backbone_preprocessing(config.backbone)
+    return transforms_for(name, config.data, backbone), resolve_preprocessing(name, config.data, backbone).image_size
 
 
 def text_tower(clip: nn.Module) -> nn.Module:
@@ -100,7 +106,7 @@ class MoEAdapters(Method):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         if not hasattr(backbone, "encode_text"):
-            raise TypeError("moe_adapters needs a CLIP backbone: set backbone.family: open_clip")
+            raise ConfigError("backbone.family: moe_adapters needs a CLIP backbone: set backbone.family: open_clip")
         self.clip = backbone
         options: MoEAdaptersConfig = self.options
         unknown = sorted(set(options.domain_lr or {}) - set(scenario.task_names))
@@ -112,7 +118,7 @@ class MoEAdapters(Method):
         self.selector = None
         if options.ddas is not None:
             features = build_features(options.ddas, backbone, self.image_moe)
-            self.selector = DistributionSelector(options.ddas, features, input_size(config))
+            self.selector = DistributionSelector(options.ddas, features, data_transforms(config)[1])
         # Which phase the training steps belong to (0: DDAS autoencoder, 1: experts), saved for a mid-phase resume.
         self.register_buffer("phase_index", torch.ones((), dtype=torch.long))
         self._text_cache: dict[tuple, Tensor] = {}
@@ -161,10 +167,8 @@ class MoEAdapters(Method):
     def begin_phase(self, phase: Phase, context: TaskContext) -> None:
         self.phase_index.fill_(0 if phase.name == DDAS_PHASE else 1)
         if phase.name == DDAS_PHASE:
-            from carecl.engine.experiment import training_transform
-
             config = self.experiment
-            self.selector.begin_phase(context, training_transform(config), config.train.batch_size, config.seed)
+            self.selector.begin_phase(context, data_transforms(config)[0].train, config.train.batch_size, config.seed)
 
     def training_loss(self, images: Tensor, targets: Tensor, task: Task) -> StepOutput:
         if int(self.phase_index) == 0:
@@ -240,11 +244,16 @@ class MoEAdapters(Method):
         self.set_route(route, self.options.eval_noise and route is not None)
         return self.logit_scale * self.image_features(images) @ head.t()
 
+    def selected_route(self, chosen: int | None) -> int | None:
+        """The router of the task DDAS chose (the shared one when routers are shared), None for the frozen CLIP."""
+        return None if chosen is None else self.router_for(Task(chosen, 0, 0))
+
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
         """Every seen class, one head (class-incremental): the shared router, or DDAS's choice per batch."""
         seen = Task(-1, 0, self.n_seen_classes)
-        return self.scores(images, seen, self.selector.route(images) if self.selector is not None else 0)
+        route = self.selected_route(self.selector.route(images)) if self.selector is not None else 0
+        return self.scores(images, seen, route)
 
     @torch.no_grad()
     def predict_in_task(self, images: Tensor, task: Task) -> Tensor:
@@ -253,8 +262,8 @@ class MoEAdapters(Method):
         if self.selector is None:
             return self.scores(images, task, 0)
         if self.options.ddas.decision == "batch":
-            return self.scores(images, task, self.selector.route(images))
-        routes = self.selector.routes(images)
+            return self.scores(images, task, self.selected_route(self.selector.route(images)))
+        routes = [self.selected_route(route) for route in self.selector.routes(images)]
         out = torch.empty(len(images), task.size, device=images.device)
         for route in set(routes):
             rows = torch.tensor([i for i, r in enumerate(routes) if r == route], device=images.device)
