@@ -159,8 +159,8 @@ class Experiment:
         return self.data.test_transform if self.data is not None else evaluation_transform(self.config)
 
     # ---- loaders ---------------------------------------------------------------------
-    def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0, class_batch: int | None = None
-                ) -> DataLoader:
+    def _loader(self, split: str, low: int, high: int, train: bool, seed: int = 0, class_batch: int | None = None,
+                batch_size: int | None = None) -> DataLoader:
         """Training: a seeded shuffle per epoch (set_epoch), whose global batches are the same for
         any number of processes; otherwise in order, each rank reading its own shard, or with
         `class_batch` (one process), class by class in batches of at most that many images."""
@@ -169,7 +169,7 @@ class Experiment:
         dataset = TaskDataset(source, self.scenario.label_map, low, high, transform, skip_unreadable=not self.config.data.strict)
         distributed, stream = self.distributed, self.config.seed * 1000 + seed
         if train:
-            batch = per_process_batch(self.config.train.batch_size, distributed)
+            batch = per_process_batch(batch_size or self.config.train.batch_size, distributed)
             # Rank r takes every world_size-th index of one permutation: together, a single process's batch.
             sampler = DistributedSampler(dataset, distributed.world_size, distributed.rank, shuffle=True, seed=stream)
         else:
@@ -197,6 +197,10 @@ class Experiment:
     def class_batch_loader(self, task: Task, batch_size: int) -> DataLoader:
         return self._loader("train", task.low, task.high, train=False, class_batch=batch_size)
 
+    def augmented_loader(self, task: Task, batch_size: int, seed: int) -> DataLoader:
+        """The task's training images with training transforms, shuffled by `seed`, in batches of `batch_size`."""
+        return self._loader("train", task.low, task.high, train=True, seed=seed, batch_size=batch_size)
+
     def test_loader(self, n_seen: int) -> DataLoader:
         return self._loader("test", 0, n_seen, train=False)
 
@@ -207,4 +211,5 @@ class Experiment:
     def context(self, task: Task) -> TaskContext:
         return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task),
                            self.config.train.progress and self.distributed.is_main, self.distributed,
-                           lambda batch_size: self.class_batch_loader(task, batch_size))
+                           lambda batch_size: self.class_batch_loader(task, batch_size),
+                           lambda batch_size, number: self.augmented_loader(task, batch_size, 10_000 * (number + 1) + task.index))

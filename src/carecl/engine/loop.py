@@ -208,7 +208,8 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
         phase_resume = resume if resume is not None and resume.phase == index and resume.mid_phase else None
         if phase_resume is None:
             method.begin_phase(phase, context)
-        fit_phase(training, phase, index, phase_resume, save, every)
+        if any(group.parameters for group in method.parameter_groups(phase)):  # else nothing to train: skipped
+            fit_phase(training, phase, index, phase_resume, save, every)
         try:
             method.end_phase(phase, context)
         except FloatingPointError as error:  # alignment's non-finite loss

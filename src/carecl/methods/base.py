@@ -118,6 +118,16 @@ class TaskContext:
 
     # Loader whose batches each hold one class, class by class, at most n images (PILOT's per-class loops).
     class_batch_loader: Callable[[int], "DataLoader"] | None = None
+    # Loader over the task's training images with *training* transforms, shuffled by a pass number, in batches
+    # of n (SEMA's detection).
+    augmented_loader: Callable[[int, int], "DataLoader"] | None = None
+
+    def training_batches(self, batch_size: int, pass_number: int, purpose: str) -> "DataLoader":
+        """The task's augmented training images in batches of `batch_size`, shuffled by `pass_number` (the same
+        pass number gives the same order, so a resumed run repeats it), in one process."""
+        if self.distributed.enabled or self.augmented_loader is None:
+            raise NotImplementedError(f"{purpose} in a single process")
+        return self.augmented_loader(batch_size, pass_number)
 
     def class_batches(self, batch_size: int, purpose: str) -> "DataLoader":
         """The task's training images (test transforms) class by class in batches that never mix classes."""
@@ -206,7 +216,8 @@ class Method(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_groups(self, phase: Phase) -> list[ParameterGroup]:
-        """What the phase's optimiser trains, by group (default: every trainable parameter, lr x1)."""
+        """What the phase's optimiser trains, by group (default: every trainable parameter, lr x1); a phase whose
+        groups are all empty is skipped (its begin_phase and end_phase still run)."""
         return [ParameterGroup(self.trainable_parameters())]
 
     def training_loss(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> StepOutput:
