@@ -8,6 +8,7 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from carecl.tuners.moe_adapter import MoEAdapterConfig, MoEAdapterInjector
+from carecl.tuners.sema import SEMAConfig, SEMAInjector
 from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
 from carecl.tuners.brmoe.config import BRMoEConfig
 from carecl.tuners.brmoe.model import BRMoEViT
@@ -47,6 +48,7 @@ INJECTORS = {
     "prompt_tokens": lambda vit: PromptTokenInjector(vit),
     "brmoe": brmoe,
     "moe_adapter": lambda vit: routed_moe(vit),
+    "sema": lambda vit: SEMAInjector(vit, SEMAConfig(bottleneck=4, rd_dim=8, first_expandable=1, last_expandable=1)),
 }
 
 
@@ -111,7 +113,7 @@ def test_injected_then_removed_gives_the_unmodified_outputs(name):
 
 
 @pytest.mark.parametrize("name", ["adapter", "adapter_learned_scale", "ssf", "prefix", "adapter_bank", "prompt_tokens",
-                                  "moe_adapter"])
+                                  "moe_adapter", "sema"])
 def test_a_fresh_injection_leaves_outputs_unchanged(name):
     vit, x = tiny_vit(), images()
     with torch.no_grad():
@@ -213,7 +215,8 @@ def test_ssf_follows_every_target_layer():
         SSFInjector(tiny_vit(), SSFConfig(block_targets=["attn.qkvv"]))
 
 
-@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix", "adapter_bank", "moe_adapter"])
+@pytest.mark.parametrize("name", ["adapter", "ssf", "vpt_shallow", "vpt_deep", "prefix", "adapter_bank", "moe_adapter",
+                                  "sema"])
 def test_bypassed_injection_computes_the_frozen_vit(name):
     vit, x = tiny_vit(), images()
     with torch.no_grad():
