@@ -53,6 +53,7 @@ CONFIGS = {
     "coda_prompt": "CODA-Prompt (attention-weighted prompt components, prefix tuning; 4 epochs per task)",
     "hide_prompt": "HiDe-Prompt (task-identity MLP, a prefix prompt per task, alignment; 4 + 4 epochs per task)",
     "norga": "NoRGa (HiDe-Prompt with a sigmoid residual gate on prefix scores; 4 + 4 epochs per task)",
+    "moal": "MoAL (adapters tuned every task and averaged with momentum; analytic head with knowledge rumination; 4 epochs per task)",
     "sema": "SEMA (a mixture of adapters that grows where a distribution shift is detected; 4 + 4 epochs per task)",
     "moe_adapters": "MoE-Adapters4CL (CIL settings, 2 experts per block in both towers of a CLIP-shaped model: the real "
                     "ViT-S/14 as image tower, a random text tower; 4 epochs per task)",

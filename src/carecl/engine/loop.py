@@ -87,6 +87,7 @@ def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume
         mean_loss = fit_epoch(training, phase, phase_index, epoch, optimizer, precision, per_step)
         if per_step is None:
             scheduler.step()
+        method.after_epoch(phase, epoch)
         epochs.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         log.debug("task %d %s: loss %.4f", task.index + 1, phase.name, mean_loss)
         if save is not None and every and (epoch + 1) % every == 0:

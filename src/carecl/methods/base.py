@@ -12,8 +12,9 @@ Adding a method (one new file, `carecl/methods/<name>.py`, and a YAML; nothing e
    must be deterministic (a saved run is rebuilt by replaying it before its weights load);
    `training_phases` (none for closed-form methods); `parameter_groups` (lr multiplier and weight
    decay per group); `training_loss`; `after_optimizer_step` (in-place updates outside the gradient,
-   MOS's adapter merge); `begin_phase` / `end_phase`; `end_task`; `predict` returns
-   scores over the seen classes; `class_probabilities` when a softmax of those scores is not a
+   MOS's adapter merge); `after_epoch` (MoAL's moving average); `begin_phase` / `end_phase`;
+   `end_task`; `predict` returns scores over the seen classes (`predict_in_task` over one task's,
+   for task-incremental evaluation); `class_probabilities` when a softmax of those scores is not a
    calibrated probability.
 4. State: everything learned must come back from `state_tensors()` (module weights and buffers
    are included by default; add statistics and other tensors by overriding it and
@@ -225,6 +226,9 @@ class Method(nn.Module):
 
     def after_optimizer_step(self, task: Task) -> None:
         """Called after every optimiser step of a training phase (state it changes is checkpointed with the weights)."""
+
+    def after_epoch(self, phase: Phase, epoch: int) -> None:
+        """Called after every epoch of a training phase, before its checkpoint (MoAL's moving average of the adapters)."""
 
     def begin_phase(self, phase: Phase, context: TaskContext) -> None:
         """Called when a training phase starts, never on a resume (see the resume contract above)."""
