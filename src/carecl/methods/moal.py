@@ -74,6 +74,15 @@ def rls_update(inverse: Tensor, weight: Tensor, hidden: Tensor, targets: Tensor)
     return inverse, (weight + inverse @ hidden.T @ (targets - hidden @ weight)).contiguous()
 
 
+def first_analytic_fit(hidden: Tensor, targets: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(R, W) of the first task: λ validated on the rows' last 20 %, R = (HᵀH + λI)⁻¹ (inverted in float64),
+    W = scale · R HᵀY, both row-major in the rows' dtype (as a checkpoint reloads them)."""
+    ridge = select_ridge(hidden, targets, RIDGES)
+    gram = (hidden.T @ hidden).double() + ridge * torch.eye(hidden.shape[1], dtype=torch.float64, device=hidden.device)
+    inverse = torch.linalg.inv(gram).to(hidden.dtype).contiguous()
+    return inverse, (scale * (inverse @ (hidden.T @ targets))).contiguous()
+
+
 @register_method("moal", MoALConfig)
 class MoAL(Method):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
@@ -194,19 +203,18 @@ class MoAL(Method):
             hidden.append(self.expand(features))
             labels.append(targets)
         h, y = torch.cat(hidden), one_hot(torch.cat(labels), context.task.high, self.random_buffer.dtype)
-        ridge = select_ridge(h, y, RIDGES)
-        gram = (h.T @ h).double() + ridge * torch.eye(h.shape[1], dtype=torch.float64, device=h.device)
-        inverse = torch.linalg.inv(gram).to(h.dtype).contiguous()  # row-major, as a checkpoint reloads it
-        self.analytic_inverse = inverse
-        self.analytic_weight = (self.options.first_weight_scale * (inverse @ (h.T @ y))).contiguous()
+        self.analytic_inverse, self.analytic_weight = first_analytic_fit(h, y, self.options.first_weight_scale)
 
     @torch.no_grad()
     def update_analytic_head(self, batches, task: Task, wrong_only: bool = False) -> None:
+        """RLS over `batches`; `wrong_only`: only the rows the head misclassified *before* this update (their
+        cali_weight judges every batch with the head as it was, not as the updates move it)."""
         inverse, weight = self.analytic_inverse, self.analytic_weight
+        judge = weight
         for features, targets in batches:
             hidden = self.expand(features)
             if wrong_only:
-                wrong = (hidden @ weight).argmax(dim=1) != targets
+                wrong = (hidden @ judge).argmax(dim=1) != targets
                 hidden, targets = hidden[wrong], targets[wrong]
             if len(targets):
                 inverse, weight = rls_update(inverse, weight, hidden, one_hot(targets, task.high, hidden.dtype))
@@ -216,12 +224,7 @@ class MoAL(Method):
     def ruminate(self, features: Tensor, labels: Tensor, task: Task) -> None:
         """RLS on the misclassified among the new classes' features and the old classes' pseudo-features (each
         old class: its nearest new class's features moved by the difference of their means)."""
-        means = self.class_means
-        old, new = F.normalize(means[:task.low], dim=1), F.normalize(means[task.low:task.high], dim=1)
-        nearest = (old @ new.T).argmax(dim=1) + task.low
-        pseudo = [features[labels == n] - means[n] + means[c] for c, n in enumerate(nearest.tolist())]
-        pseudo_labels = [torch.full((len(p),), c, device=labels.device) for c, p in enumerate(pseudo)]
-        all_features, all_labels = torch.cat([features, *pseudo]), torch.cat([labels, *pseudo_labels])
+        all_features, all_labels = rumination_set(features, labels, self.class_means, task)
         generator = torch.Generator().manual_seed(self.experiment.seed * 7 + task.index)
         order = torch.randperm(len(all_labels), generator=generator).to(all_labels.device)
         size = self.experiment.train.batch_size
@@ -256,6 +259,16 @@ class MoAL(Method):
         if saved is not None and saved.shape != self.analytic_inverse.shape:
             self.analytic_inverse = torch.empty_like(saved, device=self.analytic_inverse.device)
         super().load_state_tensors(tensors)
+
+
+def rumination_set(features: Tensor, labels: Tensor, means: Tensor, task: Task) -> tuple[Tensor, Tensor]:
+    """The new classes' features, then for each old class the features of its most cosine-similar new class
+    moved by the difference of the two means (their _build_feature_set)."""
+    old, new = F.normalize(means[:task.low], dim=1), F.normalize(means[task.low:task.high], dim=1)
+    nearest = (old @ new.T).argmax(dim=1) + task.low
+    pseudo = [features[labels == n] - means[n] + means[c] for c, n in enumerate(nearest.tolist())]
+    pseudo_labels = [torch.full((len(p),), c, device=labels.device) for c, p in enumerate(pseudo)]
+    return torch.cat([features, *pseudo]), torch.cat([labels, *pseudo_labels])
 
 
 def fit_linear_map(inputs: Tensor, targets: Tensor, options: MoALConfig, generator: torch.Generator,
