@@ -246,7 +246,8 @@ class LoggingConfig:
 
 @dataclass
 class ExperimentConfig:
-    seed: int = 1993
+    # One seed, or a list: a run group (`carecl train` makes one run per seed; the class order follows each seed).
+    seed: int | list[int] = 1993
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -256,7 +257,11 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         # NumPy's legacy seeding (the PILOT class order) takes 0 <= seed < 2**32.
-        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        seeds = self.seed if isinstance(self.seed, list) else [self.seed]
+        require(bool(seeds), "seed", "must list at least one seed")
+        for seed in seeds:
+            require(0 <= seed < 2**32, "seed", f"must be in [0, 2**32), got {seed}")
+        require(len(set(seeds)) == len(seeds), "seed", f"lists a seed twice: {seeds}")
 
 
 # ---------------------------------------------------------------- building from mappings

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run a class-incremental experiment from a config file, or resume one")
     train.add_argument("--config", type=Path, help="YAML config, or a release JSON experiment file")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help=RESUME_HELP)
+    train.add_argument("--seeds", metavar="S1,S2,...",
+                       help="a run group: one run per seed under --output (seed-<S>/), with mean ± std in group.json")
     train.add_argument("--strict-data", action="store_true",
                        help="stop at the first unreadable image (data.strict=true) instead of skipping and counting it")
     add_config_arguments(train)
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def command_train(args: argparse.Namespace) -> int:
     from carecl.compat.release_json import load_experiment_file
 
-    overrides = [*args.overrides, *(["data.strict=true"] if args.strict_data else [])]
+    overrides = [*args.overrides, *(["data.strict=true"] if args.strict_data else []),
+                 *([f"seed=[{parse_seeds(args.seeds)}]"] if args.seeds else [])]
     if args.resume is None and args.config is None:
         raise CareclError("carecl train needs --config FILE (a new run) or --resume RUN_DIR (continue one)")
     if args.resume is not None and args.output is not None and args.output.resolve() != args.resume.resolve():
@@ -90,9 +93,42 @@ def command_train(args: argparse.Namespace) -> int:
         config, report = load_experiment_file(args.config, overrides)
         if report is not None:
             print(report.format(), file=sys.stderr)
+    from carecl.engine.groups import group_seeds
+    from carecl.runs.group import is_group
+
+    if args.resume is not None and is_group(args.resume):
+        return run_group_and_report(None, args.resume, overrides)
     if args.resume is not None:
         return run_and_report(config, args.resume, resume=True, overrides=overrides)
-    return run_and_report(config, args.output or default_output(config.method.name))
+    output = args.output or default_output(config.method.name)
+    if group_seeds(config) is not None:
+        return run_group_and_report(config, output)
+    return run_and_report(config, output)
+
+
+def parse_seeds(text: str) -> str:
+    """`1993,1994` -> "1993, 1994" (checked to be integers)."""
+    try:
+        return ", ".join(str(int(part)) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise CareclError(f"--seeds {text!r} must be comma-separated integers, e.g. 1993,1994,1995") from None
+
+
+def run_group_and_report(config, output: Path, overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """Run (config given) or resume (config None) a seed group and print one line per seed and the mean ± std."""
+    from carecl.engine.groups import resume_group, run_group
+    from carecl.runs.group import MeanStd
+
+    summaries = run_group(config, output) if config is not None else resume_group(output, overrides)
+    for seed, summary in summaries.items():
+        print(f"seed {seed}: A_last {summary.a_last:.2f}   Ā {summary.average_accuracy:.2f}   "
+              f"forgetting {summary.forgetting:.2f}")
+    stats = {key: MeanStd.of([getattr(s, key) for s in summaries.values()])
+             for key in ("a_last", "average_accuracy", "forgetting")}
+    print(f"mean ± std over {len(summaries)} seeds: A_last {stats['a_last'].format()}   "
+          f"Ā {stats['average_accuracy'].format()}   forgetting {stats['forgetting'].format()}")
+    print(f"group directory: {output} (group.json; `carecl report {output}` for the figures)")
+    return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ def add_command(subparsers: Any) -> None:
         "report", help="plots, report.md and summary.csv comparing one or more run directories",
         description="Compare finished (or still running) carecl runs: accuracy curves, accuracy "
                     "matrices, forgetting per task, and a summary table (report.md, summary.csv).")
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by carecl train/demo")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories written by carecl train/demo, or seed-group directories (mean ± std)")
     parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="folder for the report (created if needed)")
     parser.set_defaults(handler=command_report)
 

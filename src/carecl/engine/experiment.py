@@ -129,6 +129,9 @@ class Experiment:
     def _assemble(cls, config: ExperimentConfig, n_classes: int, data: BenchmarkData | None = None,
                   recorded_classes: RunClasses | None = None, class_names=(), members=(None, (), ())) -> "Experiment":
         """`members`: a multi-domain stream's (class counts, names, templates), one task each."""
+        if isinstance(config.seed, list):
+            raise ConfigError(f"seed is a list {config.seed}: a run group, one run per seed (carecl train); an "
+                              "experiment has one seed")
         sizes, names, templates = members
         scenario = Scenario.build(
             n_classes, config.data.init_cls, config.data.increment,

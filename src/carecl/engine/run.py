@@ -35,6 +35,9 @@ def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
 
     Under torchrun every process runs this; rank 0 alone creates and writes the run directory.
     """
+    if isinstance(config.seed, list):
+        raise RunDirectoryError(f"seed is a list {config.seed}: a run group (carecl.engine.groups.run_group, or "
+                                "`carecl train`, makes one run per seed)")
     distributed = setup_distributed(config.train.device)
     RunDirectory.check_available(output)
     seed_everything(config.seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from carecl.report.figures import plot_accuracy_curves, plot_accuracy_matrix, plot_forgetting, run_styles
+from carecl.report.groups import ReportedGroup, expand_groups, groups_table, load_groups, plot_group_bands
 from carecl.report.runs import ReportError, ReportedRun, headline, load_run, with_unique_labels
 from carecl.report.tables import markdown_table, sparse_runs_note, summary_csv
 
@@ -37,7 +38,18 @@ def _no_forgetting_text(run: ReportedRun) -> str:
             "evaluation to compare with.")
 
 
-def markdown_report(runs: Sequence[ReportedRun], curves_png: Path, figures: Sequence[RunFigures]) -> str:
+def group_section(groups: Sequence[ReportedGroup], bands_png: Path | None) -> list[str]:
+    """report.md lines for seed groups: mean ± std over each group's seeds (sample std), and their band figure."""
+    if not groups:
+        return []
+    parts = ["## Seed groups: mean ± std over seeds", "", groups_table(groups), ""]
+    if bands_png is not None:
+        parts += [_figure_markdown("Top-1 accuracy after each task, mean ± std over seeds", bands_png), ""]
+    return parts
+
+
+def markdown_report(runs: Sequence[ReportedRun], curves_png: Path, figures: Sequence[RunFigures],
+                    groups: Sequence[ReportedGroup] = (), bands_png: Path | None = None) -> str:
     parts = [
         "# carecl report",
         "",
@@ -50,6 +62,7 @@ def markdown_report(runs: Sequence[ReportedRun], curves_png: Path, figures: Sequ
         *sparse_runs_note(runs),
         f"Numbers as CSV: [{SUMMARY_CSV}]({SUMMARY_CSV})",
         "",
+        *group_section(groups, bands_png),
         "## Top-1 accuracy after each task",
         "",
         _figure_markdown("Top-1 accuracy after each task", curves_png),
@@ -71,10 +84,15 @@ def _file_stem(index: int, run: ReportedRun) -> str:
 
 
 def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
-    """Read every run (failing before writing anything), then write plots, report.md and summary.csv."""
+    """Read every run (failing before writing anything), then write plots, report.md and summary.csv. A seed group's
+    directory stands for its seed runs, and adds mean ± std over them."""
     if not run_dirs:
         raise ReportError("no run directory given")
-    runs = with_unique_labels([load_run(path) for path in run_dirs])
+    paths, group_members = expand_groups(run_dirs)
+    if not paths:
+        raise ReportError(f"the groups {', '.join(map(str, run_dirs))} hold no finished seed run yet")
+    runs = with_unique_labels([load_run(path) for path in paths])
+    groups = load_groups(group_members, runs)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     styles = run_styles(len(runs))
@@ -84,7 +102,8 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
         stem = _file_stem(index, run)
         figures.append(RunFigures(run, plot_accuracy_matrix(run, output, f"matrix_{stem}"),
                                   plot_forgetting(run, style, output, f"forgetting_{stem}")))
+    bands_png = plot_group_bands(groups, output) if groups else None
     (output / SUMMARY_CSV).write_text(summary_csv(runs), encoding="utf-8")
     report = output / REPORT_FILE
-    report.write_text(markdown_report(runs, curves_png, figures), encoding="utf-8")
+    report.write_text(markdown_report(runs, curves_png, figures, groups, bands_png), encoding="utf-8")
     return report
