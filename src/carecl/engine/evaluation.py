@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from carecl.engine.costs import Stopwatch
 from carecl.methods.base import Method
 from carecl.distributed import SINGLE_PROCESS, Distributed
 from carecl.metrics import TaskEvaluation, accuracy, correct_predictions
@@ -15,12 +16,18 @@ from carecl.scenario import Task
 
 
 @torch.no_grad()
-def collect_scores(method: Method, loader: DataLoader, device: torch.device, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Class scores and targets over a loader, with the learner in eval mode (unreadable images skipped)."""
+def collect_scores(method: Method, loader: DataLoader, device: torch.device, progress: bool = False,
+                   watch: Stopwatch | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class scores and targets over a loader, with the learner in eval mode (unreadable images skipped);
+    `watch` times the predict calls alone."""
     method.eval()
+    watch = watch or Stopwatch(device)
     scores, targets = [], []
     for images, labels in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
-        scores.append(method.predict(images.to(device, non_blocking=True)).float().cpu().numpy())
+        images = images.to(device, non_blocking=True)
+        with watch:
+            predicted = method.predict(images)
+        scores.append(predicted.float().cpu().numpy())
         targets.append(labels.numpy())
     if not scores:  # every image skipped: accuracies come out NaN rather than crashing
         return np.zeros((0, method.n_seen_classes), dtype=np.float32), np.zeros(0, dtype=np.int64)
@@ -30,21 +37,33 @@ def collect_scores(method: Method, loader: DataLoader, device: torch.device, pro
 def evaluate(method: Method, loader: DataLoader, device: torch.device, task: int, topk: int, progress: bool = False,
              distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
     """Accuracy on `loader`; under torchrun each rank scores its shard and per-sample results are gathered."""
-    scores, targets = collect_scores(method, loader, device, progress)
+    watch = Stopwatch(device)
+    scores, targets = collect_scores(method, loader, device, progress, watch)
+    per_image = per_image_ms(watch, len(targets))
     top1, in_topk = correct_predictions(scores, targets, topk)
     shards = distributed.all_gather_objects((top1, in_topk, targets))
     top1, in_topk, targets = (np.concatenate(parts) for parts in zip(*shards))
-    return TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)
+    evaluation = TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)
+    evaluation.inference_ms_per_image = per_image
+    return evaluation
+
+
+def per_image_ms(watch: Stopwatch, n_images: int) -> float:
+    return 1000.0 * watch.seconds / n_images if n_images else float("nan")
 
 
 @torch.no_grad()
 def task_correct(method: Method, task: Task, loader: DataLoader, device: torch.device, topk: int,
-                 distributed: Distributed) -> tuple[np.ndarray, np.ndarray]:
+                 distributed: Distributed, watch: Stopwatch | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample (top-1, top-k) correctness of `predict_in_task` on one task's test images, gathered over ranks."""
     method.eval()
     top1, in_topk = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=bool)]
+    watch = watch or Stopwatch(device)
     for images, labels in loader:
-        scores = method.predict_in_task(images.to(device, non_blocking=True), task).float().cpu().numpy()
+        images = images.to(device, non_blocking=True)
+        with watch:
+            predicted = method.predict_in_task(images, task)
+        scores = predicted.float().cpu().numpy()
         correct = correct_predictions(scores, labels.numpy() - task.low, topk)
         top1.append(correct[0])
         in_topk.append(correct[1])
@@ -56,12 +75,15 @@ def evaluate_in_tasks(method: Method, loaders: list[tuple[Task, DataLoader]], de
                       distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
     """Task-incremental accuracy after task `task`: each of `loaders`' tasks (learned ones, maybe later ones too)
     scored in its own label space; top-1 / top-k pool the learned tasks' test images."""
-    results = [(evaluated, *task_correct(method, evaluated, loader, device, topk, distributed))
+    watch = Stopwatch(device)
+    results = [(evaluated, *task_correct(method, evaluated, loader, device, topk, distributed, watch))
                for evaluated, loader in loaders]
     learned = [r for r in results if r[0].index <= task]
     top1 = np.concatenate([r[1] for r in learned])
     in_topk = np.concatenate([r[2] for r in learned])
     old = np.concatenate([r[1] for r in learned if r[0].index < task] or [np.zeros(0, dtype=bool)])
+    n_images = sum(len(r[1]) for r in results)
     return TaskEvaluation(task=task, top1=accuracy(top1), topk=accuracy(in_topk), k=topk,
                           group_accuracy=[accuracy(r[1]) for r in results], old_accuracy=accuracy(old),
-                          new_accuracy=accuracy(learned[-1][1]), n_samples=int(len(top1)))
+                          new_accuracy=accuracy(learned[-1][1]), n_samples=int(len(top1)),
+                          inference_ms_per_image=per_image_ms(watch, n_images))

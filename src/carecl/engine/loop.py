@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from carecl.data.base import SkippedImages
 from carecl.distributed import Distributed
+from carecl.engine.costs import TaskCost, Stopwatch, added_parameters, peak_memory, start_memory_window
+from carecl.engine.costs import trainable_parameter_ids
 from carecl.engine.evaluation import evaluate, evaluate_in_tasks
 from carecl.engine.experiment import Experiment
 from carecl.engine.loggers import RunLogger, build_logger, step_scalars
@@ -183,7 +185,7 @@ def shows_progress(experiment: Experiment) -> bool:
 
 
 def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None = None, save: SaveMidTask | None = None,
-               progress: RunProgress | None = None, logger: RunLogger | None = None) -> None:
+               progress: RunProgress | None = None, logger: RunLogger | None = None) -> TaskCost:
     """begin_task, the phases (begin_phase, fit_phase, end_phase), end_task.
 
     `resume` continues a task from a mid-task checkpoint (begin_task was replayed by the restore;
@@ -191,11 +193,14 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
     `train.checkpoint_every_epochs` asks; `progress` counts optimiser steps for `logger`.
     """
     method = experiment.method
+    cost = TaskCost()
+    start_memory_window(experiment.device)
     if resume is None:
         method.begin_task(task)
     method.to(experiment.device)
     context = experiment.context(task)
     phases = method.training_phases(task)
+    trained: dict[int, int] = {}
     training = None
     if phases:
         loader = experiment.train_loader(task)
@@ -207,19 +212,29 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
     for index in range(resume.phase if resume else 0, len(phases)):
         phase = phases[index]
         phase_resume = resume if resume is not None and resume.phase == index and resume.mid_phase else None
-        if phase_resume is None:
-            method.begin_phase(phase, context)
-        if any(group.parameters for group in method.parameter_groups(phase)):  # else nothing to train: skipped
-            fit_phase(training, phase, index, phase_resume, save, every)
-        try:
-            method.end_phase(phase, context)
-        except FloatingPointError as error:  # alignment's non-finite loss
-            raise TrainingError(f"task {task.index + 1} {phase.name}: {error}") from None
+        with Stopwatch(experiment.device) as watch:
+            if phase_resume is None:
+                method.begin_phase(phase, context)
+            phase_parameters = trainable_parameter_ids(method, phase)
+            trained.update(phase_parameters)
+            if any(group.parameters for group in method.parameter_groups(phase)):  # else nothing to train: skipped
+                fit_phase(training, phase, index, phase_resume, save, every)
+            try:
+                method.end_phase(phase, context)
+            except FloatingPointError as error:  # alignment's non-finite loss
+                raise TrainingError(f"task {task.index + 1} {phase.name}: {error}") from None
+        cost.phase_seconds[phase.name] = cost.phase_seconds.get(phase.name, 0.0) + watch.seconds
         # Every rank aligned from the same reduced statistics; rank 0's result is made the only one.
         broadcast_parameters(method.trainable_parameters(), experiment.distributed)
         if every:
             save(MidTaskState(index + 1, 0, loader_generator=generator_state(training.loader)))
-    method.finish_task(context)
+    with Stopwatch(experiment.device) as watch:
+        method.finish_task(context)
+    cost.phase_seconds["end of task"] = watch.seconds
+    cost.trainable_parameters = int(sum(trained.values()))
+    cost.added_parameters = added_parameters(method)
+    cost.peak_memory_bytes, cost.memory_kind = peak_memory(experiment.device)
+    return cost
 
 
 def broadcast_parameters(parameters: list[nn.Parameter], distributed: Distributed) -> None:
@@ -264,7 +279,7 @@ def learn_all_tasks(experiment: Experiment, writer: TaskWriter, logger: RunLogge
             state.elapsed, state.skipped_files = time.perf_counter() - started, dict(experiment.skipped_images.files)
             writer.save_checkpoint(progress, state)
 
-        learn_task(experiment, task, resume, save_in_task, progress, logger)
+        progress.costs.append(learn_task(experiment, task, resume, save_in_task, progress, logger).to_json())
         resume = None
         progress.wall_times.append(time.perf_counter() - started)
         progress.skipped_images.append(skipped_on_all_ranks(experiment.skipped_images, experiment.distributed))

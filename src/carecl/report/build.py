@@ -14,7 +14,7 @@ from typing import Sequence
 from carecl.report.figures import plot_accuracy_curves, plot_accuracy_matrix, plot_forgetting, run_styles
 from carecl.report.groups import ReportedGroup, expand_groups, groups_table, load_groups, plot_group_bands
 from carecl.report.runs import ReportError, ReportedRun, headline, load_run, with_unique_labels
-from carecl.report.tables import markdown_table, sparse_runs_note, summary_csv
+from carecl.report.tables import cost_table, markdown_table, sparse_runs_note, summary_csv
 
 REPORT_FILE = "report.md"
 SUMMARY_CSV = "summary.csv"
@@ -63,6 +63,7 @@ def markdown_report(runs: Sequence[ReportedRun], curves_png: Path, figures: Sequ
         f"Numbers as CSV: [{SUMMARY_CSV}]({SUMMARY_CSV})",
         "",
         *group_section(groups, bands_png),
+        *cost_table(runs),
         "## Top-1 accuracy after each task",
         "",
         _figure_markdown("Top-1 accuracy after each task", curves_png),

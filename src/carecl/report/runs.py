@@ -82,6 +82,10 @@ class ReportedRun:
     task_sizes: tuple[int, ...]  # classes per task of the whole scenario (empty when not recorded)
     wall_time_s: float  # nan when not recorded
     added_parameters: int | None  # elements in learner.safetensors; None when the file is absent
+    # Per finished task, metrics.json's `costs` (engine/costs.py); empty for runs written before them.
+    costs: tuple[dict, ...] = ()
+    # Milliseconds of predict per test image at each evaluation (nan where not recorded).
+    inference_ms: tuple[float, ...] = ()
 
     @property
     def n_evaluations(self) -> int:
@@ -292,6 +296,9 @@ def load_run(run_dir: str | Path) -> ReportedRun:
         task_sizes=task_sizes,
         wall_time_s=float(np.sum(wall_times)) if wall_times else float("nan"),
         added_parameters=count_saved_elements(run_dir),
+        costs=tuple(cost for cost in document.get("costs") or [] if isinstance(cost, dict)),
+        inference_ms=tuple(_as_float(task.get("inference_ms_per_image")) for task in document.get("tasks") or []
+                           if isinstance(task, dict)),
     )
 
 

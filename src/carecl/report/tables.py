@@ -100,3 +100,38 @@ def sparse_runs_note(runs: Sequence[ReportedRun]) -> list[str]:
         last = int(run.evaluated_task_numbers[-1])
         lines.append(line + (f"; A_last is after task {last}" if last < run.n_tasks else ""))
     return lines + [""]
+
+
+def _mean_of(costs, key: str) -> float:
+    values = [float(cost[key]) for cost in costs if isinstance(cost.get(key), (int, float))]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _task_seconds(cost: dict) -> float:
+    return float(sum(cost.get("phase_seconds", {}).values()))
+
+
+def cost_table(runs: Sequence[ReportedRun]) -> list[str]:
+    """report.md lines: paper Table 6's columns for each run that recorded its costs (none otherwise)."""
+    measured = [run for run in runs if run.costs]
+    if not measured:
+        return []
+    header = ["run", "trainable / task (Pt, mean)", "added after the last task (Pa)", "training s / task (mean)",
+              "inference ms / image (last evaluation)", "peak memory"]
+    lines = ["## Cost", "", "Pt: parameters the optimiser trained in a task (mean over tasks); Pa: elements the "
+             "learner saves after its last task (weights, buffers, statistics; not the frozen backbone); training "
+             "time: every phase and the end-of-task work, without evaluation; inference: `predict` per test image, "
+             "task-free; memory: CUDA's max allocated in the task (largest over tasks), or the process's peak "
+             "resident set on CPU.", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for run in measured:
+        last = run.costs[-1]
+        seconds = [_task_seconds(cost) for cost in run.costs]
+        memory = max(int(cost.get("peak_memory_bytes", 0)) for cost in run.costs)
+        kind = "GPU" if last.get("memory_kind") == "cuda_max_allocated" else "RSS"
+        inference = next((ms for ms in reversed(run.inference_ms) if ms == ms), float("nan"))
+        cells = [_md_escape(run.label), f"{_mean_of(run.costs, 'trainable_parameters'):,.0f}",
+                 f"{int(last.get('added_parameters', 0)):,}", format_number(sum(seconds) / len(seconds)),
+                 format_number(inference, ".3f"), f"{memory / 2**20:,.0f} MiB ({kind})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]

@@ -39,6 +39,8 @@ class RunProgress:
     wall_times: list[float] = field(default_factory=list)
     skipped_images: list[dict[str, Any]] = field(default_factory=list)
     global_step: int = 0
+    # Per finished task: trainable and added parameters, seconds per phase, peak memory (engine/costs.py).
+    costs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_tasks(self) -> int:
@@ -46,16 +48,17 @@ class RunProgress:
 
     def metrics_extra(self, scenario: Scenario) -> dict[str, Any]:
         return {"class_order": scenario.order.tolist(), "task_sizes": list(scenario.sizes),
-                "wall_time_s": self.wall_times, "skipped_images": self.skipped_images}
+                "wall_time_s": self.wall_times, "skipped_images": self.skipped_images, "costs": self.costs}
 
     def to_json(self) -> dict[str, Any]:
         return {"evaluations": [e.__dict__ for e in self.evaluations], "wall_time_s": self.wall_times,
-                "skipped_images": self.skipped_images, "global_step": self.global_step}
+                "skipped_images": self.skipped_images, "global_step": self.global_step, "costs": self.costs}
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> "RunProgress":
         return cls([evaluation_from_json(e) for e in document["evaluations"]],
-                   list(document["wall_time_s"]), list(document["skipped_images"]), int(document["global_step"]))
+                   list(document["wall_time_s"]), list(document["skipped_images"]), int(document["global_step"]),
+                   list(document.get("costs") or []))
 
 
     def merge_recorded(self, metrics: dict[str, Any] | None) -> None:
