@@ -48,8 +48,21 @@ def group_section(groups: Sequence[ReportedGroup], bands_png: Path | None) -> li
     return parts
 
 
+def published_section(run_dirs: Sequence[str | Path]) -> list[str]:
+    """report.md lines setting the runs with a published row of their method and dataset next to it (carecl compare)."""
+    from carecl.report.compare import compare, comparison_markdown
+
+    matched = [item for item in compare(run_dirs) if item.row is not None]
+    if not matched:
+        return []
+    return ["## Compared with published numbers", "", "The published row of the same method and dataset with the "
+            "fewest protocol differences; `protocol` lists every difference (split, backbone weights, seed).", "",
+            comparison_markdown(matched), ""]
+
+
 def markdown_report(runs: Sequence[ReportedRun], curves_png: Path, figures: Sequence[RunFigures],
-                    groups: Sequence[ReportedGroup] = (), bands_png: Path | None = None) -> str:
+                    groups: Sequence[ReportedGroup] = (), bands_png: Path | None = None,
+                    published: Sequence[str] = ()) -> str:
     parts = [
         "# carecl report",
         "",
@@ -63,6 +76,7 @@ def markdown_report(runs: Sequence[ReportedRun], curves_png: Path, figures: Sequ
         f"Numbers as CSV: [{SUMMARY_CSV}]({SUMMARY_CSV})",
         "",
         *group_section(groups, bands_png),
+        *published,
         *cost_table(runs),
         "## Top-1 accuracy after each task",
         "",
@@ -106,5 +120,6 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     bands_png = plot_group_bands(groups, output) if groups else None
     (output / SUMMARY_CSV).write_text(summary_csv(runs), encoding="utf-8")
     report = output / REPORT_FILE
-    report.write_text(markdown_report(runs, curves_png, figures, groups, bands_png), encoding="utf-8")
+    report.write_text(markdown_report(runs, curves_png, figures, groups, bands_png, published_section(run_dirs)),
+                      encoding="utf-8")
     return report
