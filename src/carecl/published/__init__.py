@@ -20,10 +20,15 @@ class PublishedRow:
     init_cls: int
     increment: int
     backbone: str
-    seed: int
+    # One seed, or the seeds a published mean is over.
+    seed: int | list[int]
     average_accuracy: float
     a_last: float
     source: str
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(self.seed) if isinstance(self.seed, list) else (self.seed,)
 
     @property
     def split(self) -> str:
