@@ -1,0 +1,52 @@
+"""`carecl data prepare | verify | download`: get a benchmark into the folder carecl reads, and check it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from carecl.data.catalog import CATALOG
+
+
+def add_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("data", help="prepare, verify or download a benchmark's files",
+                                   description="Unpack a benchmark's archive where carecl reads it, check it against "
+                                               "its published counts and a checksum manifest, or download it.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    names = sorted(CATALOG)
+    prepare = actions.add_parser("prepare", help="unpack an archive (tar, zip) or copy an unpacked folder; resumable")
+    prepare.add_argument("name", choices=names)
+    prepare.add_argument("--archive", type=Path, required=True, metavar="FILE|DIR")
+    prepare.add_argument("--root", type=Path, required=True, metavar="DIR", help="data.root of the configs")
+    prepare.set_defaults(handler=command_prepare)
+    verify = actions.add_parser("verify", help="counts, unreadable images, duplicates across splits, checksums")
+    verify.add_argument("name", choices=names)
+    verify.add_argument("--root", type=Path, required=True, metavar="DIR")
+    verify.set_defaults(handler=command_verify)
+    download = actions.add_parser("download", help="fetch from the Hugging Face hub (omnibenchmark1k), then prepare")
+    download.add_argument("name", choices=names)
+    download.add_argument("--root", type=Path, required=True, metavar="DIR")
+    download.set_defaults(handler=command_download)
+
+
+def command_prepare(args: argparse.Namespace) -> int:
+    from carecl.data.prepare import prepare
+
+    print(f"prepared: {prepare(args.name, args.archive, args.root)}")
+    return 0
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from carecl.data.verify import verify
+
+    report = verify(args.name, args.root)
+    print(report.format())
+    return 0 if report.ok else 2
+
+
+def command_download(args: argparse.Namespace) -> int:
+    from carecl.data.prepare import download
+
+    print(f"downloaded and prepared: {download(args.name, args.root)}")
+    return 0
