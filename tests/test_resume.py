@@ -77,9 +77,10 @@ def deterministic():
 
 
 def outcome(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """metrics.json without wall times, and the final learner's tensors."""
+    """metrics.json without wall times and costs (timings), and the final learner's tensors."""
     metrics = json.loads((run / "metrics.json").read_text())
     metrics.pop("wall_time_s")
+    metrics.pop("costs", None)
     name = CheckpointStore(run).pointer()["task_end"]
     return metrics, load_file(str(run / "checkpoints" / name / "learner.safetensors"))
 

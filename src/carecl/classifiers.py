@@ -78,7 +78,11 @@ class PrototypeClassifier(nn.Module):
             self.prototypes[class_id] = features[labels == class_id].mean(0).to(self.prototypes.dtype)
 
     def forward(self, features: Tensor, n_classes: int) -> Tensor:
-        return F.normalize(features, dim=-1) @ F.normalize(self.prototypes[:n_classes], dim=-1).T
+        return self.forward_range(features, 0, n_classes)
+
+    def forward_range(self, features: Tensor, low: int, high: int) -> Tensor:
+        """Scores of classes [low, high) only (each class's score depends on its prototype alone)."""
+        return F.normalize(features, dim=-1) @ F.normalize(self.prototypes[low:high], dim=-1).T
 
 
 def one_hot(labels: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
@@ -158,9 +162,13 @@ class MahalanobisClassifier(nn.Module):
             self.precisions[class_id] = torch.linalg.pinv(covariance, hermitian=True).to(self.precisions.dtype)
 
     def forward(self, features: Tensor, n_classes: int) -> Tensor:
-        difference = F.normalize(features.to(self.means.dtype), dim=-1)[:, None, :] - self.means[None, :n_classes]
+        return self.forward_range(features, 0, n_classes)
+
+    def forward_range(self, features: Tensor, low: int, high: int) -> Tensor:
+        """Scores of classes [low, high) only (each class's score depends on its own mean and precision)."""
+        difference = F.normalize(features.to(self.means.dtype), dim=-1)[:, None, :] - self.means[None, low:high]
         # (B, C, d) · (C, d, d) · (B, C, d): one squared distance per sample and class.
-        distance = torch.einsum("bcd,cde,bce->bc", difference, self.precisions[:n_classes], difference)
+        distance = torch.einsum("bcd,cde,bce->bc", difference, self.precisions[low:high], difference)
         return -distance
 
 

@@ -216,6 +216,9 @@ class EvalConfig:
     # task_incremental: also evaluate the tasks not learned yet (zero-shot transfer; MTIL's Transfer metric);
     # needs a method that can score unseen classes (a CLIP text head).
     unseen_tasks: bool = False
+    # Score only new classes on stored features when the method's class scores never change (SimpleCIL, APER,
+    # FeCAM): the same numbers, far less work on long runs; false = every evaluation from the images.
+    incremental: bool = True
 
     def validate(self) -> None:
         require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")

@@ -36,8 +36,6 @@ class TaskEvaluation:
     old_accuracy: float  # classes of tasks < t (nan at t=0)
     new_accuracy: float  # classes of task t
     n_samples: int
-    # Milliseconds of `predict` per test image in this evaluation (this process's share under torchrun).
-    inference_ms_per_image: float = float("nan")
 
     @classmethod
     def from_predictions(

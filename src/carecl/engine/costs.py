@@ -59,7 +59,14 @@ class Stopwatch:
     """Seconds of a block, the device synchronised at both ends so GPU work is counted where it ran."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, 0.0
+        self.device, self.seconds, self.items = device, 0.0, 0
+
+    def count(self, items: int) -> None:
+        self.items += items
+
+    @property
+    def ms_per_item(self) -> float:
+        return 1000.0 * self.seconds / self.items if self.items else float("nan")
 
     def __enter__(self) -> "Stopwatch":
         self._sync()

@@ -27,6 +27,7 @@ def collect_scores(method: Method, loader: DataLoader, device: torch.device, pro
         images = images.to(device, non_blocking=True)
         with watch:
             predicted = method.predict(images)
+        watch.count(len(images))
         scores.append(predicted.float().cpu().numpy())
         targets.append(labels.numpy())
     if not scores:  # every image skipped: accuracies come out NaN rather than crashing
@@ -35,21 +36,14 @@ def collect_scores(method: Method, loader: DataLoader, device: torch.device, pro
 
 
 def evaluate(method: Method, loader: DataLoader, device: torch.device, task: int, topk: int, progress: bool = False,
-             distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
-    """Accuracy on `loader`; under torchrun each rank scores its shard and per-sample results are gathered."""
-    watch = Stopwatch(device)
+             distributed: Distributed = SINGLE_PROCESS, watch: Stopwatch | None = None) -> TaskEvaluation:
+    """Accuracy on `loader`; under torchrun each rank scores its shard and per-sample results are gathered;
+    `watch` times the predict calls (and counts their images)."""
     scores, targets = collect_scores(method, loader, device, progress, watch)
-    per_image = per_image_ms(watch, len(targets))
     top1, in_topk = correct_predictions(scores, targets, topk)
     shards = distributed.all_gather_objects((top1, in_topk, targets))
     top1, in_topk, targets = (np.concatenate(parts) for parts in zip(*shards))
-    evaluation = TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)
-    evaluation.inference_ms_per_image = per_image
-    return evaluation
-
-
-def per_image_ms(watch: Stopwatch, n_images: int) -> float:
-    return 1000.0 * watch.seconds / n_images if n_images else float("nan")
+    return TaskEvaluation.from_correct(task, top1, in_topk, targets, method.scenario.boundaries, topk)
 
 
 @torch.no_grad()
@@ -63,6 +57,7 @@ def task_correct(method: Method, task: Task, loader: DataLoader, device: torch.d
         images = images.to(device, non_blocking=True)
         with watch:
             predicted = method.predict_in_task(images, task)
+        watch.count(len(images))
         scores = predicted.float().cpu().numpy()
         correct = correct_predictions(scores, labels.numpy() - task.low, topk)
         top1.append(correct[0])
@@ -72,18 +67,15 @@ def task_correct(method: Method, task: Task, loader: DataLoader, device: torch.d
 
 
 def evaluate_in_tasks(method: Method, loaders: list[tuple[Task, DataLoader]], device: torch.device, task: int, topk: int,
-                      distributed: Distributed = SINGLE_PROCESS) -> TaskEvaluation:
+                      distributed: Distributed = SINGLE_PROCESS, watch: Stopwatch | None = None) -> TaskEvaluation:
     """Task-incremental accuracy after task `task`: each of `loaders`' tasks (learned ones, maybe later ones too)
     scored in its own label space; top-1 / top-k pool the learned tasks' test images."""
-    watch = Stopwatch(device)
     results = [(evaluated, *task_correct(method, evaluated, loader, device, topk, distributed, watch))
                for evaluated, loader in loaders]
     learned = [r for r in results if r[0].index <= task]
     top1 = np.concatenate([r[1] for r in learned])
     in_topk = np.concatenate([r[2] for r in learned])
     old = np.concatenate([r[1] for r in learned if r[0].index < task] or [np.zeros(0, dtype=bool)])
-    n_images = sum(len(r[1]) for r in results)
     return TaskEvaluation(task=task, top1=accuracy(top1), topk=accuracy(in_topk), k=topk,
                           group_accuracy=[accuracy(r[1]) for r in results], old_accuracy=accuracy(old),
-                          new_accuracy=accuracy(learned[-1][1]), n_samples=int(len(top1)),
-                          inference_ms_per_image=per_image_ms(watch, n_images))
+                          new_accuracy=accuracy(learned[-1][1]), n_samples=int(len(top1)))

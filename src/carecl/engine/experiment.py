@@ -18,6 +18,7 @@ from carecl.data.base import canonical_dataset
 from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform, single_class_batches
 from carecl.distributed import Distributed, DistributedError, ShardSampler
 from carecl.distributed import current as current_distributed
+from carecl.engine.incremental_eval import IncrementalEvaluator
 from carecl.methods.base import build_method
 from carecl.methods.base import Method, TaskContext
 from carecl.runs.directory import RunClasses
@@ -105,6 +106,8 @@ class Experiment:
     distributed: Distributed = field(default_factory=current_distributed)
     # An experiment without data: the classes its run recorded in classes.json.
     recorded_classes: RunClasses | None = None
+    # Stored test features and top-k for methods with fixed class scores (engine/incremental_eval.py).
+    incremental_evaluator: IncrementalEvaluator = field(default_factory=IncrementalEvaluator)
 
     @classmethod
     def build(cls, config: ExperimentConfig, data: BenchmarkData | None = None,

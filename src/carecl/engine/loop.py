@@ -302,7 +302,11 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
     config, scenario = experiment.config, experiment.scenario
     evaluation = None
     if should_evaluate(task, scenario.n_tasks, config.eval.every_n_tasks):
-        evaluation = evaluate_task(experiment, task)
+        evaluation_started, watch = time.perf_counter(), Stopwatch(experiment.device)
+        evaluation = evaluate_task(experiment, task, watch)
+        if task.index < len(progress.costs):
+            progress.costs[task.index].update(evaluation_seconds=time.perf_counter() - evaluation_started,
+                                              inference_ms_per_image=watch.ms_per_item)
         progress.evaluations.append(evaluation)
         logger.log_task(task.index, evaluation, (time.perf_counter() - started) if started is not None
                         else progress.wall_times[task.index])
@@ -315,15 +319,18 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
     writer.write_metrics(progress)
 
 
-def evaluate_task(experiment: Experiment, task: Task) -> TaskEvaluation:
-    """The evaluation after `task` under eval.protocol."""
+def evaluate_task(experiment: Experiment, task: Task, watch: Stopwatch | None = None) -> TaskEvaluation:
+    """The evaluation after `task` under eval.protocol (`watch` times the predictions)."""
     config, method = experiment.config.eval, experiment.method
+    if config.protocol == "class_incremental" and config.incremental and method.fixed_class_scores \
+            and not experiment.distributed.enabled:
+        return experiment.incremental_evaluator.evaluate(experiment, task, watch)
     if config.protocol == "class_incremental":
         return evaluate(method, experiment.test_loader(task.high), experiment.device, task.index, config.topk,
-                        distributed=experiment.distributed)
+                        distributed=experiment.distributed, watch=watch)
     evaluated = experiment.scenario.tasks() if config.unseen_tasks else experiment.scenario.tasks()[:task.index + 1]
     loaders = [(each, experiment.task_test_loader(each)) for each in evaluated]
-    return evaluate_in_tasks(method, loaders, experiment.device, task.index, config.topk, experiment.distributed)
+    return evaluate_in_tasks(method, loaders, experiment.device, task.index, config.topk, experiment.distributed, watch)
 
 
 def should_evaluate(task: Task, n_tasks: int, every_n_tasks: int) -> bool:

@@ -21,6 +21,8 @@ from carecl.scenario import Scenario, Task
 class APER(FeatureLearner):
     """Prototypes of [frozen CLS feature, adapted CLS feature] (2·C wide), cosine scores."""
 
+    fixed_class_scores = True  # features frozen after the first task, a prototype per class
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         self.prototypes = PrototypeClassifier(self.feature_dim)
@@ -42,6 +44,9 @@ class APER(FeatureLearner):
 
     def class_scores(self, features: Tensor) -> Tensor:
         return self.prototypes(features, self.n_seen_classes)
+
+    def class_range_scores(self, features: Tensor, low: int, high: int) -> Tensor:
+        return self.prototypes.forward_range(features, low, high)
 
 
 @dataclass

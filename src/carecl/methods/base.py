@@ -154,6 +154,10 @@ class Method(nn.Module):
 
     # Can score the classes of tasks not learned yet (a CLIP text head: eval.unseen_tasks, zero-shot transfer).
     scores_unseen_tasks = False
+    # A class's score on an image never changes once the class is learned (frozen features, a score per class
+    # from that class's own statistics): evaluation then scores only new classes on stored features
+    # (`eval_features`, `scores_from_features`; engine/incremental_eval.py).
+    fixed_class_scores = False
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__()
@@ -243,6 +247,16 @@ class Method(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Scores (batch, n_seen_classes) over all classes seen so far."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen features `scores_from_features` scores (methods with fixed_class_scores)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed class scores")
+
+    @torch.no_grad()
+    def scores_from_features(self, features: torch.Tensor, low: int, high: int) -> torch.Tensor:
+        """Scores of classes [low, high) from `eval_features` (methods with fixed_class_scores)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed class scores")
 
     @torch.no_grad()
     def predict_in_task(self, images: torch.Tensor, task: Task) -> torch.Tensor:

@@ -143,3 +143,15 @@ class FeatureLearner(Method):
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
         return self.class_scores(self.features(images))[:, : self.n_seen_classes].float()
+
+    @torch.no_grad()
+    def eval_features(self, images: Tensor) -> Tensor:
+        return self.features(images)
+
+    @torch.no_grad()
+    def scores_from_features(self, features: Tensor, low: int, high: int) -> Tensor:
+        return self.class_range_scores(features, low, high).float()
+
+    def class_range_scores(self, features: Tensor, low: int, high: int) -> Tensor:
+        """Scores of classes [low, high) (subclasses with fixed class scores compute only those)."""
+        return self.class_scores(features)[:, low:high]

@@ -33,6 +33,8 @@ class FeCAMConfig(FeatureLearnerConfig):
 
 @register_method("fecam", FeCAMConfig)
 class FeCAM(FeatureLearner):
+    fixed_class_scores = True  # frozen features, each class's mean and precision fixed once fitted
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         self.mahalanobis = MahalanobisClassifier(self.feature_dim, self.options.alpha1, self.options.alpha2)
@@ -45,3 +47,6 @@ class FeCAM(FeatureLearner):
 
     def class_scores(self, features: Tensor) -> Tensor:
         return self.mahalanobis(features, self.n_seen_classes)
+
+    def class_range_scores(self, features: Tensor, low: int, high: int) -> Tensor:
+        return self.mahalanobis.forward_range(features, low, high)

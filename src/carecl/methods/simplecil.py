@@ -25,6 +25,8 @@ class SimpleCILConfig(MethodConfig):
 class SimpleCIL(Method):
     """Each class is the mean of its training features; predict by cosine similarity."""
 
+    fixed_class_scores = True  # frozen features, a prototype fixed once its class is learned
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         self.backbone = backbone
@@ -62,5 +64,12 @@ class SimpleCIL(Method):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.features(images), dim=-1)
-        return features @ F.normalize(self.prototypes[: self.n_seen_classes], dim=-1).T
+        return self.scores_from_features(self.features(images), 0, self.n_seen_classes)
+
+    @torch.no_grad()
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    @torch.no_grad()
+    def scores_from_features(self, features: torch.Tensor, low: int, high: int) -> torch.Tensor:
+        return F.normalize(features, dim=-1) @ F.normalize(self.prototypes[low:high], dim=-1).T

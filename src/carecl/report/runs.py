@@ -84,7 +84,7 @@ class ReportedRun:
     added_parameters: int | None  # elements in learner.safetensors; None when the file is absent
     # Per finished task, metrics.json's `costs` (engine/costs.py); empty for runs written before them.
     costs: tuple[dict, ...] = ()
-    # Milliseconds of predict per test image at each evaluation (nan where not recorded).
+    # Milliseconds of predict per test image at each evaluation (from `costs`).
     inference_ms: tuple[float, ...] = ()
 
     @property
@@ -297,8 +297,8 @@ def load_run(run_dir: str | Path) -> ReportedRun:
         wall_time_s=float(np.sum(wall_times)) if wall_times else float("nan"),
         added_parameters=count_saved_elements(run_dir),
         costs=tuple(cost for cost in document.get("costs") or [] if isinstance(cost, dict)),
-        inference_ms=tuple(_as_float(task.get("inference_ms_per_image")) for task in document.get("tasks") or []
-                           if isinstance(task, dict)),
+        inference_ms=tuple(_as_float(cost.get("inference_ms_per_image")) for cost in document.get("costs") or []
+                           if isinstance(cost, dict) and "inference_ms_per_image" in cost),
     )
 
 
