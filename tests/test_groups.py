@@ -71,3 +71,10 @@ def test_cli_seeds_report_and_refusals(tmp_path, capsys):
         run_experiment(group_config(), tmp_path / "single")
     with pytest.raises(ConfigError, match="a run group"):
         Experiment.build(group_config())
+
+
+def test_the_demo_as_a_seed_group(tmp_path, capsys):
+    assert main(["demo", "--seeds", "1,2", "--set", "method.name=simplecil", "--set", "train.progress=false",
+                 "--output", str(tmp_path / "demo")]) == 0
+    assert "mean ± std over 2 seeds" in capsys.readouterr().out
+    assert read_group(tmp_path / "demo")["finished"] == [1, 2]

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=command_train)
 
     demo = commands.add_parser("demo", help="the embedded demo: CaRE on scikit-learn digits, 5 tasks, about 25 s on 2 CPU cores")
+    demo.add_argument("--seeds", metavar="S1,S2,...", help="a seed group of the demo: one run per seed, mean ± std")
     add_config_arguments(demo)
     demo.set_defaults(handler=command_demo)
 
@@ -134,8 +135,10 @@ def run_group_and_report(config, output: Path, overrides: list[str] | tuple[str,
 def command_demo(args: argparse.Namespace) -> int:
     from carecl.config import load_config
 
-    config = load_config(demo_config_path(), args.overrides)
-    return run_and_report(config, args.output or default_output("demo"))
+    seeds = [f"seed=[{parse_seeds(args.seeds)}]"] if args.seeds else []
+    config = load_config(demo_config_path(), [*args.overrides, *seeds])
+    output = args.output or default_output("demo")
+    return run_group_and_report(config, output) if isinstance(config.seed, list) else run_and_report(config, output)
 
 
 def run_and_report(config, output: Path, resume: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:
