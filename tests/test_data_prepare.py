@@ -125,3 +125,18 @@ def test_download_without_the_hub_says_what_to_fetch(tmp_path, monkeypatch, caps
     assert "LMMM2025/OmniBenchmark-1K" in capsys.readouterr().err
     assert main(["data", "download", "imagenet-r", "--root", str(tmp_path)]) == 2
     assert "LAMDA-PILOT's README" in capsys.readouterr().err
+
+
+def test_the_cifar_archive_layout(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.setitem(catalog.CATALOG, "cifar100", dataclasses.replace(catalog.CATALOG["cifar100"], train_images=6,
+                                                                          test_images=3))
+    pickles = {name: pickle.dumps({"fine_labels": list(range(count)), "data": np.zeros((count, 3072), np.uint8)})
+               for name, count in (("train", 6), ("test", 2))}
+    pickles["meta"] = pickle.dumps({"fine_label_names": ["a"] * 100})
+    archive = write_tar(tmp_path / "cifar-100-python.tar.gz", {f"cifar-100-python/{k}": v for k, v in pickles.items()})
+    prepare("cifar100", archive, tmp_path / "data", progress=False)
+    assert sorted(p.name for p in (tmp_path / "data" / "cifar-100-python").iterdir()) == ["COMPLETE", "meta", "test", "train"]
+    report = verify("cifar100", tmp_path / "data", progress=False)
+    assert report.problems == ["test images: 2, published 3"]

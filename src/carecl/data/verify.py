@@ -21,7 +21,7 @@ from carecl.data.catalog import CatalogEntry, catalog_entry
 from carecl.data.imagefolder import list_class_folders, list_images
 
 MANIFEST = "MANIFEST.sha256"
-CIFAR_FILES = ("train", "test", "meta")
+CIFAR_FILES = ("train", "test", "meta")  # the python archive's pickles
 MAX_LISTED = 10
 
 
@@ -64,7 +64,7 @@ def verify(name: str, root: Path, progress: bool = True) -> VerifyReport:
     if not folder.is_dir():
         raise DatasetError(f"{folder} not found: prepare it with `carecl data prepare {name} --archive FILE --root {root}`")
     report = VerifyReport(folder)
-    files = cifar_files(folder, report) if entry.layout == "cifar100" else folder_files(folder, entry, report)
+    files = cifar_files(folder, entry, report) if entry.layout == "cifar100" else folder_files(folder, entry, report)
     hashes = hash_and_decode(folder, files, entry, report, progress)
     if entry.layout == "folders":
         check_cross_split_duplicates(hashes, report)
@@ -102,11 +102,11 @@ def compare_count(report: VerifyReport, what: str, found: int, expected: int | N
         report.problems.append(f"{what}: {found:,}, published {expected:,}")
 
 
-def cifar_files(folder: Path, report: VerifyReport) -> list[Path]:
+def cifar_files(folder: Path, entry: CatalogEntry, report: VerifyReport) -> list[Path]:
     import pickle
 
     files = []
-    for name, expected in zip(CIFAR_FILES, (50_000, 10_000, None)):
+    for name, expected in zip(CIFAR_FILES, (entry.train_images, entry.test_images, None)):
         path = folder / name
         if not path.is_file():
             report.problems.append(f"{path} missing")
@@ -115,7 +115,7 @@ def cifar_files(folder: Path, report: VerifyReport) -> list[Path]:
         if expected is not None:
             with path.open("rb") as handle:
                 count = len(pickle.load(handle, encoding="latin1")["fine_labels"])
-            report.counts[name] = (100, count)
+            report.counts[name] = (entry.classes or 0, count)
             compare_count(report, f"{name} images", count, expected)
     return files
 
