@@ -68,8 +68,14 @@ def two_run_report(tmp_path_factory) -> Path:
 
 
 def markdown_rows(report: Path) -> dict[str, dict[str, str]]:
-    """The summary table of report.md, keyed by run label then column header."""
-    lines = [line for line in report.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    """The summary table of report.md (its first table), keyed by run label then column header."""
+    text = report.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(text) if line.startswith("|"))
+    lines = []
+    for line in text[start:]:
+        if not line.startswith("|"):
+            break
+        lines.append(line)
     split = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
     header, rows = split[0], split[2:]
     return {row[0]: dict(zip(header, row)) for row in rows}
