@@ -219,10 +219,10 @@ def test_an_mtil_run_interrupted_mid_task_resumes_identically(tmp_path, monkeypa
     from test_resume import check_interrupted_run_resumes_identically
 
     roots = write_domains(tmp_path / "data", train=4, test=2)
+    # Image files read by 2 worker processes: with mid-task checkpoints they are started per epoch, so the
+    # resumed run's augmentation follows from the checkpointed loader state.
     config = domains_config(roots, MTIL, train={"checkpoint_every_epochs": 1})
-    # In-process loading: persistent DataLoader workers would carry their augmentation RNG across the phase
-    # boundary, which a resumed run restarts from the loader's seed.
-    config.data.num_workers = 0
+    config.data.num_workers = 2
     check_interrupted_run_resumes_identically(config, "task1/experts/epoch0/batch3", tmp_path, monkeypatch)
 
 

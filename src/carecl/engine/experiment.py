@@ -74,6 +74,13 @@ def per_process_batch(batch_size: int, distributed: Distributed) -> int:
     return batch_size // distributed.world_size
 
 
+def keeps_workers(config: ExperimentConfig, workers: int) -> bool:
+    """Persistent DataLoader workers, unless mid-task checkpoints are written: a kept worker's augmentation RNG
+    runs on across epochs and phases, which a resumed run (fresh workers seeded from the checkpointed loader
+    generator) could not repeat; workers started per epoch make every epoch's crops follow from that state."""
+    return config.data.persistent_workers and workers > 0 and config.train.checkpoint_every_epochs == 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -191,7 +198,7 @@ class Experiment:
         generator = torch.Generator().manual_seed(stream)
         return SkippingDataLoader(
             dataset, self.skipped_images, **batching, generator=generator, num_workers=workers,
-            pin_memory=pin, persistent_workers=data.persistent_workers and workers > 0,
+            pin_memory=pin, persistent_workers=keeps_workers(self.config, workers),
         )
 
     def train_loader(self, task: Task) -> DataLoader:
