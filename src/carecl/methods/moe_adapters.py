@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from carecl.backbones import backbone_preprocessing
 from carecl.clip_backbone import tokenize
 from carecl.config import ConfigError, ExperimentConfig, MethodConfig, require
-from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
-from carecl.backbones import backbone_preprocessing
-from carecl.data import resolve_preprocessing, transforms_for
+from carecl.data import TransformPair, resolve_preprocessing, transforms_for
 from carecl.data.base import canonical_dataset
+from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
 from carecl.methods.ddas import DDAS_PHASE, DDASConfig, DistributionSelector, build_features
 from carecl.scenario import Scenario, Task
 from carecl.tuners.moe_adapter import MoEAdapterConfig, MoEAdapterInjector
@@ -88,7 +88,7 @@ class MoEAdaptersConfig(MethodConfig):
         return MoEAdapterConfig(self.experts, self.top_k, self.bottleneck, self.adapter_scale, self.adapter_dropout)
 
 
-def data_transforms(config: ExperimentConfig):
+def data_transforms(config: ExperimentConfig) -> tuple[TransformPair, int]:
     """The run's (train, test) transforms and input side, as its dataset is built with them."""
     name, backbone = canonical_dataset(config.data), backbone_preprocessing(config.backbone)
     return transforms_for(name, config.data, backbone), resolve_preprocessing(name, config.data, backbone).image_size
