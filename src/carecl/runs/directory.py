@@ -23,7 +23,6 @@ from carecl.runs.checkpoints import (
     TRAINER_INFO,
     TRAINER_TENSORS,
     Checkpoint,
-    CheckpointError,
     CheckpointStore,
     atomic_write_bytes,
     json_safe,
