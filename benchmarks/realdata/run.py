@@ -55,6 +55,7 @@ CONFIGS = {
     "norga": "NoRGa (HiDe-Prompt with a sigmoid residual gate on prefix scores; 4 + 4 epochs per task)",
     "moal": "MoAL (adapters tuned every task and averaged with momentum; analytic head with knowledge rumination; 4 epochs per task)",
     "sema": "SEMA (a mixture of adapters that grows where a distribution shift is detected; 4 + 4 epochs per task)",
+    "sema_threshold1": "SEMA with its ImageNet-A / VTAB z-score threshold (1 instead of 2)",
     "moe_adapters": "MoE-Adapters4CL (CIL settings, 2 experts per block in both towers of a CLIP-shaped model: the real "
                     "ViT-S/14 as image tower, a random text tower; 4 epochs per task)",
 }
