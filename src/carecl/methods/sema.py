@@ -13,6 +13,7 @@ after each expansion, up to once per expandable block. A task that expands nowhe
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskC
 from carecl.scenario import Scenario, Task
 from carecl.tuners.sema import SEMAConfig, SEMAInjector
 
+log = logging.getLogger("carecl")
 ADAPTER_KEY = re.compile(r"^tuner\.layers\.(\d+)\.adapters\.(\d+)\.")
 
 
@@ -117,6 +119,8 @@ class SEMA(Method):
                 layer = self.tuner.layers[int(self.round_block)]
                 layer.add_adapter()
                 layer.added_for_task.fill_(True)
+                log.info("task %d: block %d finds the task's images out of distribution: adapter %d added",
+                         context.task.index + 1, int(self.round_block) + 1, len(layer.adapters))
         elif phase.name == ADAPTERS:
             self.round_block.fill_(0)  # the first task trains every block's first adapter
 
