@@ -46,6 +46,7 @@ CONFIGS = {
     "aper_vpt_deep": "APER with deep VPT (first session 4 epochs)",
     "slca": "SLCA (whole ViT at lr x 0.01, 4 epochs per task, alignment)",
     "ease": "EASE (a new adapter set per task, 4 epochs each; subspace ensemble)",
+    "ease_lr005": "EASE at the published learning rate (0.05 instead of 0.01), 4 epochs each",
     "ssiat": "SSIAT (one shared adapter set tuned every task: 4 then 2 epochs; semantic shift, alignment)",
     "mos": "MOS (one adapter set carried and merged, 4 epochs per task; self-refined retrieval, alignment)",
     "l2p": "L2P (prompt pool of 10, top 5 by key matching, batch-level selection; 4 epochs per task)",
