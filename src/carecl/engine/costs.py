@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from carecl.methods.base import Method, Phase
+from carecl.methods.base import Method, ParameterGroup
 
 
 @dataclass
@@ -32,9 +32,9 @@ class TaskCost:
         return cls(**{key: document[key] for key in cls.__dataclass_fields__ if key in document})
 
 
-def trainable_parameter_ids(method: Method, phase: Phase) -> dict[int, int]:
-    """id -> numel of every parameter the phase's optimiser trains (a frozen one handed to it is not trained)."""
-    return {id(p): p.numel() for group in method.parameter_groups(phase) for p in group.parameters if p.requires_grad}
+def trainable_parameter_ids(groups: list[ParameterGroup]) -> dict[int, int]:
+    """id -> numel of every parameter a phase's optimiser trains (a frozen one handed to it is not trained)."""
+    return {id(p): p.numel() for group in groups for p in group.parameters if p.requires_grad}
 
 
 def added_parameters(method: Method) -> int:

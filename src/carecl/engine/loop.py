@@ -215,9 +215,9 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
         with Stopwatch(experiment.device) as watch:
             if phase_resume is None:
                 method.begin_phase(phase, context)
-            phase_parameters = trainable_parameter_ids(method, phase)
-            trained.update(phase_parameters)
-            if any(group.parameters for group in method.parameter_groups(phase)):  # else nothing to train: skipped
+            groups = method.parameter_groups(phase)
+            trained.update(trainable_parameter_ids(groups))
+            if any(group.parameters for group in groups):  # else nothing to train: skipped
                 fit_phase(training, phase, index, phase_resume, save, every)
             try:
                 method.end_phase(phase, context)

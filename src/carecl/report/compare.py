@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from carecl.config import ConfigError, load_config
-from carecl.data.base import canonical_dataset
+from carecl.data.base import DatasetError, canonical_dataset
 from carecl.formatting import format_number
 from carecl.published import PublishedRow, published_rows
 from carecl.report.groups import expand_groups, load_groups
@@ -48,7 +48,7 @@ def protocol_of(run_dir: Path, seeds: tuple[int, ...]) -> Protocol:
     config = load_config(run_dir / CONFIG_FILE)
     try:
         dataset = canonical_dataset(config.data)
-    except Exception:  # noqa: BLE001 - an unknown dataset name simply matches no published row
+    except DatasetError:  # an unknown dataset name simply matches no published row
         dataset = config.data.dataset
     return Protocol(config.method.name, dataset, config.data.init_cls, config.data.increment, config.backbone.name, seeds)
 
