@@ -7,6 +7,7 @@ the same background load), reported as ratios to a baseline measured in the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -150,7 +151,7 @@ def brmoe_vit_b(vit: torch.nn.Module, n_tasks: int, config: BRMoEConfig = PUBLIS
 
 
 def care_options(**overrides) -> CareConfig:
-    options = CareConfig(**{f: getattr(PUBLISHED, f) for f in ("adapter_dim", "expert_dim", "topk_experts", "topk_routers")})
+    options = CareConfig(brmoe=dataclasses.replace(PUBLISHED))
     for key, value in overrides.items():
         setattr(options, key, value)
     return options

@@ -10,6 +10,7 @@ SGD step over the trainable parameters. All T share one frozen ViT; steps are in
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -38,8 +39,7 @@ def care_learner(vit, n_tasks: int, batch: int, device: str) -> CaRE:
                  "increment": per_task, "shuffle": False, "image_size": common.IMAGE_SIZE},
         "backbone": {"name": common.VIT_B, "pretrained": False},
         "train": {"batch_size": batch, "device": device, "progress": False},
-        "method": {"name": "care", "adapter_dim": options.adapter_dim, "expert_dim": options.expert_dim,
-                   "topk_experts": options.topk_experts, "topk_routers": options.topk_routers},
+        "method": {"name": "care", "brmoe": dataclasses.asdict(options.brmoe)},
     })
     scenario = Scenario.build(n_tasks * per_task, per_task, per_task, seed=0, shuffle=False)
     torch.manual_seed(n_tasks)

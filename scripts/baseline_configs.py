@@ -70,9 +70,9 @@ def aper() -> list[Path]:
             epochs, lr, batch, decay = APER_EXCEPTIONS.get((tuner, dataset), (20, 0.01, 48, 5e-4))
             first_session = {"tuner": tuner}
             if tuner == "adapter":
-                first_session["adapter_bottleneck"] = 64
+                first_session["adapter"] = {"bottleneck": 64}
             if tuner.startswith("vpt"):
-                first_session["prompt_tokens"] = 5
+                first_session["vpt"] = {"n_prompts": 5}
             method = {"name": f"aper_{tuner}", "first_session": first_session}
             config = experiment(dataset, increment, increment, IN21K,
                                 {"epochs": epochs, "lr": lr, "batch_size": batch, "weight_decay": decay}, method,
@@ -104,7 +104,7 @@ def ranpac() -> list[Path]:
     csv = {"cifar100": "cifar224", "imagenet-r": "imagenetr", "imagenet-a": "imageneta", "cub": "cub",
            "omnibenchmark": "omnibenchmark", "vtab": "vtab"}
     for dataset, (increment, tuner, backbone, shuffle, crop) in RANPAC.items():
-        first_session = {"tuner": tuner, "adapter_bottleneck": 64, "prompt_tokens": 5}
+        first_session = {"tuner": tuner, "adapter": {"bottleneck": 64}, "vpt": {"n_prompts": 5}}
         method = {"name": "ranpac", "first_session": first_session, "projection_dim": 10000}
         config = experiment(dataset, increment, increment, backbone,
                             {"epochs": 20, "lr": 0.01, "batch_size": 48, "weight_decay": 5e-4}, method,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from carecl.engine import Experiment  # noqa: E402
-from conftest import TINY_VIT, tiny_config  # noqa: E402
+from helpers import TINY_VIT, tiny_config  # noqa: E402
 
 N_TASKS = 3
 
@@ -97,7 +97,7 @@ def compare(reference: Path) -> dict:
     vit_ease, linears = reference_modules(reference)
     results = {}
     for use_init_ptm in (False, True):
-        options = {"name": "ease", "adapter_bottleneck": 4, "alpha": 0.3, "use_init_ptm": use_init_ptm, "beta": 0.7}
+        options = {"name": "ease", "adapter": {"bottleneck": 4}, "alpha": 0.3, "use_init_ptm": use_init_ptm, "beta": 0.7}
         method = Experiment.build(tiny_config(method=options)).method
         for task in method.scenario.tasks():
             method.begin_task(task)

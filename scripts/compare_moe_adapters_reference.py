@@ -118,7 +118,7 @@ def build_theirs(module, method, mtil: bool, experts: int):
 
 def cil(reference: Path) -> dict:
     module = load_package(reference, "cil")
-    method = carecl_method({"experts": 2, "top_k": 2}).eval()
+    method = carecl_method({"moe": {"experts": 2, "top_k": 2}}).eval()
     method.begin_task(method.scenario.task(0))
     randomise_method(method, routers=1)
     model = build_theirs(module, method, mtil=False, experts=2)
@@ -190,7 +190,7 @@ def cil(reference: Path) -> dict:
 
 def mtil(reference: Path) -> dict:
     module = load_package(reference, "mtil")
-    method = carecl_method({"experts": 6, "top_k": 2, "routers": "per_task", "freeze_top_experts": 2,
+    method = carecl_method({"moe": {"experts": 6, "top_k": 2}, "routers": "per_task", "freeze_top_experts": 2,
                             "ddas": {"features": "clip_image"}}).eval()
     for index in range(3):
         method.begin_task(method.scenario.task(index))

@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from carecl.engine import Experiment  # noqa: E402
 from carecl.engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from carecl.methods.base import TaskContext  # noqa: E402
-from conftest import TINY_VIT, tiny_config  # noqa: E402
+from helpers import TINY_VIT, tiny_config  # noqa: E402
 
 BATCH, EPOCHS, LR, WEIGHT_DECAY, PER_CLASS = 4, 2, 0.05, 0.005, 10
-OPTIONS = {"name": "mos", "adapter_bottleneck": 4, "adapter_dropout": 0.0, "alignment": {"epochs": 0}}
+OPTIONS = {"name": "mos", "adapter": {"bottleneck": 4, "dropout": 0.0}, "alignment": {"epochs": 0}}
 
 
 def bare_class(path: Path, class_name: str, names: tuple[str, ...], namespace: dict, bases: str = "") -> type:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from carecl.engine import Experiment  # noqa: E402
-from conftest import TINY_VIT, tiny_config  # noqa: E402
+from helpers import TINY_VIT, tiny_config  # noqa: E402
 
 SHAPE = {k: TINY_VIT[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
 LENGTH, MOMENTUM = 3, 0.1

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from carecl.backbones import BackboneError, create_backbone, resolve_name
 from carecl.config import BackboneConfig
 
-from conftest import TINY_VIT
+from helpers import TINY_VIT
 
 
 def tiny(**kwargs):

@@ -19,9 +19,9 @@ from carecl.runs.checkpoints import CheckpointStore
 from carecl.runs.directory import RunDirectory
 from carecl.runs.state import RESUME_OVERRIDABLE
 
-from conftest import tiny_config
+from helpers import tiny_config
 
-CARE = {"name": "care", "adapter_dim": 8, "expert_dim": 4, "alignment": {"epochs": 1, "samples_per_class": 4}}
+CARE = {"name": "care", "brmoe": {"adapter_dim": 8, "expert_dim": 4}, "alignment": {"epochs": 1, "samples_per_class": 4}}
 
 
 def write_config(path: Path, edit=None, method=None) -> Path:
@@ -123,7 +123,7 @@ def test_disk_full_names_the_path_and_leaves_no_staging(tmp_path, monkeypatch):
                               "\"No space left on device\" })")
 
     run = RunDirectory.create(tmp_path / "run", tiny_config())
-    monkeypatch.setattr("carecl.runs.checkpoints.save_file", full)
+    monkeypatch.setattr("carecl.runs.files.save_file", full)
     for _ in range(2):  # a retry must not leave a second staging folder
         with pytest.raises(CheckpointWriteError, match=r"cannot write .*learner\.safetensors.*No space left"):
             run.save_state({"x": torch.zeros(1)}, {"n_learned_tasks": 1, "class_order": [], "task_sizes": []})

@@ -9,9 +9,9 @@ from carecl.engine.loggers import RunLogger
 from carecl.methods.care import CaRE
 from carecl.runs.directory import RunDirectory
 
-from conftest import tiny_config
+from helpers import tiny_config
 
-CARE = {"name": "care", "adapter_dim": 8, "expert_dim": 4, "alignment": {"epochs": 2, "samples_per_class": 8}}
+CARE = {"name": "care", "brmoe": {"adapter_dim": 8, "expert_dim": 4}, "alignment": {"epochs": 2, "samples_per_class": 8}}
 
 
 def care_config(**overrides):

@@ -22,8 +22,7 @@ from carecl.metrics import RunSummary, TaskEvaluation, forgetting, learned_part,
 from carecl.runs.directory import RunDirectory
 from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
 
-from clip_fixtures import DOMAINS, clip_config, domains_config, write_domains
-from conftest import tiny_config
+from helpers import DOMAINS, clip_config, domains_config, tiny_config, write_domains
 
 
 def tiny_clip(seed: int):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from brmoe_oracle import dense_forward
-from conftest import TINY_VIT, tiny_config
+from helpers import N_CLASSES, Shape, TASK_SIZES, TINY, TINY_VIT, release_care_config, release_checkpoint, save
 
 from carecl.cli.main import main
 from carecl.compat import (
@@ -33,79 +31,9 @@ from carecl.scenario import class_order
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 RELEASE_CONFIGS = Path(__file__).parent / "data" / "release"
-# A first task of another size (B3 Inc2), stopped after 4 of the 5 tasks of 11 classes.
-TASK_SIZES = [3, 2, 2, 2]
-N_CLASSES = 11
 
 
 # ---------------------------------------------------------------- a checkpoint in the release's layout
-
-
-@dataclass(frozen=True)
-class Shape:
-    dim: int = 32
-    depth: int = 2
-    heads: int = 2
-    patch: int = 4
-    image: int = 16
-    mlp: int = 128
-    adapter_dim: int = 8
-    expert_dim: int = 4
-
-    @property
-    def tokens(self) -> int:
-        return (self.image // self.patch) ** 2 + 1
-
-
-TINY = Shape()
-
-
-def release_checkpoint(shape: Shape, task_sizes: list[int], n_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random non-zero tensors under the release's key names, written from spec §8 (scales included)."""
-    generator = torch.Generator().manual_seed(seed)
-    dim, state = shape.dim, {}
-
-    def rand(*size: int, scale: float) -> torch.Tensor:
-        return torch.randn(*size, generator=generator) * scale
-
-    def norm(prefix: str) -> None:
-        state[prefix + "weight"] = 1 + rand(dim, scale=0.1)
-        state[prefix + "bias"] = rand(dim, scale=0.1)
-
-    def linear(prefix: str, out: int, inp: int, gain: float = 1.0) -> None:
-        state[prefix + "weight"] = rand(out, inp, scale=gain / math.sqrt(inp))
-        state[prefix + "bias"] = rand(out, scale=0.1)
-
-    def adapter(prefix: str, rank: int) -> None:
-        norm(prefix + "adapter_layer_norm_before.")
-        linear(prefix + "down_proj.", rank, dim)
-        linear(prefix + "up_proj.", dim, rank)
-        state[prefix + "scale"] = rand(dim, scale=0.5)
-
-    state["backbone.cls_token"] = rand(1, 1, dim, scale=0.5)
-    state["backbone.pos_embed"] = rand(1, shape.tokens, dim, scale=0.5)
-    state["backbone.patch_embed.proj.weight"] = rand(dim, 3, shape.patch, shape.patch, scale=1 / (shape.patch * 1.7))
-    state["backbone.patch_embed.proj.bias"] = rand(dim, scale=0.1)
-    for block in range(shape.depth):
-        prefix = f"backbone.blocks.{block}."
-        norm(prefix + "norm1.")
-        for part in ("q_proj", "k_proj", "v_proj", "proj"):
-            linear(prefix + f"attn.{part}.", dim, dim)
-        norm(prefix + "norm2.")
-        linear(prefix + "fc1.", shape.mlp, dim)
-        linear(prefix + "fc2.", dim, shape.mlp)
-        moe = f"backbone.adapter.adapter_layer{block}."
-        adapter(moe + "shared_adapter.", shape.adapter_dim)
-        for task, n_task in enumerate(task_sizes):
-            adapter(moe + f"adapter.{task}.", shape.expert_dim)
-            linear(moe + f"router.{task}.", task + 1, dim, gain=3.0)
-            norm(moe + f"latent_head.{task}.0.")
-            linear(moe + f"latent_head.{task}.1.", n_task, dim, gain=2.0)
-    norm("backbone.norm.")
-    linear("backbone.head.", n_classes, dim)  # the release ViT's unused timm head
-    for task, n_task in enumerate(task_sizes):
-        state[f"fc.heads.{task}.0.weight"] = rand(n_task, dim, scale=0.02)
-    return state
 
 
 # ---------------------------------------------------------------- a release-style forward on the raw tensors
@@ -187,18 +115,6 @@ def release_forward(state, images, task, *, heads, patch, topk_experts, topk_rou
 # ---------------------------------------------------------------- helpers
 
 
-def care_config(topk_experts: int = 2, topk_routers: int = 2, train: dict | None = None, **data):
-    method = {"name": "care", "adapter_dim": TINY.adapter_dim, "expert_dim": TINY.expert_dim,
-              "topk_experts": topk_experts, "topk_routers": topk_routers, "iter_pred": False}
-    return tiny_config(method=method, data={"init_cls": 3, "increment": 2, "synthetic_classes": N_CLASSES, **data},
-                       train=train or {})
-
-
-def save(state: dict, path: Path) -> Path:
-    torch.save(state, path)
-    return path
-
-
 def images(batch: int = 6, size: int = 16, seed: int = 3, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -224,7 +140,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("topk_experts, topk_routers", [(2, 2), (1, 3)])
 def test_imported_outputs_match_release_forward_and_dense_oracle(checkpoint, topk_experts, topk_routers):
-    config = care_config(topk_experts, topk_routers)
+    config = release_care_config(topk_experts, topk_routers)
     raw = read_reference_checkpoint(checkpoint)
     release64 = {key: value.double() for key, value in raw.items()}
     reference = {"heads": TINY.heads, "patch": TINY.patch, "topk_experts": topk_experts, "topk_routers": topk_routers}
@@ -262,7 +178,7 @@ def test_imported_outputs_match_release_forward_and_dense_oracle(checkpoint, top
 
 def test_tensors_land_where_the_spec_says(checkpoint):
     raw = read_reference_checkpoint(checkpoint)
-    experiment = load_reference(checkpoint, care_config())
+    experiment = load_reference(checkpoint, release_care_config())
     attention = experiment.model.vit.blocks[1].attn
     expected_qkv = torch.cat([raw[f"backbone.blocks.1.attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(attention.qkv.weight, expected_qkv)
@@ -285,18 +201,18 @@ def test_anchor_copies_and_data_parallel_prefix_are_ignored(checkpoint, tmp_path
             noisy[key.replace(".shared_adapter.", f".{copy}.")] = torch.randn(raw[key].shape)
     wrapped = {f"module.{key}": value for key, value in noisy.items()}
     x = images()
-    expected = outputs(load_reference(checkpoint, care_config()), x, len(TASK_SIZES))
+    expected = outputs(load_reference(checkpoint, release_care_config()), x, len(TASK_SIZES))
     for variant in (noisy, wrapped):
-        got = outputs(load_reference(save(variant, tmp_path / "variant.pth"), care_config()), x, len(TASK_SIZES))
+        got = outputs(load_reference(save(variant, tmp_path / "variant.pth"), release_care_config()), x, len(TASK_SIZES))
         assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_class_order_comes_from_the_config_over_the_datasets_classes(checkpoint, tmp_path):
-    config = care_config()
+    config = release_care_config()
     experiment = load_reference(checkpoint, config)
     assert experiment.scenario.n_classes == N_CLASSES  # from backbone.head.weight, not the 9 seen classes
     assert experiment.scenario.order.tolist() == class_order(N_CLASSES, config.seed).tolist()
-    unshuffled = load_reference(checkpoint, care_config(shuffle=False))
+    unshuffled = load_reference(checkpoint, release_care_config(shuffle=False))
     assert unshuffled.scenario.order.tolist() == list(range(N_CLASSES))
 
     state = read_reference_checkpoint(checkpoint)
@@ -323,7 +239,7 @@ def test_vit_base_layout_with_unequal_first_task():
     assert experiment.model.layers[11].routers[2].weight.shape == (3, 768)
     x = images(batch=2, size=32)
     options = config.method
-    reference = {"heads": 12, "patch": 16, "topk_experts": options.topk_experts, "topk_routers": options.topk_routers}
+    reference = {"heads": 12, "patch": 16, "topk_experts": options.brmoe.topk_experts, "topk_routers": options.brmoe.topk_routers}
     with torch.no_grad():
         for task in (None, 0, 2):
             features, _ = release_forward(state, x, task, **reference)
@@ -345,7 +261,7 @@ def test_every_missing_unexpected_and_misshaped_key_is_listed(tmp_path):
     state["backbone.adapter.adapter_layer0.latent_head.1.1.weight"] = torch.randn(3, 32)
     path = save(state, tmp_path / "broken.pth")
     with pytest.raises(ReferenceCheckpointError) as caught:
-        load_reference(path, care_config())
+        load_reference(path, release_care_config())
     message = str(caught.value)
     assert str(path) in message
     assert "missing (2 keys)" in message and "unexpected (2 keys)" in message and "mis-shaped (3 keys)" in message
@@ -355,22 +271,22 @@ def test_every_missing_unexpected_and_misshaped_key_is_listed(tmp_path):
         assert key in message
     assert ("backbone.adapter.adapter_layer*.shared_adapter.down_proj.weight: checkpoint (16, 32) vs expected (8, 32)"
             " [blocks 0-1]") in message
-    assert "adapter_dim is 16, the config's method.adapter_dim is 8" in message
+    assert "adapter_dim is 16, the config's method.brmoe.adapter_dim is 8" in message
 
 
 def test_heads_that_do_not_fit_init_cls_and_increment(checkpoint):
     with pytest.raises(ReferenceCheckpointError, match=r"have \[3, 2, 2, 2\] classes, but init_cls=2, increment=2") as caught:
-        load_reference(checkpoint, care_config(init_cls=2))
+        load_reference(checkpoint, release_care_config(init_cls=2))
     assert str(checkpoint) in str(caught.value)
     with pytest.raises(ReferenceCheckpointError, match="init_cls=3, increment=3"):
-        load_reference(checkpoint, care_config(increment=3))
+        load_reference(checkpoint, release_care_config(increment=3))
 
 
 def test_heads_must_be_numbered_from_zero(tmp_path):
     state = release_checkpoint(TINY, TASK_SIZES, N_CLASSES)
     del state["fc.heads.1.0.weight"]
     with pytest.raises(ReferenceCheckpointError, match=r"fc\.heads\.1\.0\.weight missing"):
-        load_reference(save(state, tmp_path / "gap.pth"), care_config())
+        load_reference(save(state, tmp_path / "gap.pth"), release_care_config())
 
 
 class _Payload:
@@ -497,7 +413,7 @@ def assert_same_outputs(actual: dict, expected: dict) -> None:
 
 
 def test_export_of_a_carecl_trained_run_reimports_exactly(tmp_path):
-    config = care_config(train={"epochs": 1}, synthetic_train_per_class=6, synthetic_test_per_class=3)
+    config = release_care_config(train={"epochs": 1}, synthetic_train_per_class=6, synthetic_test_per_class=3)
     config.method.alignment.epochs = 1
     config.method.alignment.samples_per_class = 4
     run_experiment(config, tmp_path / "run")
@@ -514,9 +430,9 @@ def test_export_of_a_carecl_trained_run_reimports_exactly(tmp_path):
 
 
 def test_import_reference_python_api_writes_a_loadable_run(checkpoint, tmp_path):
-    summary = import_reference(checkpoint, care_config(), tmp_path / "run")
+    summary = import_reference(checkpoint, release_care_config(), tmp_path / "run")
     assert summary.task_sizes == TASK_SIZES and summary.n_classes == N_CLASSES
     with pytest.raises(CareclError, match="already holds a run"):
-        import_reference(checkpoint, care_config(), tmp_path / "run")
+        import_reference(checkpoint, release_care_config(), tmp_path / "run")
     assert (tmp_path / "run" / "backbone.safetensors").is_file()
     assert RunDirectory.open(tmp_path / "run").config_for_loading().backbone.weights == str((tmp_path / "run" / "backbone.safetensors").resolve())

@@ -13,9 +13,9 @@ from carecl.report.build import build_report
 from carecl.report.runs import count_saved_elements
 from carecl.runs.state import RunProgress
 
-from conftest import tiny_config
+from helpers import tiny_config
 
-ADAPTER = {"name": "ssiat", "adapter_bottleneck": 4, "later_epochs": 1, "alignment": {"epochs": 0}}
+ADAPTER = {"name": "ssiat", "adapter": {"bottleneck": 4}, "later_epochs": 1, "alignment": {"epochs": 0}}
 
 
 def test_each_task_records_its_costs_and_the_report_shows_them(tmp_path):

@@ -12,15 +12,15 @@ import torch
 
 from carecl.tuners.brmoe import BRMoEConfig, BRMoEViT
 from carecl.cli.main import main
-from carecl.tuners.brmoe.diagnostics import DiagnosticsError, diagnose_model, diagnose_routing
+from carecl.report.routing import DiagnosticsError, diagnose_model, diagnose_routing
 from carecl.engine import Experiment, learn_task, load_experiment, run_experiment
 from carecl.runs.directory import RunDirectory
 
-from conftest import TINY_VIT, tiny_config
+from helpers import TINY_VIT, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CARE = {"name": "care", "adapter_dim": 8, "expert_dim": 4, "alignment": {"epochs": 2, "samples_per_class": 8}}
+CARE = {"name": "care", "brmoe": {"adapter_dim": 8, "expert_dim": 4}, "alignment": {"epochs": 2, "samples_per_class": 8}}
 
 # Fresh experts output 0 (zero scale), so every perceptron sees c_i = 0 and outputs its bias, and
 # every router scores its bias: the biases below fix each block's routing for every input.
@@ -138,7 +138,7 @@ def test_traces_are_switched_off_afterwards_even_on_error():
 
 
 def test_learner_true_tasks_come_from_the_class_order():
-    experiment = Experiment.build(tiny_config(method={**CARE, "topk_experts": 1}))
+    experiment = Experiment.build(tiny_config(method={**CARE, "brmoe": {**CARE["brmoe"], "topk_experts": 1}}))
     experiment.method.regrow(3, 3)
     force_routing(experiment.method.model)
     diagnostics = diagnose_routing(experiment)
@@ -183,4 +183,3 @@ def test_cli_writes_table_csv_and_figure(care_run, tmp_path, capsys):
     for name in ("routing.md", "routing.png", "routing.svg"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| mean |" in (tmp_path / "out" / "routing.md").read_text()
-

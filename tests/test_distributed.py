@@ -24,7 +24,7 @@ from carecl.runs.directory import STATE_FILE
 ROOT = Path(__file__).resolve().parents[1]
 # The demo (digits, tiny glyph ViT, CaRE) cut to 3 tasks; no dropout, so that the training of
 # one and two processes differs only in the order of floating-point sums.
-SETTINGS = ["data.init_cls=4", "data.increment=3", "method.adapter_dropout=0.0", "train.progress=false"]
+SETTINGS = ["data.init_cls=4", "data.increment=3", "method.brmoe.adapter_dropout=0.0", "train.progress=false"]
 
 
 def write_config(tmp_path: Path, epochs: int) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,21 +13,9 @@ from carecl.engine import Experiment, learn_task, run_experiment
 from carecl.tuners.adapter import AdapterConfig
 from carecl.tuners.adapter_bank import AdapterBankInjector
 
-from conftest import TINY_VIT, tiny_config
-from test_resume import check_interrupted_run_resumes_identically
+from helpers import check_interrupted_run_resumes_identically, randomised_bank, tiny_config
 
-EASE = {"name": "ease", "adapter_bottleneck": 4}
-
-
-def randomised_bank(config: AdapterConfig, n_sets: int) -> AdapterBankInjector:
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT).eval()
-    bank = AdapterBankInjector(vit, config)
-    for _ in range(n_sets):
-        for adapter in bank.add_set():
-            for parameter in adapter.parameters():  # a fresh adapter adds nothing: make each set differ
-                torch.nn.init.normal_(parameter, std=0.3)
-    return bank.eval()
+EASE = {"name": "ease", "adapter": {"bottleneck": 4}}
 
 
 @pytest.mark.parametrize("config", [AdapterConfig(bottleneck=4), AdapterConfig(bottleneck=4, scale=None, layer_norm=True)],

@@ -10,7 +10,7 @@ from carecl.engine import Experiment, load_experiment, run_experiment
 from carecl.engine.evaluation import evaluate
 from carecl.runs.directory import RunDirectory, RunDirectoryError
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_simplecil_end_to_end_writes_run_directory(tmp_path):
@@ -71,7 +71,7 @@ class _Stop(BaseException):
 
 
 def test_load_learner_reads_the_last_finished_task_even_after_a_mid_task_checkpoint(tmp_path, monkeypatch):
-    config = tiny_config(method={"name": "care", "adapter_dim": 4, "alignment": {"epochs": 1}},
+    config = tiny_config(method={"name": "care", "brmoe": {"adapter_dim": 4}, "alignment": {"epochs": 1}},
                          train={"epochs": 2, "batch_size": 8, "checkpoint_every_epochs": 1})
 
     def stop_in_task_2(label):

@@ -10,7 +10,7 @@ import torch
 from carecl.classifiers import AnalyticClassifier, MahalanobisClassifier, RidgeClassifier, select_ridge
 from carecl.engine import Experiment, learn_task, run_experiment
 
-from conftest import tiny_config
+from helpers import DEMO_BACKBONE, GLYPHS, tiny_config
 
 
 def blobs(n_per_class: int, n_classes: int, dim: int, seed: int = 0):
@@ -95,19 +95,15 @@ def test_mahalanobis_shrinkage_adds_the_mean_diagonal_and_off_diagonal():
 
 # ---------------------------------------------------------------- through the loop
 
-# The shipped demo ViT (pre-trained on generated glyphs) and glyph classes it has not seen.
-DEMO_BACKBONE = {"name": "vit_tiny_patch16_224", "pretrained": False, "weights": "asset:tiny_vit_glyphs.safetensors",
-                 "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}}
-GLYPHS = {"dataset": "glyphs", "synthetic_classes": 6, "synthetic_train_per_class": 20}
 
 METHODS = {
     "fecam": {"name": "fecam"},
     "acil": {"name": "acil", "buffer_size": 256},
-    "ranpac": {"name": "ranpac", "projection_dim": 128, "first_session": {"tuner": "adapter", "adapter_bottleneck": 8}},
-    "aper_adapter": {"name": "aper_adapter", "first_session": {"adapter_bottleneck": 8}},
+    "ranpac": {"name": "ranpac", "projection_dim": 128, "first_session": {"tuner": "adapter", "adapter": {"bottleneck": 8}}},
+    "aper_adapter": {"name": "aper_adapter", "first_session": {"adapter": {"bottleneck": 8}}},
     "aper_ssf": {"name": "aper_ssf"},
-    "aper_vpt_shallow": {"name": "aper_vpt_shallow", "first_session": {"prompt_tokens": 2}},
-    "aper_vpt_deep": {"name": "aper_vpt_deep", "first_session": {"prompt_tokens": 2}},
+    "aper_vpt_shallow": {"name": "aper_vpt_shallow", "first_session": {"vpt": {"n_prompts": 2}}},
+    "aper_vpt_deep": {"name": "aper_vpt_deep", "first_session": {"vpt": {"n_prompts": 2}}},
     "slca": {"name": "slca", "milestones": [3], "alignment": {"epochs": 1, "scheduler_t_max": 1, "samples_per_class": 8}},
 }
 
@@ -208,7 +204,7 @@ def test_every_first_session_choice_builds_an_injector_and_none_builds_nothing()
 
     from carecl.methods.feature_learner import FirstSessionConfig, build_first_session_tuner
     from carecl.tuners.vpt import VPTInjector
-    from conftest import TINY_VIT
+    from helpers import TINY_VIT
 
     choices = get_args(get_type_hints(FirstSessionConfig)["tuner"])
     for choice in choices:

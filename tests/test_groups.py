@@ -17,7 +17,7 @@ from carecl.engine.groups import resume_group, run_group
 from carecl.runs.directory import RunDirectoryError
 from carecl.runs.group import read_group
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 SEEDS = [3, 4, 5]
 

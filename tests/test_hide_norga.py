@@ -14,9 +14,7 @@ from carecl.engine import Experiment, learn_task, run_experiment
 from carecl.methods.norga import gated_prefix_scores
 from carecl.statistics import GaussianClassStatistics
 
-from conftest import tiny_config
-from test_frozen_feature_methods import DEMO_BACKBONE, GLYPHS
-from test_resume import check_interrupted_run_resumes_identically
+from helpers import DEMO_BACKBONE, GLYPHS, check_interrupted_run_resumes_identically, tiny_config
 
 COMMON = {"prompt_layers": [0, 1], "prompt_length": 2, "tii_epochs": 1, "tii_lr": 0.002,
           "alignment": {"epochs": 2}, "tii_alignment": {"epochs": 2}}

@@ -12,11 +12,11 @@ import torch
 from carecl.engine import Experiment, run_experiment
 from carecl.engine.incremental_eval import merge_top_k
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 DATA = {"synthetic_classes": 10, "synthetic_train_per_class": 8, "synthetic_test_per_class": 5}
 METHODS = [{"name": "simplecil"}, {"name": "fecam"},
-           {"name": "aper_adapter", "first_session": {"tuner": "adapter", "adapter_bottleneck": 4}}]
+           {"name": "aper_adapter", "first_session": {"tuner": "adapter", "adapter": {"bottleneck": 4}}}]
 
 
 def metrics(path):

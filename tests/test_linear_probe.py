@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from carecl.engine import run_experiment
 from carecl.methods.linear_probe import fit_logistic_regression
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_fit_equals_scikit_learns_multinomial_logistic_regression():

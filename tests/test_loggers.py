@@ -8,20 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # in the dev extra
 
 from carecl.config import ConfigError, LoggingConfig
 from carecl.engine.loggers import TENSORBOARD_DIR, RunLogger, TensorBoardLogger, build_logger, step_scalars, task_scalars
 from carecl.methods.base import StepOutput
 from carecl.metrics import TaskEvaluation
 
-from conftest import tiny_config
-
-
-def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+from helpers import read_scalars, tiny_config
 
 
 def evaluation(task: int, top1: float, old: float) -> TaskEvaluation:

@@ -10,10 +10,9 @@ from carecl.classifiers import select_ridge
 from carecl.engine import Experiment, learn_task
 from carecl.methods.moal import RIDGES, fit_linear_map, rls_update
 
-from conftest import tiny_config
-from test_resume import check_interrupted_run_resumes_identically
+from helpers import check_interrupted_run_resumes_identically, tiny_config
 
-MOAL = {"name": "moal", "adapter_bottleneck": 4, "hidden": 48, "progressive_epochs": 2, "calibration_epochs": 5}
+MOAL = {"name": "moal", "adapter": {"bottleneck": 4}, "hidden": 48, "progressive_epochs": 2, "calibration_epochs": 5}
 
 
 def test_recursive_least_squares_equals_the_joint_ridge_solution():

@@ -19,10 +19,10 @@ from carecl.methods.ddas import DDASConfig, DistributionSelector
 from carecl.scenario import Task
 from carecl.tuners.moe_adapter import MoEAdapterConfig, MoEAdapterInjector, noisy_top_k_gates
 
-from clip_fixtures import clip_config, domains_config, write_domains
+from helpers import clip_config, domains_config, write_domains
 
 CIL = {"name": "moe_adapters"}
-MTIL = {"name": "moe_adapters", "experts": 4, "routers": "per_task", "freeze_top_experts": 2, "steps_per_task": 6,
+MTIL = {"name": "moe_adapters", "moe": {"experts": 4}, "routers": "per_task", "freeze_top_experts": 2, "steps_per_task": 6,
         "warmup_steps": 2, "ddas": {"features": "clip_image", "steps": 20, "threshold": 0.5}}
 
 
@@ -216,7 +216,7 @@ method: {json.dumps(MTIL)}
 
 
 def test_an_mtil_run_interrupted_mid_task_resumes_identically(tmp_path, monkeypatch):
-    from test_resume import check_interrupted_run_resumes_identically
+    from helpers import check_interrupted_run_resumes_identically
 
     roots = write_domains(tmp_path / "data", train=4, test=2)
     # Image files read by 2 worker processes: with mid-task checkpoints they are started per epoch, so the
@@ -229,7 +229,7 @@ def test_an_mtil_run_interrupted_mid_task_resumes_identically(tmp_path, monkeypa
 @pytest.mark.parametrize("options, message", [
     ({"routers": "per_task"}, r"method\.ddas is needed with routers: per_task"),
     ({"routers": "per_task", "ddas": {"code_size": 0}}, r"method\.ddas\.code_size must be positive"),
-    ({"top_k": 3}, r"method\.top_k must be in 1\.\.experts \(2\)"),
+    ({"moe": {"top_k": 3}}, r"method\.moe\.top_k must be in 1\.\.experts \(2\)"),
     ({"template": "a photo"}, r"method\.template needs a \{\}"),
 ])
 def test_invalid_options_name_the_key(options, message):
@@ -241,7 +241,7 @@ def test_invalid_options_name_the_key(options, message):
 
 def test_moe_adapters_refuses_a_vit_backbone():
     from carecl.config import ConfigError
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     with pytest.raises(ConfigError, match="needs a CLIP backbone: set backbone.family: open_clip"):
         Experiment.build(tiny_config(method=CIL))

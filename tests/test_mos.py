@@ -14,12 +14,10 @@ from carecl.methods.mos import merge_towards_mean
 from carecl.methods.regularisers import orthogonality_loss
 from carecl.tuners.adapter import AdapterConfig
 
-from conftest import TINY_VIT, tiny_config
-from test_ease import randomised_bank
-from test_frozen_feature_methods import DEMO_BACKBONE, GLYPHS
-from test_resume import check_interrupted_run_resumes_identically
+from helpers import (DEMO_BACKBONE, GLYPHS, TINY_VIT, check_interrupted_run_resumes_identically, randomised_bank,
+                     tiny_config)
 
-MOS = {"name": "mos", "adapter_bottleneck": 4, "alignment": {"epochs": 2, "scheduler_t_max": 2, "samples_per_class": 8}}
+MOS = {"name": "mos", "adapter": {"bottleneck": 4}, "alignment": {"epochs": 2, "scheduler_t_max": 2, "samples_per_class": 8}}
 DEPTH = TINY_VIT["depth"]
 
 

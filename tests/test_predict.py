@@ -19,11 +19,11 @@ from carecl.cli.predict import expand_inputs
 from carecl.predict import PredictionError
 from carecl.runs.directory import CLASSES_FILE, RunDirectory, RunDirectoryError
 
-from conftest import TINY_VIT, tiny_config
+from helpers import TINY_VIT, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CARE = {"name": "care", "adapter_dim": 8, "expert_dim": 4, "alignment": {"epochs": 2, "samples_per_class": 8}}
+CARE = {"name": "care", "brmoe": {"adapter_dim": 8, "expert_dim": 4}, "alignment": {"epochs": 2, "samples_per_class": 8}}
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,7 @@ from carecl.methods.prompt_learner import reshape_quirk
 from carecl.tuners.prefix import Prefix, PrefixInjector
 from carecl.tuners.prompt_pool import PromptPool, majority_slots
 
-from conftest import TINY_VIT, tiny_config
-from test_frozen_feature_methods import DEMO_BACKBONE, GLYPHS
-from test_resume import check_interrupted_run_resumes_identically
+from helpers import DEMO_BACKBONE, GLYPHS, TINY_VIT, check_interrupted_run_resumes_identically, tiny_config
 
 L2P = {"name": "l2p", "pool_size": 4, "top_k": 2, "prompt_length": 2}
 DUALPROMPT = {"name": "dualprompt", "g_layers": [0], "e_layers": [1], "pool_size": 4, "g_length": 2, "e_length": 3}

@@ -42,7 +42,7 @@ def test_release_fixture_maps_to_typed_values():
     assert (train.min_lr, train.weight_decay, train.optimizer) == (0.0, 0.0005, "sgd")
     method = config.method
     assert method.name == "care"
-    assert (method.adapter_dim, method.expert_dim, method.topk_experts, method.topk_routers) == (64, 16, 3, 2)
+    assert (method.brmoe.adapter_dim, method.brmoe.expert_dim, method.brmoe.topk_experts, method.brmoe.topk_routers) == (64, 16, 3, 2)
     assert method.scale == 20.0 and isinstance(method.scale, float)
     assert method.iter_pred is True
     alignment = method.alignment
@@ -57,7 +57,7 @@ def test_release_fixture_with_non_default_values():
     config, _ = load_release_json(FIXTURES / "care_ob1k_b100inc3.json")
     assert (config.data.dataset, config.data.init_cls, config.data.increment) == ("omnibenchmark1k", 100, 3)
     assert config.method.iter_pred is False
-    assert config.method.topk_experts == 2
+    assert config.method.brmoe.topk_experts == 2
     assert config.method.alignment.storage == "variance"
     assert config.method.alignment.epochs == 3
     assert config.backbone.model_kwargs == {"drop_path_rate": 0.1}
@@ -314,7 +314,7 @@ def test_published_yaml_matches_research_settings(stem):
     assert (train.min_lr, train.momentum, train.weight_decay, train.optimizer) == (0.0, 0.9, 5e-4, "sgd")
     method = config.method
     assert method.name == "care"
-    assert (method.adapter_dim, method.expert_dim, method.topk_experts, method.topk_routers) == (64, 16, 3, 2)
+    assert (method.brmoe.adapter_dim, method.brmoe.expert_dim, method.brmoe.topk_experts, method.brmoe.topk_routers) == (64, 16, 3, 2)
     assert method.scale == 20.0
     assert method.iter_pred is iter_pred
     assert method.aux_cos_loss is (not plain_aux) and method.self_dist_loss is (not plain_aux)

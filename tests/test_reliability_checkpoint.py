@@ -14,23 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from carecl.runs.checkpoints import (
-    CheckpointError,
-    CheckpointStore,
-    CheckpointWriteError,
-    capture_rng,
-    load_optimizer_state,
-    optimizer_state,
-    restore_rng,
-    sha256_file,
-)
+from carecl.runs.checkpoints import CheckpointError, CheckpointStore, CheckpointWriteError
+from carecl.runs.files import sha256_file
+from carecl.runs.training_state import capture_rng, load_optimizer_state, optimizer_state, restore_rng
 from carecl.cli.main import main
 from carecl.config import ConfigError, save_config
 from carecl.engine import Experiment, load_experiment, resume_experiment, run_experiment, save_learner
 from carecl.engine.evaluation import evaluate
 from carecl.runs.directory import RunDirectory, RunDirectoryError
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

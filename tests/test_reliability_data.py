@@ -20,7 +20,7 @@ from carecl.engine import TrainingError, resume_experiment, run_experiment
 from carecl.methods.base import StepOutput
 from carecl.methods.care import CaRE
 
-from conftest import TINY_VIT, tiny_config
+from helpers import TINY_VIT, tiny_config
 
 CLASSES = ["c0", "c1", "c2"]
 MODES = {"c0": "L", "c1": "RGBA", "c2": "CMYK"}
@@ -125,7 +125,7 @@ def test_a_class_without_any_readable_image_is_an_error_naming_its_folder(tmp_pa
 
 
 def care_config(**train):
-    return tiny_config(method={"name": "care", "adapter_dim": 4, "alignment": {"epochs": 1}},
+    return tiny_config(method={"name": "care", "brmoe": {"adapter_dim": 4}, "alignment": {"epochs": 1}},
                        train={"epochs": 2, "batch_size": 8, **train})
 
 

@@ -7,7 +7,6 @@ checkpoint write, and at a random moment) check what an exception cannot: nothin
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from carecl import alignment
 from carecl.statistics import GaussianClassStatistics
@@ -28,7 +26,7 @@ from carecl.cli.main import main
 from carecl.config import save_config
 from carecl.engine import resume_experiment, run_experiment
 
-from conftest import tiny_config
+from helpers import Interrupted, assert_same_outcome, interrupt_at, outcome, tiny_config
 
 # Run by the killed subprocesses: the CLI, single-threaded and deterministic like the in-process
 # reference, optionally SIGKILLing itself on the N-th call of a statistics or alignment step.
@@ -62,7 +60,7 @@ sys.exit(main(sys.argv[1:]))
 def care_config(every: int = 1):
     """CaRE, 3 tasks of 2 synthetic classes; tasks 1-2 have two 2-epoch phases, each ending with
     class statistics and alignment, and train with the shared-adapter anchor taken at each phase's start."""
-    return tiny_config(method={"name": "care", "adapter_dim": 4, "alignment": {"epochs": 2}},
+    return tiny_config(method={"name": "care", "brmoe": {"adapter_dim": 4}, "alignment": {"epochs": 2}},
                        train={"epochs": 4, "batch_size": 8, "checkpoint_every_epochs": every})
 
 
@@ -74,23 +72,6 @@ def deterministic():
     yield
     torch.use_deterministic_algorithms(False)
     torch.set_num_threads(threads)
-
-
-def outcome(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """metrics.json without wall times and costs (timings), and the final learner's tensors."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics.pop("wall_time_s")
-    metrics.pop("costs", None)
-    name = CheckpointStore(run).pointer()["task_end"]
-    return metrics, load_file(str(run / "checkpoints" / name / "learner.safetensors"))
-
-
-def assert_same_outcome(run: Path, reference: tuple[dict, dict[str, torch.Tensor]]) -> None:
-    metrics, tensors = outcome(run)
-    assert metrics == reference[0]
-    assert tensors.keys() == reference[1].keys()
-    for key, value in reference[1].items():
-        assert torch.equal(tensors[key], value), key
 
 
 @pytest.fixture(scope="module")
@@ -106,35 +87,6 @@ def reference(tmp_path_factory, deterministic):
     run_experiment(tiny_config(), run)
     references["simplecil"] = outcome(run)
     return references
-
-
-class Interrupted(BaseException):
-    """Stands in for SIGKILL in-process (a BaseException: nothing in carecl catches it)."""
-
-
-def interrupt_at(monkeypatch, label: str) -> None:
-    def kill_point(current: str) -> None:
-        if current == label:
-            raise Interrupted(label)
-
-    monkeypatch.setattr(ckpt, "kill_point", kill_point)
-
-
-def check_interrupted_run_resumes_identically(config, label: str, tmp_path: Path, monkeypatch) -> None:
-    """`config` run through, then run again, interrupted at kill point `label` and resumed: the same
-    metrics and learner tensors (deterministic algorithms on; for other methods' test files)."""
-    torch.use_deterministic_algorithms(True)
-    try:
-        run_experiment(config, tmp_path / "reference")
-        reference = outcome(tmp_path / "reference")
-        interrupt_at(monkeypatch, label)
-        with pytest.raises(Interrupted):
-            run_experiment(config, tmp_path / "run")
-        monkeypatch.undo()
-        resume_experiment(tmp_path / "run")
-        assert_same_outcome(tmp_path / "run", reference)
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,7 @@ from carecl.engine.experiment import evaluation_transform
 from carecl.engine.checkpointing import grow_and_load
 from carecl.runs.directory import CLASSES_FILE, RunClasses, RunDirectory, RunDirectoryError
 
-from conftest import tiny_config
-from test_compat import N_CLASSES, TASK_SIZES, TINY, care_config, release_checkpoint, save
+from helpers import N_CLASSES, TASK_SIZES, TINY, release_care_config, release_checkpoint, save, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -87,7 +86,7 @@ def checkpoint(tmp_path_factory):
 
 def imported_without_data(checkpoint, output, **kwargs):
     """An import whose dataset (an ImageFolder benchmark under a missing root) is not at hand."""
-    config = care_config(dataset="imagenet-r", root=str(output.parent / "no-data"))
+    config = release_care_config(dataset="imagenet-r", root=str(output.parent / "no-data"))
     import_reference(checkpoint, config, output, **kwargs)
     return Predictor.load(output)
 
@@ -106,5 +105,5 @@ def test_an_import_records_the_class_count_and_given_names(checkpoint, tmp_path)
         assert [c.name for c in b.classes] == [names[c.class_id] for c in b.classes]
         np.testing.assert_allclose([c.probability for c in a.classes], [c.probability for c in b.classes], rtol=1e-6)
     with pytest.raises(ReferenceCheckpointError, match=f"2 class names given, but the model's dataset has {N_CLASSES}"):
-        import_reference(checkpoint, care_config(), tmp_path / "bad", class_names=["a", "b"])
+        import_reference(checkpoint, release_care_config(), tmp_path / "bad", class_names=["a", "b"])
     assert not (tmp_path / "bad").exists()

@@ -17,8 +17,7 @@ from carecl.engine.experiment import Experiment, default_workers
 from carecl.engine.loggers import TENSORBOARD_DIR
 from carecl.engine.precision import Precision
 
-from conftest import tiny_config
-from test_loggers import read_scalars
+from helpers import read_scalars, tiny_config
 
 CARE = {"name": "care", "alignment": {"epochs": 1}}
 

@@ -10,11 +10,9 @@ import torch
 from carecl.engine import Experiment, learn_task
 from carecl.tuners.sema import LossWindow, SEMAConfig, SEMAInjector
 
-from conftest import tiny_config
-from test_resume import check_interrupted_run_resumes_identically
-from test_tuners import tiny_vit
+from helpers import check_interrupted_run_resumes_identically, tiny_config, tiny_vit
 
-SEMA = {"name": "sema", "bottleneck": 4, "rd_dim": 8, "first_expandable": 1, "last_expandable": 1, "rd_epochs": 2,
+SEMA = {"name": "sema", "sema": {"bottleneck": 4, "rd_dim": 8, "first_expandable": 1, "last_expandable": 1}, "rd_epochs": 2,
         "detect_batch_size": 8}
 
 
@@ -67,7 +65,7 @@ def test_a_block_expands_when_every_adapter_sees_the_batch_out_of_distribution()
 
 
 def test_adapters_freeze_after_their_task_and_a_task_without_shift_trains_the_head_only():
-    experiment = Experiment.build(tiny_config(method={**SEMA, "threshold": 1e9}, train={"epochs": 2}))
+    experiment = Experiment.build(tiny_config(method={**SEMA, "sema": {**SEMA["sema"], "threshold": 1e9}}, train={"epochs": 2}))
     method = experiment.method
     learn_task(experiment, experiment.scenario.task(0))
     adapters = {k: v.clone() for k, v in method.tuner.state_dict().items()}
@@ -79,7 +77,7 @@ def test_adapters_freeze_after_their_task_and_a_task_without_shift_trains_the_he
 
 
 def test_a_detected_shift_adds_an_adapter_that_trains_while_the_old_ones_stay(tmp_path):
-    experiment = Experiment.build(tiny_config(method={**SEMA, "threshold": 0.0}, train={"epochs": 2}))
+    experiment = Experiment.build(tiny_config(method={**SEMA, "sema": {**SEMA["sema"], "threshold": 0.0}}, train={"epochs": 2}))
     method = experiment.method
     learn_task(experiment, experiment.scenario.task(0))
     first = [p.detach().clone() for p in method.tuner.layers[1].adapters[0].parameters()]
@@ -93,12 +91,14 @@ def test_a_detected_shift_adds_an_adapter_that_trains_while_the_old_ones_stay(tm
 
 
 def test_a_run_interrupted_after_an_expansion_resumes_identically(tmp_path, monkeypatch):
-    config = tiny_config(method={**SEMA, "threshold": 0.0}, train={"epochs": 2, "checkpoint_every_epochs": 1})
+    config = tiny_config(method={**SEMA, "sema": {**SEMA["sema"], "threshold": 0.0}}, train={"epochs": 2, "checkpoint_every_epochs": 1})
     check_interrupted_run_resumes_identically(config, "task1/descriptors/epoch1/batch0", tmp_path, monkeypatch)
 
 
-def test_expandable_blocks_must_exist():
+def test_expandable_blocks_must_exist_and_default_to_the_last_three():
     from carecl.config import ConfigError
 
-    with pytest.raises(ConfigError, match="first_expandable 9 is beyond the ViT's 2 blocks"):
-        Experiment.build(tiny_config(method={"name": "sema"}))
+    with pytest.raises(ConfigError, match=r"method.sema.first_expandable 9 is not a block of the ViT \(it has 2"):
+        Experiment.build(tiny_config(method={"name": "sema", "sema": {"first_expandable": 9, "last_expandable": 11}}))
+    assert Experiment.build(tiny_config(method={"name": "sema"})).method.expandable_blocks == [0, 1]
+    assert SEMAConfig().expandable_range(12) == range(9, 12)  # the authors' adapt_start_layer 9 .. end 11

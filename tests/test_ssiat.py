@@ -11,11 +11,9 @@ import torch.nn.functional as F
 from carecl.engine import Experiment, learn_task, run_experiment
 from carecl.methods.ssiat import semantic_shift
 
-from conftest import tiny_config
-from test_frozen_feature_methods import DEMO_BACKBONE, GLYPHS
-from test_resume import check_interrupted_run_resumes_identically
+from helpers import DEMO_BACKBONE, GLYPHS, check_interrupted_run_resumes_identically, tiny_config
 
-SSIAT = {"name": "ssiat", "adapter_bottleneck": 4, "later_epochs": 1,
+SSIAT = {"name": "ssiat", "adapter": {"bottleneck": 4}, "later_epochs": 1,
          "alignment": {"epochs": 2, "scheduler_t_max": 2, "samples_per_class": 8}}
 
 
@@ -56,13 +54,13 @@ def test_shared_adapters_learn_every_task_old_heads_stay_and_alignment_is_kept(m
     means0 = torch.stack([method.statistics.mean(c) for c in range(2)])
     aligned = {}
 
-    def spy(self, context):  # the heads just before alignment (after the task's training)
+    def spy(self, *args, **options):  # the heads just before alignment (after the task's training)
         aligned["before"] = [h.detach().clone() for h in self.classifier.heads]
-        return original(self, context)
+        return original(self, *args, **options)
 
     from carecl.methods.ssiat import SSIAT as Learner
-    original = Learner.align
-    monkeypatch.setattr(Learner, "align", spy)
+    original = Learner.align_head
+    monkeypatch.setattr(Learner, "align_head", spy)
     learn_task(experiment, second)
     assert any(not torch.equal(adapters[k], v) for k, v in method.tuner.state_dict().items()), \
         "the shared adapters are tuned again in the second task"

@@ -129,3 +129,24 @@ def test_no_script_shadows_a_standard_library_module():
                *Path(__file__).resolve().parents[1].glob("scripts/*.py")]
     assert scripts
     assert [path.name for path in scripts if path.stem in sys.stdlib_module_names] == []
+
+
+def test_tuners_import_only_downward():
+    """Injectors sit just above config: they import config (and errors, registry) and each other, nothing higher."""
+    graph = import_graph()
+    allowed = {"carecl.config", "carecl.errors", "carecl.registry"}
+    for module in (m for m in graph if m.startswith("carecl.tuners")):
+        upward = sorted(t for t in graph[module] if t not in allowed and not t.startswith("carecl.tuners"))
+        assert upward == [], f"{module} imports {upward}"
+
+
+def test_the_command_line_parser_loads_no_torch():
+    """`carecl --help` answers at once: building every command's parser imports neither torch nor a method."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from carecl.cli.main import build_parser; build_parser(); "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('carecl.methods', 'carecl.data'))))")
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from timm.models.vision_transformer import Attention
 
@@ -18,12 +17,7 @@ from carecl.tuners.prompt_tokens import PromptTokenInjector
 from carecl.tuners.ssf import SSFConfig, SSFInjector
 from carecl.tuners.vpt import VPTConfig, VPTInjector
 
-from conftest import TINY_VIT
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_VIT).eval()
+from helpers import tiny_vit
 
 
 def images():

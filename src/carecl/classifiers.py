@@ -21,6 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def linear_head(width: int, n_classes: int) -> nn.Linear:
+    """A Linear head initialised as timm initialises a ViT's: weights N(0, 0.02) truncated, bias 0."""
+    head = nn.Linear(width, n_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class CosineClassifier(nn.Module):
     """logit_k = cos(f, w_k); unscaled, no bias. Blocks are appended task by task."""
 
@@ -200,6 +208,12 @@ class AnalyticClassifier(nn.Module):
         super().__init__()
         self.register_buffer("weight", torch.zeros(in_features, 0, dtype=torch.float64))
         self.register_buffer("inverse", torch.eye(in_features, dtype=torch.float64) / gamma)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "weight")
+        if saved is not None:  # W has a column per class fitted so far: its width comes from the saved state
+            self.weight = self.weight.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit_task(self, features: Tensor, labels: Tensor, n_classes: int) -> None:

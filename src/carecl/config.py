@@ -12,17 +12,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
 from carecl.errors import CareclError
-from carecl.registry import METHODS
+from carecl.registry import METHODS, TRANSFORMS
 
 
 class ConfigError(CareclError, ValueError):
@@ -98,11 +99,9 @@ class DataConfig:
     crop_pct: float | None = None
     # Training augmentation; null = the dataset's default (crop_flip). none = train on test transforms.
     augment: Literal["crop_flip", "crop", "flip", "none"] | None = None
-    # Transform recipe; null = the dataset's own (the CaRE release's for published benchmarks). A method's
-    # published settings may name another, e.g. APER trains every benchmark with pilot_wide_crop.
-    transforms: Literal["pilot_cifar", "pilot_random_interpolation", "pilot_random_interpolation_jitter",
-                        "pilot_wide_crop", "pilot_coda", "hide_cifar", "backbone", "clip", "clip_crop_at_test",
-                        "in_memory"] | None = None
+    # Transform recipe (a name in data/transforms.py's registry); null = the dataset's own (the CaRE release's for
+    # published benchmarks). A method's published settings may name another: APER trains with pilot_wide_crop.
+    transforms: str | None = None
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 30
     synthetic_test_per_class: int = 10
@@ -134,6 +133,8 @@ class DataConfig:
                 f"must be >= 0 (or null for auto), got {self.num_workers}")
         if self.class_order is not None:
             require(len(set(self.class_order)) == len(self.class_order), "class_order", "contains repeated class ids")
+        require(self.transforms is None or self.transforms in TRANSFORMS, "transforms",
+                f"must be one of {', '.join(map(repr, TRANSFORMS.names()))} (or null), got {self.transforms!r}")
         if self.domains is not None:
             names = [domain.name for domain in self.domains]
             require(len(set(names)) == len(names), "domains", f"names must differ, got {names}")
@@ -230,9 +231,15 @@ class EvalConfig:
 
 @dataclass
 class MethodConfig:
-    """Base of every method's options; `name` selects the registered method (registry.METHODS)."""
+    """Base of every method's options; `name` selects the registered method (registry.METHODS).
+
+    A tuner's options nest as one section (`adapter:`, `brmoe:`, ...), its own config dataclass. Options
+    that moved keep working: `moved_keys` maps each old key (dotted, below `method.`) to its new place;
+    a file or --set using the old key is rewritten at load with a one-line notice.
+    """
 
     name: str = "simplecil"
+    moved_keys: ClassVar[dict[str, str]] = {}
 
 
 @dataclass
@@ -339,9 +346,60 @@ def _over_default(spec: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, dict) or spec.default_factory is dataclasses.MISSING or spec.name == "method":
         return value
     default = spec.default_factory()
-    if not dataclasses.is_dataclass(default):
-        return value
-    return {**dataclasses.asdict(default), **value}
+    return _merge_into(default, value) if dataclasses.is_dataclass(default) else value
+
+
+def _merge_into(default: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """`given` over the fields of the dataclass instance `default`, section by section (deep)."""
+    merged = dataclasses.asdict(default)
+    for key, value in given.items():
+        inner = getattr(default, key, None)
+        merged[key] = _merge_into(inner, value) if isinstance(value, dict) and dataclasses.is_dataclass(inner) else value
+    return merged
+
+
+log = logging.getLogger("carecl")
+
+
+def move_renamed_keys(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` with each old key of `cls.moved_keys` moved to its new dotted place, with a notice per key."""
+    moved = getattr(cls, "moved_keys", {})
+    if not any(_dotted_get(data, old.split("."))[0] for old in moved):
+        return data
+    data = copy.deepcopy(data)
+    for old, new in moved.items():
+        found, value = _dotted_get(data, old.split("."))
+        if not found:
+            continue
+        if _dotted_get(data, new.split("."))[0]:
+            raise ConfigError(f"{where}.{old} and {where}.{new} are the same option ({old} was renamed): "
+                              f"give only {where}.{new}")
+        _dotted_pop(data, old.split("."))
+        _dotted_set(data, new.split("."), value)
+        log.warning("%s.%s is now %s.%s; the old key still works (scripts/migrate_configs.py rewrites a file)",
+                    where, old, where, new)
+    return data
+
+
+def _dotted_get(data: Any, keys: list[str]) -> tuple[bool, Any]:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False, None
+        data = data[key]
+    return True, data
+
+
+def _dotted_pop(data: dict[str, Any], keys: list[str]) -> None:
+    parent = _dotted_get(data, keys[:-1])[1]
+    parent.pop(keys[-1])
+
+
+def _dotted_set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{'.'.join(keys[:-1])} must be a mapping, got {data!r}")
+    data[keys[-1]] = value
 
 
 def method_options_class(name: Any, where: str = "method") -> type:
@@ -358,6 +416,7 @@ def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys, then run its `validate()`."""
     if cls is MethodConfig or (isinstance(cls, type) and issubclass(cls, MethodConfig) and "name" in data):
         cls = method_options_class(data.get("name", MethodConfig.name), where)
+    data = move_renamed_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}

@@ -72,7 +72,8 @@ class MethodEntry:
 
 
 class DiscoveringRegistry(Registry[T]):
-    """A registry that imports every module of `package` before its first lookup (their decorators register)."""
+    """A registry that imports `package` and every module in it before its first lookup (their decorators
+    register); `package` may also be a single module that fills the registry when imported."""
 
     def __init__(self, kind: str, package: str) -> None:
         super().__init__(kind)
@@ -84,7 +85,7 @@ class DiscoveringRegistry(Registry[T]):
             return
         self._discovered = True
         package = importlib.import_module(self.package)
-        for module in pkgutil.iter_modules(package.__path__):
+        for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
             if not module.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{module.name}")
 
@@ -103,3 +104,6 @@ class DiscoveringRegistry(Registry[T]):
 
 # Every continual learner, by name: filled by `carecl.methods.base.register_method`.
 METHODS: DiscoveringRegistry[MethodEntry] = DiscoveringRegistry("method", "carecl.methods")
+# Transform recipes `data.transforms` may name: filled by `carecl.data.transforms` (torchvision) on first lookup,
+# so the config checks a name against the recipes that exist without importing them itself.
+TRANSFORMS: DiscoveringRegistry = DiscoveringRegistry("transform recipe", "carecl.data.transforms")

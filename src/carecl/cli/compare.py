@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from carecl.report.compare import compare, comparison_csv, comparison_markdown
-
 
 def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -21,6 +19,8 @@ def add_command(subparsers: Any) -> None:
 
 
 def command_compare(args: argparse.Namespace) -> int:
+    from carecl.report.compare import compare, comparison_csv, comparison_markdown
+
     comparisons = compare(args.runs)
     table = comparison_markdown(comparisons)
     print(table)

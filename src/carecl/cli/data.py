@@ -6,26 +6,25 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from carecl.data.catalog import CATALOG
-
 
 def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("data", help="prepare, verify or download a benchmark's files",
                                    description="Unpack a benchmark's archive where carecl reads it, check it against "
                                                "its published counts and a checksum manifest, or download it.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    names = sorted(CATALOG)
+    # Names are checked by the command (the catalog lives in carecl.data, which loads torch: --help stays light).
+    names = {"metavar": "NAME", "help": "a benchmark: omnibenchmark1k, imagenet-r, imagenet-a, objectnet, omnibenchmark, vtab, cub, cifar100, ..."}
     prepare = actions.add_parser("prepare", help="unpack an archive (tar, zip) or copy an unpacked folder; resumable")
-    prepare.add_argument("name", choices=names)
+    prepare.add_argument("name", **names)
     prepare.add_argument("--archive", type=Path, required=True, metavar="FILE|DIR")
     prepare.add_argument("--root", type=Path, required=True, metavar="DIR", help="data.root of the configs")
     prepare.set_defaults(handler=command_prepare)
     verify = actions.add_parser("verify", help="counts, unreadable images, duplicates across splits, checksums")
-    verify.add_argument("name", choices=names)
+    verify.add_argument("name", **names)
     verify.add_argument("--root", type=Path, required=True, metavar="DIR")
     verify.set_defaults(handler=command_verify)
     download = actions.add_parser("download", help="fetch from the Hugging Face hub (omnibenchmark1k), then prepare")
-    download.add_argument("name", choices=names)
+    download.add_argument("name", **names)
     download.add_argument("--root", type=Path, required=True, metavar="DIR")
     download.set_defaults(handler=command_download)
 

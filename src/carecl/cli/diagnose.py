@@ -9,9 +9,10 @@ from typing import Any
 from carecl.cli.common import add_data_arguments, data_overrides
 
 
-def add_command(subparsers: Any) -> None:
-    from carecl.tuners.brmoe.diagnostics import OUTPUT_DIR
+OUTPUT_DIR = "diagnostics"
 
+
+def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "diagnose", help="routing diagnostics of a CaRE run: R@M, E@K, entropy gap, expert usage per block",
         description="Run the task-free forward of a finished CaRE run on the test images of its seen classes "
@@ -26,7 +27,8 @@ def add_command(subparsers: Any) -> None:
 def command_diagnose(args: argparse.Namespace) -> int:
     from carecl.engine.checkpointing import load_experiment
     from carecl.runs.directory import RunDirectory
-    from carecl.tuners.brmoe.diagnostics import OUTPUT_DIR, diagnose_routing, write_diagnostics
+    from carecl.report.routing import diagnose_routing
+    from carecl.report.routing_files import write_diagnostics
 
     experiment = load_experiment(RunDirectory.open(args.run), data_overrides=data_overrides(args))
     diagnostics = diagnose_routing(experiment)

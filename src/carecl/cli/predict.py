@@ -7,9 +7,10 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from carecl.predict import ImagePrediction, PredictionError, Predictor, iter_predictions
+if TYPE_CHECKING:
+    from carecl.predict import ImagePrediction
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
@@ -55,6 +56,8 @@ def add_command(subparsers: Any) -> None:
 
 
 def command_predict(args: argparse.Namespace) -> int:
+    from carecl.predict import PredictionError, Predictor, iter_predictions
+
     files, problems = expand_inputs(args.inputs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from carecl.report.build import build_report
-
 
 def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -21,6 +19,8 @@ def add_command(subparsers: Any) -> None:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from carecl.report.build import build_report
+
     report = build_report(args.runs, args.output)
     print(f"report: {report}")
     return 0

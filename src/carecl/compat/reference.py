@@ -30,7 +30,7 @@ from carecl.compat import reference_layout as layout
 from carecl.compat.reference_layout import ReferenceCheckpointError
 from carecl.compat.release_json import load_experiment_file
 from carecl.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict
-from carecl.runs.checkpoints import atomic_write_bytes
+from carecl.runs.files import atomic_write_bytes
 from carecl.runs.directory import RunDirectory
 from carecl.scenario import Scenario, ScenarioError, task_sizes
 
@@ -181,10 +181,10 @@ def _hints(state: Mapping[str, Tensor], config: ExperimentConfig, backbone: torc
     """Say which config setting a mismatch most likely comes from."""
     found = layout.describe(state)
     hints = []
-    options = config.method
-    for key, configured in (("adapter_dim", options.adapter_dim), ("expert_dim", options.expert_dim)):
+    brmoe = config.method.brmoe
+    for key, configured in (("adapter_dim", brmoe.adapter_dim), ("expert_dim", brmoe.expert_dim)):
         if found[key] is not None and found[key] != configured:
-            hints.append(f"the checkpoint's {key} is {found[key]}, the config's method.{key} is {configured}")
+            hints.append(f"the checkpoint's {key} is {found[key]}, the config's method.brmoe.{key} is {configured}")
     configured_vit = (len(backbone.blocks), backbone.embed_dim)
     if (found["blocks"], found["width"]) != configured_vit:
         hints.append(f"the checkpoint's ViT has {found['blocks']} blocks of width {found['width']}, the config's "

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 
 from carecl.config import DataConfig
 from carecl.data.base import Transform
-from carecl.registry import Registry
+from carecl.registry import TRANSFORMS
 
 INPUT_SIZE = 224
 # The release resizes to 256 before its 224 centre crop.
@@ -201,7 +201,6 @@ def _release(build: Callable[[Preprocessing], TransformPair], normalised: bool) 
 
 
 # Named recipes, selectable with `data.transforms` (the release's are LAMDA-PILOT's).
-TRANSFORMS: Registry[TransformRecipe] = Registry("transform recipe")
 for _name, _recipe in {
     "pilot_cifar": _release(release_cifar, normalised=True),
     "pilot_random_interpolation": _release(release_random_interpolation(color_jitter=False), normalised=True),

@@ -20,8 +20,9 @@ from carecl.data import BenchmarkData, DatasetError, build_dataset
 from carecl.engine.experiment import Experiment, seed_everything
 from carecl.runs import checkpoints as ckpt
 from carecl.runs.checkpoints import (LEARNER_INFO, LEARNER_TENSORS, TRAINER_INFO, TRAINER_TENSORS, Checkpoint,
-                                     CheckpointError, capture_rng, restore_rng)
+                                     CheckpointError)
 from carecl.runs.directory import CLASSES_FILE, CONFIG_FILE, RunClasses, RunDirectory, RunDirectoryError
+from carecl.runs.training_state import capture_rng, restore_rng
 from carecl.runs.state import RESUME_OVERRIDABLE, MidTaskState, RunProgress, config_differences
 
 log = logging.getLogger("carecl")

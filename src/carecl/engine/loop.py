@@ -31,7 +31,7 @@ from carecl.formatting import format_clock
 from carecl.methods.base import Phase, StepOutput
 from carecl.metrics import RunSummary, TaskEvaluation
 from carecl.runs import checkpoints as ckpt
-from carecl.runs.checkpoints import load_optimizer_state, optimizer_state
+from carecl.runs.training_state import load_optimizer_state, optimizer_state
 from carecl.runs.state import MidTaskState, RunProgress
 from carecl.scenario import Task
 

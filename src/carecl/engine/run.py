@@ -23,7 +23,8 @@ from carecl.engine.experiment import Experiment, seed_everything
 from carecl.engine.loop import TaskWriter, TrainingError, build_run_logger, learn_all_tasks
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary
-from carecl.runs.checkpoints import CheckpointError, write_error
+from carecl.runs.checkpoints import CheckpointError
+from carecl.runs.files import write_error
 from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
 from carecl.runs.state import RunProgress, config_differences
 

@@ -44,6 +44,8 @@ class ACILConfig(FeatureLearnerConfig):
 
 @register_method("acil", ACILConfig)
 class ACIL(FeatureLearner):
+    options: ACILConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         buffer = torch.empty(self.options.buffer_size, backbone.num_features)

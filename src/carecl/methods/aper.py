@@ -21,6 +21,8 @@ from carecl.scenario import Scenario, Task
 class APER(FeatureLearner):
     """Prototypes of [frozen CLS feature, adapted CLS feature] (2·C wide), cosine scores."""
 
+    options: AperConfig
+
     fixed_class_scores = True  # features frozen after the first task, a prototype per class
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:

@@ -16,9 +16,11 @@ Adding a method (one new file, `carecl/methods/<name>.py`, and a YAML; nothing e
    `end_task`; `predict` returns scores over the seen classes (`predict_in_task` over one task's,
    for task-incremental evaluation); `class_probabilities` when a softmax of those scores is not a
    calibrated probability.
-4. State: everything learned must come back from `state_tensors()` (module weights and buffers
-   are included by default; add statistics and other tensors by overriding it and
-   `load_state_tensors`). The frozen backbone is listed in `backbone_modules()` and never saved.
+4. State: everything learned must come back from `state_tensors()`: module weights and buffers
+   are included by default, and state kept outside the module (class statistics, CaRE's anchor) is
+   listed by prefix in `saved_states()`. The frozen backbone is listed in `backbone_modules()` and
+   never saved. Shared steps live here too: `align_head` (classifier alignment on the class
+   Gaussians, private RNG stream) and `Phase.from_train` (a phase of the `train:` settings).
 5. Resume contract: a mid-phase checkpoint holds `state_tensors()`, the optimiser and the RNGs;
    on resume `begin_phase` is NOT called again. Whatever `begin_phase` prepares that later
    training steps read (CaRE: the shared-adapter anchor) must therefore be in `state_tensors()`.
@@ -31,16 +33,20 @@ Call order for each task: begin_task -> for each phase: begin_phase, [training_l
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from torch import nn
 
-from carecl.config import ExperimentConfig, MethodConfig
+from carecl.alignment import align_classifier
+from carecl.alignment_config import AlignmentConfig
+from carecl.config import ExperimentConfig, MethodConfig, TrainConfig
 from carecl.distributed import SINGLE_PROCESS, Distributed
 from carecl.registry import METHODS, MethodEntry
 from carecl.scenario import Scenario, Task
+from carecl.statistics import GaussianClassStatistics
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -84,6 +90,29 @@ class Phase:
     @property
     def final_lr(self) -> float:
         return cosine_lr(self.lr, self.min_lr, self.schedule_epochs, self.epochs)
+
+    @classmethod
+    def from_train(cls, name: str, train: TrainConfig, *, epochs: int | None = None, lr: float | None = None,
+                   **options: Any) -> "Phase":
+        """`epochs` (train.epochs) on a cosine from `lr` (train.lr) to train.min_lr over exactly those epochs."""
+        epochs = train.epochs if epochs is None else epochs
+        return cls(name, epochs, train.lr if lr is None else lr, train.min_lr, epochs, **options)
+
+
+class StateHolder(Protocol):
+    """State saved beside a method's module tensors (see `Method.saved_states`)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StateAccess:
+    """A StateHolder made of two functions, for state a module keeps apart (CaRE's anchor)."""
+
+    state_dict: Callable[[], dict[str, torch.Tensor]]
+    load_state_dict: Callable[[dict[str, torch.Tensor]], None]
 
 
 @dataclass
@@ -152,6 +181,9 @@ class TaskContext:
 class Method(nn.Module):
     """Base class of continual learners; subclasses override the hooks they need (module docstring)."""
 
+    # A subclass re-annotates this with its own options class (e.g. `options: CareConfig`).
+    options: MethodConfig
+
     # Can score the classes of tasks not learned yet (a CLIP text head: eval.unseen_tasks, zero-shot transfer).
     scores_unseen_tasks = False
     # A class's score on an image never changes once the class is learned (frozen features, a score per class
@@ -196,16 +228,51 @@ class Method(nn.Module):
         frozen = {id(t) for module in self.backbone_modules() for t in [*module.parameters(), *module.buffers()]}
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
 
+    def saved_states(self) -> dict[str, StateHolder]:
+        """State kept outside the module's weights and buffers, saved under `<prefix>.` keys (class statistics)."""
+        return {}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything learned (weights, buffers, statistics) except the frozen backbone."""
-        return self.module_state_tensors()
+        """Everything learned (weights, buffers, `saved_states`) except the frozen backbone."""
+        tensors = self.module_state_tensors()
+        for prefix, holder in self.saved_states().items():
+            tensors.update({f"{prefix}.{key}": value for key, value in holder.state_dict().items()})
+        return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors, parts = dict(tensors), {}
+        for prefix in self.saved_states():
+            parts[prefix] = {key[len(prefix) + 1:]: tensors.pop(key) for key in list(tensors)
+                             if key.startswith(prefix + ".")}
         expected = set(self.module_state_tensors())
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             raise KeyError(f"saved learner state does not fit: missing {missing[:10]}, unexpected {unexpected[:10]}")
         self.load_state_dict(tensors, strict=False)
+        for prefix, holder in self.saved_states().items():
+            holder.load_state_dict(parts[prefix])
+
+    # ---- shared steps --------------------------------------------------------------------
+    def align_head(self, head: nn.Module, statistics: GaussianClassStatistics, config: AlignmentConfig, context: TaskContext, stream: str,
+                   **options: Any) -> list[float]:
+        """Classifier alignment of `head` over the seen classes on their Gaussians (alignment.py), its samples drawn
+        from a private RNG stream named by seed, task and `stream` (training's RNG is never disturbed); every
+        parameter of `head` trains and gets its requires_grad back afterwards. `options`: align_classifier's
+        (scale, logits, steps_per_epoch)."""
+        task = context.task
+        seed = zlib.crc32(f"{self.experiment.seed}/{task.index}/{stream}".encode())
+        trainable = [parameter.requires_grad for parameter in head.parameters()]
+        head.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                return align_classifier(
+                    head, statistics, config, n_seen_classes=task.high, batch_size=self.experiment.train.batch_size,
+                    task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,
+                    current_task_size=task.size, generator=torch.Generator(device=context.device).manual_seed(seed),
+                    device=context.device, progress=context.progress, **{"scale": 1.0, **options})
+        finally:
+            for parameter, flag in zip(head.parameters(), trainable):
+                parameter.requires_grad_(flag)
 
     # ---- hooks -------------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:
@@ -215,7 +282,7 @@ class Method(nn.Module):
         train = self.experiment.train
         if train.epochs == 0 or not self.trainable_parameters():
             return []
-        return [Phase("train", train.epochs, train.lr, train.min_lr, train.epochs)]
+        return [Phase.from_train("train", train)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

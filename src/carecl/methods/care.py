@@ -6,24 +6,17 @@ class statistics for classifier alignment. Behaviour follows the authors' releas
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carecl.alignment import align_classifier
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig
-from carecl.methods.base import Method, Phase, StepOutput, TaskContext, register_method
+from carecl.methods.base import Method, Phase, StateAccess, StateHolder, StepOutput, TaskContext, register_method
 from carecl.methods.care_config import CareConfig
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
 from carecl.tuners.brmoe.model import BRMoEViT
-
-STATISTICS_PREFIX = "statistics."
-ANCHOR_PREFIX = "anchor."
-
 
 def distillation_temperature(block: int, n_blocks: int) -> float:
     """T_ℓ = 1 in the first half of the blocks, 2 in the second (blocks 0-5 / 6-11 of ViT-B)."""
@@ -32,11 +25,13 @@ def distillation_temperature(block: int, n_blocks: int) -> float:
 
 @register_method("care", CareConfig)
 class CaRE(Method):
+    options: CareConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
-        options: CareConfig = config.method
+        options = self.options
         self.backbone = backbone
-        self.model = BRMoEViT(backbone, options.brmoe())
+        self.model = BRMoEViT(backbone, options.brmoe)
         self.classifier = CosineClassifier(self.model.embed_dim)
         self.statistics = GaussianClassStatistics(storage=options.alignment.storage)
 
@@ -60,7 +55,7 @@ class CaRE(Method):
     def training_phases(self, task: Task) -> list[Phase]:
         train = self.experiment.train
         if task.index == 0:
-            return [Phase("train", train.epochs, train.lr, train.min_lr, train.epochs)]
+            return [Phase.from_train("train", train)]
         half = train.epochs // 2
         # Release (models/care.py): a full cosine of its own down to lr/2, align, then a fresh
         # optimiser from that lr down to min_lr (not the first half of one long cosine).
@@ -79,7 +74,7 @@ class CaRE(Method):
 
     # ---- training ---------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, targets: torch.Tensor, task: Task) -> StepOutput:
-        options: CareConfig = self.options
+        options = self.options
         output = self.model(images, task=task.index)
         cos_new = self.classifier(output.features)[:, task.low : task.high]
         local_targets = targets - task.low
@@ -93,7 +88,7 @@ class CaRE(Method):
         return StepOutput(main + aux, {"main": main.item(), "aux": aux.item()})
 
     def auxiliary_loss(self, logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-        options: CareConfig = self.options
+        options = self.options
         # Release: its "cosface" loss with margin 0 on raw perceptron logits is CE(τ·h).
         hard = F.cross_entropy(options.scale * logits if options.aux_cos_loss else logits, targets)
         if not options.self_dist_loss:
@@ -123,22 +118,14 @@ class CaRE(Method):
         sums.store_into(self.statistics)
 
     def align(self, context: TaskContext, phase: Phase) -> None:
-        options: CareConfig = self.options
-        task = context.task
-        # A private stream per (seed, task, phase): sampling never disturbs the training RNG.
-        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/{phase.name}".encode())
-        generator = torch.Generator(device=context.device).manual_seed(stream)
-        align_classifier(
-            self.classifier, self.statistics, options.alignment,
-            n_seen_classes=task.high, scale=options.scale, batch_size=self.experiment.train.batch_size,
-            task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,
-            current_task_size=task.size, generator=generator, device=context.device, progress=context.progress,
-        )
+        # One sampling stream per (seed, task, phase).
+        self.align_head(self.classifier, self.statistics, self.options.alignment, context, phase.name,
+                        scale=self.options.scale)
 
     # ---- prediction ------------------------------------------------------------------------
     def uses_iterative_prediction(self) -> bool:
         """Release: iterative from the second task while the task index is <= 60 (iter_pred_max_tasks = 61 learned)."""
-        options: CareConfig = self.options
+        options = self.options
         return options.iter_pred and 1 < self.n_learned_tasks <= options.iter_pred_max_tasks
 
     @torch.no_grad()
@@ -172,18 +159,8 @@ class CaRE(Method):
         return best_logits.softmax(dim=1) + (scale * self.logits(images)).softmax(dim=1)
 
     # ---- state -------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Module weights, class statistics and, inside a phase of a later task, the shared-adapter anchor
-        (begin_phase's snapshot, which a mid-phase resume restores instead of calling begin_phase)."""
-        tensors = super().state_tensors()
-        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
-        tensors.update({ANCHOR_PREFIX + k: v for k, v in self.model.anchor_state().items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        parts = {prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                 for prefix in (STATISTICS_PREFIX, ANCHOR_PREFIX)}
-        super().load_state_tensors({k: v for k, v in tensors.items()
-                                    if not k.startswith((STATISTICS_PREFIX, ANCHOR_PREFIX))})
-        self.statistics.load_state_dict(parts[STATISTICS_PREFIX])
-        self.model.load_anchor_state(parts[ANCHOR_PREFIX])
+    def saved_states(self) -> dict[str, StateHolder]:
+        """Class statistics and, inside a phase of a later task, the shared-adapter anchor (begin_phase's
+        snapshot, which a mid-phase resume restores instead of calling begin_phase)."""
+        return {"statistics": self.statistics,
+                "anchor": StateAccess(self.model.anchor_state, self.model.load_anchor_state)}

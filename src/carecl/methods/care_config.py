@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from carecl.alignment_config import AlignmentConfig
 from carecl.config import MethodConfig, require
@@ -10,10 +10,11 @@ from carecl.tuners.brmoe.config import BRMoEConfig
 
 
 @dataclass
-class CareConfig(BRMoEConfig, MethodConfig):
-    """CaRE's options: the BR-MoE fields (adapter_dim ... anchor_momentum) plus the learner's."""
+class CareConfig(MethodConfig):
+    """CaRE's options: the BR-MoE adapter's (`brmoe:`) plus the learner's."""
 
     name: str = "care"
+    brmoe: BRMoEConfig = field(default_factory=BRMoEConfig)
     # τ: cosine logits are multiplied by it in every loss.
     scale: float = 20.0
     aux_cos_loss: bool = True
@@ -23,10 +24,9 @@ class CareConfig(BRMoEConfig, MethodConfig):
     iter_pred_max_tasks: int = 61
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
+    moved_keys = {key: f"brmoe.{key}" for key in ("adapter_dim", "expert_dim", "topk_experts", "topk_routers",
+                                                  "adapter_dropout", "anchor_momentum")}
+
     def validate(self) -> None:
-        BRMoEConfig.validate(self)
         require(self.scale > 0, "scale", f"must be positive, got {self.scale}")
         require(self.iter_pred_max_tasks >= 0, "iter_pred_max_tasks", f"must be >= 0, got {self.iter_pred_max_tasks}")
-
-    def brmoe(self) -> BRMoEConfig:
-        return BRMoEConfig(**{f.name: getattr(self, f.name) for f in fields(BRMoEConfig)})

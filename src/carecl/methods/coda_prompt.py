@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.config import ExperimentConfig, require
+from carecl.config import ConfigError, ExperimentConfig, require
 from carecl.methods.base import StepOutput, register_method
 from carecl.methods.prompt_learner import PromptLearner, PromptScheduleOptions, prompted_blocks
 from carecl.scenario import Scenario, Task
@@ -68,13 +68,15 @@ def orthogonality_penalty(rows: Tensor) -> Tensor:
 
 @register_method("coda_prompt", CODAPromptConfig)
 class CODAPrompt(PromptLearner):
+    options: CODAPromptConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features
         self.layers = prompted_blocks(options.layers, [0, 1, 2, 3, 4], len(backbone.blocks), "layers")
         self.per_task = options.pool_size // scenario.n_tasks
         if self.per_task == 0:
-            raise ValueError(f"method.pool_size {options.pool_size} gives no component to each of {scenario.n_tasks} "
+            raise ConfigError(f"method.pool_size {options.pool_size} gives no component to each of {scenario.n_tasks} "
                              "tasks: it must be at least the number of tasks")
         self.prefixes = PrefixInjector(backbone, self.layers)
         self.injectors = [self.prefixes]

@@ -64,6 +64,8 @@ def dual_blocks(options: DualPromptConfig, depth: int) -> tuple[list[int], list[
 
 @register_method("dualprompt", DualPromptConfig)
 class DualPrompt(PromptLearner):
+    options: DualPromptConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features

@@ -13,7 +13,7 @@ for the frozen ViT's subspace when `use_init_ptm` adds it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from carecl.classifiers import ScaledCosineHead
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, Phase, StepOutput, TaskContext, register_method
 from carecl.scenario import Scenario, Task
-from carecl.tuners.adapter import AdapterConfig
+from carecl.tuners.adapter import FLAT_ADAPTER_KEYS, AdapterConfig
 from carecl.tuners.adapter_bank import AdapterBankInjector
 
 
@@ -31,9 +31,7 @@ from carecl.tuners.adapter_bank import AdapterBankInjector
 class EASEConfig(MethodConfig):
     name: str = "ease"
     # Each task's adapters: bottleneck width (the authors' `ffn_num`), output scale, dropout.
-    adapter_bottleneck: int = 64
-    adapter_scale: float = 0.1
-    adapter_dropout: float = 0.1
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # Weight of a class's similarity in the other tasks' subspaces, divided by their number (`alpha`).
     alpha: float = 0.1
     # false: plain cosine over the concatenated subspaces (`use_reweight: false`).
@@ -44,9 +42,9 @@ class EASEConfig(MethodConfig):
     # Task-free inference repeats each image once per subspace: at most this many images per ViT forward.
     images_per_pass: int = 512
 
+    moved_keys = FLAT_ADAPTER_KEYS
+
     def validate(self) -> None:
-        require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
-        require(0.0 <= self.adapter_dropout < 1.0, "adapter_dropout", f"must be in [0, 1), got {self.adapter_dropout}")
         require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
         require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         require(self.images_per_pass > 0, "images_per_pass", f"must be positive, got {self.images_per_pass}")
@@ -58,13 +56,13 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
 
 @register_method("ease", EASEConfig)
 class EASE(Method):
+    options: EASEConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options = self.options
         self.backbone = backbone
-        self.bank = AdapterBankInjector(backbone, AdapterConfig(
-            bottleneck=options.adapter_bottleneck, scale=options.adapter_scale, layer_norm=False,
-            dropout=options.adapter_dropout))
+        self.bank = AdapterBankInjector(backbone, options.adapter)
         self.proxy_head: ScaledCosineHead | None = None
         # prototypes[k, s]: class k's mean feature in subspace s (the frozen ViT first with use_init_ptm).
         self.register_buffer("prototypes", torch.zeros(0, 0, backbone.num_features))
@@ -95,7 +93,7 @@ class EASE(Method):
         train = self.experiment.train
         if train.epochs == 0:
             return []
-        return [Phase("task adapters", train.epochs, train.lr, train.min_lr, train.epochs)]
+        return [Phase.from_train("task adapters", train)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.bank.sets[-1].parameters(), *self.proxy_head.parameters()]

@@ -12,7 +12,7 @@ frozen and the features never change again, so they are cached per image.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -32,22 +32,20 @@ from carecl.tuners.vpt import VPTConfig, VPTInjector
 
 @dataclass
 class FirstSessionConfig:
-    """Which PEFT module the first task trains (none: the frozen ViT as it is)."""
+    """Which PEFT module the first task trains (none: the frozen ViT as it is), and each module's options."""
 
     tuner: Literal["none", "adapter", "ssf", "vpt_shallow", "vpt_deep"] = "none"
-    # Parallel adapter bottleneck (PILOT's `ffn_num`) and output scale.
-    adapter_bottleneck: int = 64
-    adapter_scale: float = 0.1
-    # SSF: γ ~ N(1, std), β ~ N(0, std) at the start (PILOT: 0.02).
-    ssf_init_std: float = 0.02
-    # VPT prompt tokens per block (PILOT's `prompt_token_num`), initialised to zeros as PILOT does.
-    prompt_tokens: int = 5
-    prompt_init: Literal["zeros", "uniform"] = "zeros"
+    # Parallel adapter (PILOT's `ffn_num` = bottleneck, output scale 0.1, dropout 0.1).
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # SSF: γ ~ N(1, init_std), β ~ N(0, init_std) at the start (PILOT: 0.02).
+    ssf: SSFConfig = field(default_factory=lambda: SSFConfig(init_std=0.02))
+    # VPT prompt tokens per block (PILOT's `prompt_token_num`), initialised to zeros as PILOT does; shallow or
+    # deep is the tuner's name.
+    vpt: VPTConfig = field(default_factory=lambda: VPTConfig(init="zeros"))
 
     def validate(self) -> None:
-        require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
-        require(self.prompt_tokens > 0, "prompt_tokens", f"must be positive, got {self.prompt_tokens}")
-        require(self.ssf_init_std >= 0, "ssf_init_std", f"must be >= 0, got {self.ssf_init_std}")
+        require(self.vpt.n_prompts > 0, "vpt.n_prompts", f"must be positive, got {self.vpt.n_prompts}")
+        require(not self.vpt.deep, "vpt.deep", "is set by the tuner's name: use tuner: vpt_deep")
 
 
 @dataclass
@@ -58,16 +56,19 @@ class FeatureLearnerConfig(MethodConfig):
     # Remember each image's features once they can no longer change.
     cache_features: bool = True
 
+    moved_keys = {"first_session.adapter_bottleneck": "first_session.adapter.bottleneck",
+                  "first_session.adapter_scale": "first_session.adapter.scale",
+                  "first_session.ssf_init_std": "first_session.ssf.init_std",
+                  "first_session.prompt_tokens": "first_session.vpt.n_prompts",
+                  "first_session.prompt_init": "first_session.vpt.init"}
+
 
 # `first_session.tuner` -> the injector that wraps the ViT for the first task.
 FIRST_SESSION_TUNERS: dict[str, Callable[[nn.Module, FirstSessionConfig], Injector]] = {
-    "adapter": lambda vit, options: ParallelAdapterInjector(vit, AdapterConfig(
-        bottleneck=options.adapter_bottleneck, scale=options.adapter_scale, layer_norm=False, dropout=0.1)),
-    "ssf": lambda vit, options: SSFInjector(vit, SSFConfig(init_std=options.ssf_init_std)),
-    "vpt_shallow": lambda vit, options: VPTInjector(vit, VPTConfig(
-        n_prompts=options.prompt_tokens, deep=False, init=options.prompt_init)),
-    "vpt_deep": lambda vit, options: VPTInjector(vit, VPTConfig(
-        n_prompts=options.prompt_tokens, deep=True, init=options.prompt_init)),
+    "adapter": lambda vit, options: ParallelAdapterInjector(vit, options.adapter),
+    "ssf": lambda vit, options: SSFInjector(vit, options.ssf),
+    "vpt_shallow": lambda vit, options: VPTInjector(vit, options.vpt),
+    "vpt_deep": lambda vit, options: VPTInjector(vit, replace(options.vpt, deep=True)),
 }
 
 
@@ -78,6 +79,8 @@ def build_first_session_tuner(vit: nn.Module, options: FirstSessionConfig) -> In
 
 class FeatureLearner(Method):
     """Features → `fit_classes` after each task → `class_scores`; subclasses supply those two."""
+
+    options: FeatureLearnerConfig
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
@@ -107,7 +110,7 @@ class FeatureLearner(Method):
         train = self.experiment.train
         if task.index > 0 or self.tuner is None or train.epochs == 0:
             return []
-        return [Phase("first-session adaptation", train.epochs, train.lr, train.min_lr, train.epochs)]
+        return [Phase.from_train("first-session adaptation", train)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.tuner is None or self.n_learned_tasks > 0:

@@ -33,6 +33,8 @@ class FeCAMConfig(FeatureLearnerConfig):
 
 @register_method("fecam", FeCAMConfig)
 class FeCAM(FeatureLearner):
+    options: FeCAMConfig
+
     fixed_class_scores = True  # frozen features, each class's mean and precision fixed once fitted
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:

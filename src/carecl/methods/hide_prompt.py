@@ -19,7 +19,6 @@ for the other benchmarks). `norga.py` adds NoRGa's gate on the prefix scores.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -27,18 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.alignment import align_classifier
 from carecl.alignment_config import AlignmentConfig
-from carecl.config import ExperimentConfig, MethodConfig, require
-from carecl.methods.base import ParameterGroup, Phase, StepOutput, TaskContext, register_method
-from carecl.methods.prompt_learner import PromptLearner, linear_head, prompted_blocks, slot_prefixes
+from carecl.classifiers import linear_head
+from carecl.config import ConfigError, ExperimentConfig, MethodConfig, require
+from carecl.methods.base import ParameterGroup, Phase, StateHolder, StepOutput, TaskContext, register_method
+from carecl.methods.prompt_learner import PromptLearner, prompted_blocks, slot_prefixes
 from carecl.methods.regularisers import orthogonality_loss
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
 from carecl.tuners.prefix import PrefixInjector
 from carecl.tuners.prompt_pool import majority_slots
 
-STATISTICS_PREFIX, TII_STATISTICS_PREFIX = "statistics.", "tii_statistics."
 TII_PHASE, PROMPT_PHASE = "task identity", "prompts"
 
 
@@ -126,13 +124,15 @@ class TaskIdentityMLP(nn.Module):
 
 @register_method("hide_prompt", HiDePromptConfig)
 class HiDePrompt(PromptLearner):
+    options: HiDePromptConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features
         self.layers = prompted_blocks(options.prompt_layers, [0, 1, 2, 3, 4], len(backbone.blocks), "prompt_layers")
         pool = options.pool_size or scenario.n_tasks
         if pool < scenario.n_tasks:
-            raise ValueError(f"method.pool_size {pool} is smaller than the {scenario.n_tasks} tasks (one slot per task)")
+            raise ConfigError(f"method.pool_size {pool} is smaller than the {scenario.n_tasks} tasks (one slot per task)")
         self.prefixes = PrefixInjector(backbone, self.layers)
         self.injectors = [self.prefixes]
         # (slots, layers, key/value, length, C), U(-1, 1) as theirs.
@@ -256,14 +256,9 @@ class HiDePrompt(PromptLearner):
     def align(self, context: TaskContext, statistics: GaussianClassStatistics, trained: nn.Module, forward,
               config: AlignmentConfig, label: str) -> None:
         task = context.task
-        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/{self.options.name}/{label}".encode())
         steps = task.low if self.options.alignment_steps == "old_classes" else task.high
-        with torch.enable_grad():
-            align_classifier(trained, statistics, config, n_seen_classes=task.high, scale=1.0,
-                             batch_size=self.experiment.train.batch_size, device=context.device,
-                             progress=context.progress, steps_per_epoch=steps,
-                             generator=torch.Generator(device=context.device).manual_seed(stream),
-                             logits=lambda features: forward(features)[:, : task.high])
+        self.align_head(trained, statistics, config, context, f"{self.options.name}/{label}", steps_per_epoch=steps,
+                        logits=lambda features: forward(features)[:, : task.high])
 
     # ---- inference and state -------------------------------------------------------------------
     def task_slots(self, images: Tensor) -> Tensor:
@@ -279,14 +274,5 @@ class HiDePrompt(PromptLearner):
         features = self.features_with_slots(images, None, self.task_slots(images))
         return self.head(features)[:, : self.n_seen_classes]
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        tensors = super().state_tensors()
-        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
-        tensors.update({TII_STATISTICS_PREFIX + k: v for k, v in self.tii_statistics.state_dict().items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        for prefix, statistics in ((STATISTICS_PREFIX, self.statistics), (TII_STATISTICS_PREFIX, self.tii_statistics)):
-            statistics.load_state_dict({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
-        super().load_state_tensors(tensors)
+    def saved_states(self) -> dict[str, StateHolder]:
+        return {"statistics": self.statistics, "tii_statistics": self.tii_statistics}

@@ -45,6 +45,8 @@ class L2PConfig(PromptScheduleOptions):
 
 @register_method("l2p", L2PConfig)
 class L2P(PromptLearner):
+    options: L2PConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features

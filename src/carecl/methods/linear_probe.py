@@ -36,6 +36,8 @@ class LinearProbeConfig(MethodConfig):
 
 @register_method("linear_probe", LinearProbeConfig)
 class LinearProbe(Method):
+    options: LinearProbeConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         self.backbone = backbone

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ RIDGES = tuple(10.0 ** k for k in range(-8, 9))
 class MoALConfig(MethodConfig):
     name: str = "moal"
     # The adapters (PILOT's: scale 0.1, dropout 0.1; the authors' ffn_num).
-    adapter_bottleneck: int = 64
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # Width of the analytic head's random buffer (the authors' Hidden: 5,000-20,000 by benchmark).
     hidden: int = 20000
     # Momentum of the adapters' moving average, one step per epoch (alpha).
@@ -56,8 +56,9 @@ class MoALConfig(MethodConfig):
     calibration_lr: float = 0.01
     calibration_batch_size: int = 32
 
+    moved_keys = {"adapter_bottleneck": "adapter.bottleneck"}
+
     def validate(self) -> None:
-        require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
         require(self.hidden > 0, "hidden", f"must be positive, got {self.hidden}")
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.progressive_epochs >= 0, "progressive_epochs", f"must be >= 0, got {self.progressive_epochs}")
@@ -85,11 +86,13 @@ def first_analytic_fit(hidden: Tensor, targets: Tensor, scale: float) -> tuple[T
 
 @register_method("moal", MoALConfig)
 class MoAL(Method):
+    options: MoALConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options, width = self.options, backbone.num_features
         self.backbone = backbone
-        self.tuner = ParallelAdapterInjector(backbone, AdapterConfig(options.adapter_bottleneck, 0.1, False, 0.1))
+        self.tuner = ParallelAdapterInjector(backbone, options.adapter)
         self.first_head = ScaledCosineHead(width, scenario.sizes[0])
         # The σ·cosine head of later tasks: the first task's classes re-drawn, then zero rows per task.
         self.head_weight = nn.Parameter(torch.zeros(0, width))
@@ -128,9 +131,9 @@ class MoAL(Method):
     def training_phases(self, task: Task) -> list[Phase]:
         train, options = self.experiment.train, self.options
         if task.index == 0:
-            return [Phase(FIRST, train.epochs, train.lr, train.min_lr, train.epochs)] if train.epochs else []
+            return [Phase.from_train(FIRST, train)] if train.epochs else []
         epochs = options.progressive_epochs
-        return [Phase(PROGRESSIVE, epochs, options.progressive_lr, train.min_lr, epochs)] if epochs else []
+        return [Phase.from_train(PROGRESSIVE, train, epochs=epochs, lr=options.progressive_lr)] if epochs else []
 
     def parameter_groups(self, phase: Phase) -> list[ParameterGroup]:
         head = list(self.first_head.parameters()) if phase.name == FIRST else [self.head_weight, self.head_sigma]

@@ -17,7 +17,7 @@ Two regimes, as the authors' two folders:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,12 +42,9 @@ TEXT_BATCH = 256
 @dataclass
 class MoEAdaptersConfig(MethodConfig):
     name: str = "moe_adapters"
-    # Experts per block per tower, how many each sample mixes, and the expert shape (hard-coded 64, 0.1, 0.1).
-    experts: int = 2
-    top_k: int = 2
-    bottleneck: int = 64
-    adapter_scale: float = 0.1
-    adapter_dropout: float = 0.1
+    # Every block's expert bank in both towers: experts, how many each sample mixes (top_k) and the expert
+    # shape (their hard-coded bottleneck 64, scale 0.1, dropout 0.1), router noise.
+    moe: MoEAdapterConfig = field(default_factory=MoEAdapterConfig)
     # shared: one router for every task (CIL); per_task: a router per task, chosen at test time by DDAS (MTIL).
     routers: Literal["shared", "per_task"] = "shared"
     # Activate-freeze: after each task freeze each block's n most-used experts (MTIL: 2; 0 = never).
@@ -66,11 +63,12 @@ class MoEAdaptersConfig(MethodConfig):
     # DDAS: per-task autoencoders route each test batch (null: no selector; needs routers: shared).
     ddas: DDASConfig | None = None
 
+    moved_keys = {"experts": "moe.experts", "top_k": "moe.top_k", "bottleneck": "moe.bottleneck",
+                  "adapter_scale": "moe.scale", "adapter_dropout": "moe.dropout"}
+
     def validate(self) -> None:
-        require(self.experts > 0, "experts", f"must be positive, got {self.experts}")
-        require(0 < self.top_k <= self.experts, "top_k", f"must be in 1..experts ({self.experts}), got {self.top_k}")
-        require(0 <= self.freeze_top_experts <= self.experts, "freeze_top_experts",
-                f"must be in 0..experts ({self.experts}), got {self.freeze_top_experts}")
+        require(0 <= self.freeze_top_experts <= self.moe.experts, "freeze_top_experts",
+                f"must be in 0..moe.experts ({self.moe.experts}), got {self.freeze_top_experts}")
         require("{}" in self.template, "template", f"needs a {{}} for the class name, got {self.template!r}")
         for template in self.test_templates or []:
             require("{}" in template, "test_templates", f"each needs a {{}} for the class name, got {template!r}")
@@ -82,10 +80,6 @@ class MoEAdaptersConfig(MethodConfig):
                     f"{member}: must be a positive number, got {lr!r}")
         require(self.routers == "shared" or self.ddas is not None, "ddas",
                 "is needed with routers: per_task (it picks each test batch's router)")
-
-    @property
-    def adapter(self) -> MoEAdapterConfig:
-        return MoEAdapterConfig(self.experts, self.top_k, self.bottleneck, self.adapter_scale, self.adapter_dropout)
 
 
 def data_transforms(config: ExperimentConfig) -> tuple[TransformPair, int]:
@@ -101,6 +95,8 @@ def text_tower(clip: nn.Module) -> nn.Module:
 
 @register_method("moe_adapters", MoEAdaptersConfig, "moe_adapter4cl")
 class MoEAdapters(Method):
+    options: MoEAdaptersConfig
+
     scores_unseen_tasks = True
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
@@ -108,13 +104,13 @@ class MoEAdapters(Method):
         if not hasattr(backbone, "encode_text"):
             raise ConfigError("backbone.family: moe_adapters needs a CLIP backbone: set backbone.family: open_clip")
         self.clip = backbone
-        options: MoEAdaptersConfig = self.options
+        options = self.options
         unknown = sorted(set(options.domain_lr or {}) - set(scenario.task_names))
         if unknown and scenario.task_names:
             raise ConfigError(f"method.domain_lr names no member of the stream: {unknown} "
                               f"(members: {', '.join(scenario.task_names)})")
-        self.image_moe = MoEAdapterInjector(backbone.visual, options.adapter)
-        self.text_moe = MoEAdapterInjector(text_tower(backbone), options.adapter)
+        self.image_moe = MoEAdapterInjector(backbone.visual, options.moe)
+        self.text_moe = MoEAdapterInjector(text_tower(backbone), options.moe)
         self.selector = None
         if options.ddas is not None:
             features = build_features(options.ddas, backbone, self.image_moe)

@@ -22,7 +22,6 @@ adapters an image's retrieval visits are run (at most four, one batched forward 
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,17 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.alignment import align_classifier
 from carecl.alignment_config import AlignmentConfig
+from carecl.classifiers import linear_head
 from carecl.config import ExperimentConfig, MethodConfig, require
-from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
+from carecl.methods.base import Method, ParameterGroup, Phase, StateHolder, StepOutput, TaskContext, register_method
 from carecl.methods.regularisers import orthogonality_loss
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
-from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
+from carecl.tuners.adapter import FLAT_ADAPTER_KEYS, AdapterConfig, ParallelAdapterInjector
 from carecl.tuners.adapter_bank import AdapterBankInjector
 
-STATISTICS_PREFIX = "statistics."
 
 
 def mos_alignment() -> AlignmentConfig:
@@ -53,9 +51,7 @@ def mos_alignment() -> AlignmentConfig:
 class MOSConfig(MethodConfig):
     name: str = "mos"
     # The carried adapters (`ffn_num`; scale 0.1, no LayerNorm, dropout 0.1 in their ViT).
-    adapter_bottleneck: int = 16
-    adapter_scale: float = 0.1
-    adapter_dropout: float = 0.1
+    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(bottleneck=16))
     # m of the merge towards the mean of earlier snapshots (`adapter_momentum`); 0 turns merging off.
     merge_momentum: float = 0.1
     # Weight of the orthogonality loss (`reg`) and its temperature (0.8 in the code).
@@ -75,9 +71,9 @@ class MOSConfig(MethodConfig):
     inference_adapters: Literal["merged", "snapshots"] = "merged"
     alignment: AlignmentConfig = field(default_factory=mos_alignment)
 
+    moved_keys = FLAT_ADAPTER_KEYS
+
     def validate(self) -> None:
-        require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
-        require(0.0 <= self.adapter_dropout < 1.0, "adapter_dropout", f"must be in [0, 1), got {self.adapter_dropout}")
         require(0.0 <= self.merge_momentum <= 1.0, "merge_momentum", f"must be in [0, 1], got {self.merge_momentum}")
         require(self.orthogonality_weight >= 0, "orthogonality_weight", f"must be >= 0, got {self.orthogonality_weight}")
         require(self.orthogonality_temperature > 0, "orthogonality_temperature",
@@ -111,20 +107,19 @@ def merge_towards_mean(blocks: list[tuple[list[Tensor], list[Tensor]]], times: l
 
 @register_method("mos", MOSConfig)
 class MOS(Method):
+    options: MOSConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options = self.options
         self.backbone = backbone
-        adapters = AdapterConfig(bottleneck=options.adapter_bottleneck, scale=options.adapter_scale, layer_norm=False,
-                                 dropout=options.adapter_dropout)
+        adapters = options.adapter
         self.working = ParallelAdapterInjector(backbone, adapters)  # trained on every task, never reset
         self.bank = AdapterBankInjector(backbone, adapters)  # task t's inference adapters (module docstring)
         for index, parameter in enumerate(self.working.adapters.parameters()):
             self.register_buffer(f"snapshot_sum_{index}", torch.zeros_like(parameter))
         # Linear over every class of the stream, as their ViT head (timm init: N(0, 0.02) truncated, bias 0).
-        self.head = nn.Linear(backbone.num_features, int(scenario.boundaries[-1]))
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(backbone.num_features, int(scenario.boundaries[-1]))
         # Class means through the first task's adapters (their cosine `fc`, sigma 1, for the task guess).
         self.register_buffer("prototypes", torch.zeros(0, backbone.num_features))
         self.statistics = GaussianClassStatistics(options.alignment.storage, ridge=options.covariance_ridge)
@@ -166,7 +161,7 @@ class MOS(Method):
 
     def training_phases(self, task: Task) -> list[Phase]:
         train = self.experiment.train
-        return [Phase("adapter", train.epochs, train.lr, train.min_lr, train.epochs)] if train.epochs > 0 else []
+        return [Phase.from_train("adapter", train)] if train.epochs > 0 else []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.working.adapters.parameters(), *self.head.parameters()]
@@ -195,8 +190,7 @@ class MOS(Method):
         self.store_inference_adapters(task.index, snapshot)
         self.compute_statistics(context)
         if task.index > 0:
-            with torch.enable_grad():
-                self.align(context)
+            self.align(context)
         for total, parameter in zip(self.snapshot_sums, snapshot):
             total += parameter
         with self.working.bypassed(), self.bank.using(0):
@@ -220,13 +214,9 @@ class MOS(Method):
         sums.store_into(self.statistics)
 
     def align(self, context: TaskContext) -> None:
-        task = context.task
-        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/mos".encode())
-        self.head.requires_grad_(True)
-        align_classifier(self.head, self.statistics, self.options.alignment, n_seen_classes=task.high, scale=1.0,
-                         batch_size=self.experiment.train.batch_size, device=context.device, progress=context.progress,
-                         generator=torch.Generator(device=context.device).manual_seed(stream),
-                         logits=lambda features: self.head(features)[:, : task.high])
+        high = context.task.high
+        self.align_head(self.head, self.statistics, self.options.alignment, context, "mos",
+                        logits=lambda features: self.head(features)[:, :high])
 
     # ---- inference -----------------------------------------------------------------------
     @torch.no_grad()
@@ -264,14 +254,6 @@ class MOS(Method):
         return scores / 2 if self.options.ensemble else scores.softmax(1)
 
     # ---- state -----------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, Tensor]:
-        tensors = super().state_tensors()
-        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        statistics = {k[len(STATISTICS_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATISTICS_PREFIX)}
-        super().load_state_tensors(tensors)
-        self.statistics.load_state_dict(statistics)
+    def saved_states(self) -> dict[str, StateHolder]:
+        return {"statistics": self.statistics}
 

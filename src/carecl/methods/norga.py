@@ -41,6 +41,8 @@ def gated_prefix_scores(scores: Tensor, n_prefix: int, tau: Tensor, alpha: Tenso
 
 @register_method("norga", NoRGaConfig)
 class NoRGa(HiDePrompt):
+    options: NoRGaConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         # act_scale[l] = (τ_l, α_l), as their `e_prompt.act_scale`.

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.config import ExperimentConfig, MethodConfig
+from carecl.classifiers import linear_head
+from carecl.config import ConfigError, ExperimentConfig, MethodConfig
 from carecl.methods.base import Method, Phase
 from carecl.scenario import Scenario, Task
 from carecl.tuners.base import Injector
@@ -36,7 +37,7 @@ def prompted_blocks(chosen: list[int] | None, default: list[int], depth: int, ke
         return [block for block in default if block < depth]
     missing = [block for block in chosen if not 0 <= block < depth]
     if missing:
-        raise ValueError(f"method.{key}: blocks {missing} do not exist (the ViT has {depth} blocks)")
+        raise ConfigError(f"method.{key}: blocks {missing} do not exist (the ViT has {depth} blocks)")
     return list(chosen)
 
 
@@ -59,16 +60,10 @@ def slot_prefixes(prompts: Tensor, blocks: list[int], kv_reshape_quirk: bool) ->
     return per_block
 
 
-def linear_head(width: int, n_classes: int) -> nn.Linear:
-    """A Linear over every class of the stream, initialised as timm initialises a ViT head."""
-    head = nn.Linear(width, n_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    return head
-
-
 class PromptLearner(Method):
     """Subclasses set `self.injectors` (bypassed for the query) and implement `prompted_features`."""
+
+    options: PromptScheduleOptions
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
@@ -88,6 +83,7 @@ class PromptLearner(Method):
             return []
         schedule = self.options.schedule
         min_lr = train.lr if schedule == "constant" else train.min_lr
+        # A constant schedule is a cosine from lr to lr.
         return [Phase("prompts", train.epochs, train.lr, min_lr, train.epochs,
                       schedule="coda_cosine" if schedule == "coda_cosine" else "cosine")]
 

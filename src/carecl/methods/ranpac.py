@@ -37,6 +37,8 @@ class RanPACConfig(FeatureLearnerConfig):
 
 @register_method("ranpac", RanPACConfig)
 class RanPAC(FeatureLearner):
+    options: RanPACConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         width, projected = backbone.num_features, self.options.projection_dim

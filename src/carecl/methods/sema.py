@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,29 +34,22 @@ ADAPTER_KEY = re.compile(r"^tuner\.layers\.(\d+)\.adapters\.(\d+)\.")
 @dataclass
 class SEMAOptions(MethodConfig):
     name: str = "sema"
-    # The authors' ffn_num (bottleneck), rd_dim, buffer_size, exp_threshold, adapt_start_layer / adapt_end_layer.
-    bottleneck: int = 16
-    rd_dim: int = 128
-    buffer_size: int = 500
-    threshold: float = 2.0
-    first_expandable: int = 9
-    last_expandable: int = 11
+    # The mixture of adapters (`tuners/sema.py`): the authors' ffn_num, rd_dim, buffer_size, exp_threshold,
+    # adapt_start_layer / adapt_end_layer.
+    sema: SEMAConfig = field(default_factory=SEMAConfig)
     # The descriptors' epochs and lr (rd_epoch, rd_lr); the adapters train train.epochs at train.lr (func_epoch, init_lr).
     rd_epochs: int = 20
     rd_lr: float = 0.01
     # Images per batch of the shift-detection pass (detect_batch_size).
     detect_batch_size: int = 128
 
+    moved_keys = {key: f"sema.{key}" for key in ("bottleneck", "rd_dim", "buffer_size", "threshold",
+                                                 "first_expandable", "last_expandable")}
+
     def validate(self) -> None:
-        self.tuner.validate()
         require(self.rd_epochs >= 0, "rd_epochs", f"must be >= 0, got {self.rd_epochs}")
         require(self.rd_lr > 0, "rd_lr", f"must be positive, got {self.rd_lr}")
         require(self.detect_batch_size > 0, "detect_batch_size", f"must be positive, got {self.detect_batch_size}")
-
-    @property
-    def tuner(self) -> SEMAConfig:
-        return SEMAConfig(self.bottleneck, self.rd_dim, self.buffer_size, self.threshold, self.first_expandable,
-                          self.last_expandable)
 
 
 # Phase kinds: adapters + routers + head ("func"), descriptors ("rd"), head alone.
@@ -65,15 +58,12 @@ ADAPTERS, DESCRIPTORS, HEAD = "adapters", "descriptors", "head only"
 
 @register_method("sema", SEMAOptions)
 class SEMA(Method):
+    options: SEMAOptions
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
-        depth = len(backbone.blocks)
-        if self.options.first_expandable >= depth:
-            from carecl.config import ConfigError
-
-            raise ConfigError(f"method.first_expandable {self.options.first_expandable} is beyond the ViT's {depth} blocks")
         self.backbone = backbone
-        self.tuner = SEMAInjector(backbone, self.options.tuner)
+        self.tuner = SEMAInjector(backbone, self.options.sema)
         self.head = nn.Linear(backbone.num_features, scenario.n_classes)
         nn.init.kaiming_uniform_(self.head.weight, a=math.sqrt(5))
         nn.init.zeros_(self.head.bias)
@@ -95,12 +85,12 @@ class SEMA(Method):
     # ---- phases ------------------------------------------------------------------------
     def training_phases(self, task: Task) -> list[Phase]:
         train, options = self.experiment.train, self.options
-        adapters = Phase(ADAPTERS, train.epochs, train.lr, train.min_lr, train.epochs)
-        descriptors = Phase(DESCRIPTORS, options.rd_epochs, options.rd_lr, train.min_lr, options.rd_epochs)
+        adapters = Phase.from_train(ADAPTERS, train)
+        descriptors = Phase.from_train(DESCRIPTORS, train, epochs=options.rd_epochs, lr=options.rd_lr)
         if task.index == 0:
             return [adapters, descriptors]
         rounds = [phase for _ in self.expandable_blocks for phase in (adapters, descriptors)]
-        return [*rounds, Phase(HEAD, train.epochs, train.lr, train.min_lr, train.epochs)]
+        return [*rounds, Phase.from_train(HEAD, train)]
 
     def begin_task(self, task: Task) -> None:
         self.task_expanded.fill_(task.index == 0)

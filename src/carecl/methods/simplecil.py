@@ -25,6 +25,8 @@ class SimpleCILConfig(MethodConfig):
 class SimpleCIL(Method):
     """Each class is the mean of its training features; predict by cosine similarity."""
 
+    options: SimpleCILConfig
+
     fixed_class_scores = True  # frozen features, a prototype fixed once its class is learned
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:

@@ -15,21 +15,18 @@ The backbone is not frozen: it is part of the learner's saved state (`backbone_m
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.alignment import align_classifier
 from carecl.alignment_config import AlignmentConfig, slca_style_alignment
+from carecl.classifiers import linear_head
 from carecl.config import ExperimentConfig, MethodConfig, require
-from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
+from carecl.methods.base import Method, ParameterGroup, Phase, StateHolder, StepOutput, TaskContext, register_method
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
-
-STATISTICS_PREFIX = "statistics."
 
 
 @dataclass
@@ -51,15 +48,10 @@ class SLCAConfig(MethodConfig):
         require(all(m > 0 for m in self.milestones), "milestones", f"must be positive epochs, got {self.milestones}")
 
 
-def linear_head(dim: int, n_classes: int) -> nn.Linear:
-    head = nn.Linear(dim, n_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    return head
-
-
 @register_method("slca", SLCAConfig)
 class SLCA(Method):
+    options: SLCAConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         self.backbone = backbone.requires_grad_(True)
@@ -79,8 +71,7 @@ class SLCA(Method):
         train, options = self.experiment.train, self.options
         if train.epochs == 0:
             return []
-        return [Phase("slow learner", train.epochs, train.lr, train.min_lr, train.epochs,
-                      milestones=tuple(options.milestones), lr_decay=options.lr_decay)]
+        return [Phase.from_train("slow learner", train, milestones=tuple(options.milestones), lr_decay=options.lr_decay)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.backbone.parameters(), *self.heads[-1].parameters()]
@@ -109,22 +100,11 @@ class SLCA(Method):
         sums.store_into(self.statistics)
         self.aligned.load_state_dict(self.heads.state_dict())
         if task.index > 0:
-            with torch.enable_grad():
-                self.align(context)
+            self.align(context)
 
     def align(self, context: TaskContext) -> None:
-        task, options = context.task, self.options
-        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/slca".encode())
-        aligned = self.aligned.requires_grad_(True)
-        try:
-            align_classifier(aligned, self.statistics, options.alignment, n_seen_classes=task.high, scale=1.0,
-                             batch_size=self.experiment.train.batch_size,
-                             task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,
-                             current_task_size=task.size, device=context.device, progress=context.progress,
-                             generator=torch.Generator(device=context.device).manual_seed(stream),
-                             logits=lambda features: self.normalised_logits(self.logits(features, aligned)))
-        finally:
-            aligned.requires_grad_(False)
+        self.align_head(self.aligned, self.statistics, self.options.alignment, context, "slca",
+                        logits=lambda features: self.normalised_logits(self.logits(features, self.aligned)))
 
     def normalised_logits(self, logits: Tensor) -> Tensor:
         """Logits over the mean of each task's logit norm, over `logit_norm` (SLCA's decoupled logits)."""
@@ -140,13 +120,6 @@ class SLCA(Method):
         heads = self.aligned if self.n_learned_tasks > 1 else self.heads
         return self.logits(self.backbone(images), heads)[:, : self.n_seen_classes]
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        tensors = super().state_tensors()
-        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
-        return tensors
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        statistics = {k[len(STATISTICS_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATISTICS_PREFIX)}
-        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith(STATISTICS_PREFIX)})
-        self.statistics.load_state_dict(statistics)
+    def saved_states(self) -> dict[str, StateHolder]:
+        return {"statistics": self.statistics}
 

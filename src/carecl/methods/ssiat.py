@@ -10,23 +10,20 @@ means), and the aligned heads are kept.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.alignment import align_classifier
 from carecl.alignment_config import AlignmentConfig, slca_style_alignment
 from carecl.classifiers import CosineClassifier
 from carecl.config import ExperimentConfig, MethodConfig, require
-from carecl.methods.base import Method, Phase, StepOutput, TaskContext, register_method
+from carecl.methods.base import Method, Phase, StateHolder, StepOutput, TaskContext, register_method
 from carecl.scenario import Scenario, Task
 from carecl.statistics import ClassFeatureSums, GaussianClassStatistics
-from carecl.tuners.adapter import AdapterConfig, ParallelAdapterInjector
+from carecl.tuners.adapter import FLAT_ADAPTER_KEYS, AdapterConfig, ParallelAdapterInjector
 
-STATISTICS_PREFIX = "statistics."
 BEFORE_KEY = "features_before"
 
 
@@ -34,9 +31,7 @@ BEFORE_KEY = "features_before"
 class SSIATConfig(MethodConfig):
     name: str = "ssiat"
     # The shared adapters (the authors' `ffn_num`, scale 0.1, no LayerNorm, dropout 0.1).
-    adapter_bottleneck: int = 64
-    adapter_scale: float = 0.1
-    adapter_dropout: float = 0.1
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # Epochs of every task after the first (`inc_epochs`); the first trains `train.epochs` (`init_epochs`).
     later_epochs: int = 10
     # CosFace scale s (`scale`, also the alignment's logit scale) and margin m (`margin`).
@@ -50,9 +45,9 @@ class SSIATConfig(MethodConfig):
     # Classifier alignment (`ca`, `ca_epochs`; their `_stage2_compact_classifier` is SLCA's); epochs 0 turns it off.
     alignment: AlignmentConfig = field(default_factory=slca_style_alignment)
 
+    moved_keys = FLAT_ADAPTER_KEYS
+
     def validate(self) -> None:
-        require(self.adapter_bottleneck > 0, "adapter_bottleneck", f"must be positive, got {self.adapter_bottleneck}")
-        require(0.0 <= self.adapter_dropout < 1.0, "adapter_dropout", f"must be in [0, 1), got {self.adapter_dropout}")
         require(self.later_epochs >= 0, "later_epochs", f"must be >= 0, got {self.later_epochs}")
         require(self.scale > 0, "scale", f"must be positive, got {self.scale}")
         require(self.shift_sigma > 0, "shift_sigma", f"must be positive, got {self.shift_sigma}")
@@ -70,13 +65,13 @@ def semantic_shift(before: Tensor, after: Tensor, means: Tensor, sigma: float) -
 
 @register_method("ssiat", SSIATConfig)
 class SSIAT(Method):
+    options: SSIATConfig
+
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         options = self.options
         self.backbone = backbone
-        self.tuner = ParallelAdapterInjector(backbone, AdapterConfig(
-            bottleneck=options.adapter_bottleneck, scale=options.adapter_scale, layer_norm=False,
-            dropout=options.adapter_dropout))
+        self.tuner = ParallelAdapterInjector(backbone, options.adapter)
         self.classifier = CosineClassifier(backbone.num_features)
         self.statistics = GaussianClassStatistics(ridge=options.covariance_ridge)
         # The current task's training features before its training (for the shift); empty between tasks.
@@ -94,7 +89,7 @@ class SSIAT(Method):
     def training_phases(self, task: Task) -> list[Phase]:
         train = self.experiment.train
         epochs = train.epochs if task.index == 0 else self.options.later_epochs
-        return [Phase("adapter", epochs, train.lr, train.min_lr, epochs)] if epochs > 0 else []
+        return [Phase.from_train("adapter", train, epochs=epochs)] if epochs > 0 else []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.tuner.parameters(), self.classifier.heads[-1]]
@@ -127,21 +122,8 @@ class SSIAT(Method):
         sums.add(features, labels)
         sums.store_into(self.statistics)
         if task.index > 0:
-            with torch.enable_grad():
-                self.align(context)
-
-    def align(self, context: TaskContext) -> None:
-        task = context.task
-        stream = zlib.crc32(f"{self.experiment.seed}/{task.index}/ssiat".encode())
-        self.classifier.requires_grad_(True)
-        try:
-            align_classifier(self.classifier, self.statistics, self.options.alignment, n_seen_classes=task.high,
-                             scale=self.options.scale, batch_size=self.experiment.train.batch_size,
-                             task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,
-                             current_task_size=task.size, device=context.device, progress=context.progress,
-                             generator=torch.Generator(device=context.device).manual_seed(stream))
-        finally:
-            self.classifier.requires_grad_(False)
+            self.align_head(self.classifier, self.statistics, self.options.alignment, context, "ssiat",
+                            scale=self.options.scale)
 
     # ---- prediction and state ----------------------------------------------------------
     @torch.no_grad()
@@ -152,15 +134,10 @@ class SSIAT(Method):
     def class_probabilities(self, images: Tensor) -> Tensor:
         return (self.options.scale * self.predict(images)).float().softmax(dim=1)
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        tensors = super().state_tensors()
-        tensors.update({STATISTICS_PREFIX + k: v for k, v in self.statistics.state_dict().items()})
-        return tensors
+    def saved_states(self) -> dict[str, StateHolder]:
+        return {"statistics": self.statistics}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        statistics = {k[len(STATISTICS_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATISTICS_PREFIX)}
         if BEFORE_KEY in tensors:  # its length is the task's image count, unknown until loaded
             self.features_before = tensors[BEFORE_KEY].to(self.features_before).clone()
         super().load_state_tensors(tensors)
-        self.statistics.load_state_dict(statistics)

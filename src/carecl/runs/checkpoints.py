@@ -12,25 +12,21 @@ names intact. Nothing here unpickles: tensors are safetensors, everything else J
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from carecl.errors import CareclError
+from carecl.runs.files import (CheckpointWriteError, atomic_write_bytes, fsync_directory, json_bytes, sha256_file,
+                               write_error, write_json, write_tensors)
 
 log = logging.getLogger("carecl")
 
@@ -42,11 +38,6 @@ LEARNER_TENSORS = "learner.safetensors"
 LEARNER_INFO = "learner.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_INFO = "trainer.json"
-_HASH_CHUNK = 1 << 20
-# Mode of the files written here: what open() would give under the process's umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 # Environment variable naming a point (e.g. task1/train/epoch0/batch3) where the process SIGKILLs itself.
 KILL_AT_ENV = "CARECL_TEST_KILL_AT"
 
@@ -55,111 +46,10 @@ class CheckpointError(CareclError, ValueError):
     """A checkpoint is missing, truncated, modified or does not fit; the message names the file."""
 
 
-class CheckpointWriteError(CareclError, OSError):
-    """Writing to the run directory failed (disk full, permission denied, ...); names the path and OS error."""
-
-
 def kill_point(label: str) -> None:
     """Test hook: SIGKILL this process when CARECL_TEST_KILL_AT names `label` (crash/resume tests)."""
     if os.environ.get(KILL_AT_ENV) == label:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------- durable files
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename or new entry in `path` durable (no-op where directories cannot be fsynced)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(descriptor)
-
-
-def write_error(path: Path, error: OSError) -> CheckpointWriteError:
-    """`error` as a CareclError naming the path; still an OSError carrying the same errno."""
-    message = f"cannot write {path}: {error.strerror or error}"
-    return CheckpointWriteError(error.errno, message) if error.errno else CheckpointWriteError(message)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write via a temporary file, fsync and rename (then fsync the folder): never a half-written file."""
-    path = Path(path)
-    temporary = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(temporary, FILE_MODE)  # mkstemp makes 0600; the run's files get the usual umask-based mode
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-        temporary = None
-        fsync_directory(path.parent)
-    except OSError as error:
-        raise write_error(path, error) from None
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
-
-
-def json_bytes(document: Any) -> bytes:
-    return json.dumps(json_safe(document), indent=1, allow_nan=False).encode()
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    except OSError:
-        raise
-    except Exception as error:  # noqa: BLE001 - safetensors reports a full disk as its own error type
-        raise write_error(path, OSError(_errno_in(str(error)), str(error))) from None
-    os.chmod(path, FILE_MODE)
-    with open(path, "rb") as stream:
-        os.fsync(stream.fileno())
-
-
-def _errno_in(message: str) -> int:
-    """The errno a wrapped I/O error names in its message (ENOSPC, EACCES, ...), else EIO."""
-    for code, words in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
-                        (errno.EDQUOT, "quota"), (errno.EROFS, "Read-only")):
-        if words in message:
-            return code
-    return errno.EIO
-
-
-def _write_json(path: Path, document: Any) -> None:
-    with open(path, "wb") as stream:
-        stream.write(json_bytes(document))
-        stream.flush()
-        os.fsync(stream.fileno())
 
 
 # ---------------------------------------------------------------- the store
@@ -237,13 +127,13 @@ class CheckpointStore:
             staging.mkdir()
             manifest: dict[str, dict[str, Any]] = {}
             for file, content in tensors.items():
-                _write_tensors(staging / file, content)
+                write_tensors(staging / file, content)
                 kill_point(f"checkpoint/{final}/partial")
             for file, content in documents.items():
-                _write_json(staging / file, content)
+                write_json(staging / file, content)
             for file in [*tensors, *documents]:
                 manifest[file] = {"sha256": sha256_file(staging / file), "bytes": (staging / file).stat().st_size}
-            _write_json(staging / MANIFEST_FILE, {"format": FORMAT_VERSION, "files": manifest})
+            write_json(staging / MANIFEST_FILE, {"format": FORMAT_VERSION, "files": manifest})
             fsync_directory(staging)
             kill_point(f"checkpoint/{final}/written")
             if (self.root / final).exists():  # an unreferenced leftover of a crashed write
@@ -365,56 +255,3 @@ def checkpoint_order(name: str) -> tuple[int, int, int, int]:
 
 
 # ---------------------------------------------------------------- RNG, optimiser, scheduler as JSON + tensors
-
-
-def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Python, NumPy and torch (CPU and CUDA) generator states."""
-    version, state, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    document = {"python": [version, list(state), gauss],
-                "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)]}
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = cuda_state
-    return document, tensors
-
-
-def restore_rng(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    version, state, gauss = document["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, position, has_gauss, cached = document["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors, key=_cuda_index) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-
-
-def _cuda_index(key: str) -> int:
-    return int(key.rsplit(".", 1)[1]) if key.startswith("rng.cuda.") else -1
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """An optimiser's state_dict split into JSON (groups, scalars) and tensors (`prefix`.<param>.<key>)."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{index}.{key}"] = value
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, document: dict[str, Any],
-                         tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for index, values in document["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            index, name = key[len(prefix) + 1:].split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})

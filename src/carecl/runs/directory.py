@@ -24,10 +24,8 @@ from carecl.runs.checkpoints import (
     TRAINER_TENSORS,
     Checkpoint,
     CheckpointStore,
-    atomic_write_bytes,
-    json_safe,
-    write_error,
 )
+from carecl.runs.files import atomic_write_bytes, json_safe, write_error
 from carecl.config import ASSET_PREFIX, ExperimentConfig, config_to_dict, load_config
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary, TaskEvaluation

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from carecl.runs.checkpoints import atomic_write_bytes
+from carecl.runs.files import atomic_write_bytes
 from carecl.runs.directory import RunDirectoryError
 
 GROUP_FILE = "group.json"

@@ -31,6 +31,11 @@ class AdapterConfig:
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
+# The flat method keys an `adapter:` section replaced (MethodConfig.moved_keys).
+FLAT_ADAPTER_KEYS = {"adapter_bottleneck": "adapter.bottleneck", "adapter_scale": "adapter.scale",
+                     "adapter_dropout": "adapter.dropout"}
+
+
 class BottleneckAdapter(nn.Module):
     def __init__(self, dim: int, config: AdapterConfig) -> None:
         super().__init__()

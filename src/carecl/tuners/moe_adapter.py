@@ -37,6 +37,9 @@ class MoEAdapterConfig:
     def validate(self) -> None:
         require(self.experts > 0, "experts", f"must be positive, got {self.experts}")
         require(0 < self.top_k <= self.experts, "top_k", f"must be in 1..experts ({self.experts}), got {self.top_k}")
+        require(self.bottleneck > 0, "bottleneck", f"must be positive, got {self.bottleneck}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.noise_epsilon >= 0, "noise_epsilon", f"must be >= 0, got {self.noise_epsilon}")
 
     @property
     def adapter(self) -> AdapterConfig:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from carecl.config import require
+from carecl.config import ConfigError, require
 from carecl.tuners.adapter import AdapterConfig, BottleneckAdapter
 from carecl.tuners.base import Injector, ParallelBranch
 
@@ -28,15 +28,30 @@ class SEMAConfig:
     buffer_size: int = 500
     threshold: float = 2.0
     # Blocks that may expand (and carry RDs), inclusive; the others keep their first adapter.
-    first_expandable: int = 9
-    last_expandable: int = 11
+    # null: the ViT's last three blocks (the authors' 9-11 of ViT-B's 12).
+    first_expandable: int | None = None
+    last_expandable: int | None = None
 
     def validate(self) -> None:
         require(self.bottleneck > 0, "bottleneck", f"must be positive, got {self.bottleneck}")
         require(self.rd_dim > 0, "rd_dim", f"must be positive, got {self.rd_dim}")
         require(self.buffer_size > 2, "buffer_size", f"must be above 2, got {self.buffer_size}")
-        require(0 <= self.first_expandable <= self.last_expandable, "last_expandable",
-                f"must be >= first_expandable ({self.first_expandable}) >= 0, got {self.last_expandable}")
+        require(self.first_expandable is None or self.first_expandable >= 0, "first_expandable",
+                f"must be >= 0, got {self.first_expandable}")
+        if self.first_expandable is not None and self.last_expandable is not None:
+            require(self.first_expandable <= self.last_expandable, "last_expandable",
+                    f"must be >= first_expandable ({self.first_expandable}), got {self.last_expandable}")
+
+    def expandable_range(self, depth: int, where: str = "method.sema") -> range:
+        """The expandable blocks of a `depth`-block ViT; a block it lacks is a ConfigError naming `where`."""
+        last = depth - 1 if self.last_expandable is None else self.last_expandable
+        first = max(0, last - 2) if self.first_expandable is None else self.first_expandable
+        for key, block in (("first_expandable", first), ("last_expandable", last)):
+            if not 0 <= block < depth:
+                raise ConfigError(f"{where}.{key} {block} is not a block of the ViT (it has {depth}: 0-{depth - 1})")
+        if first > last:
+            raise ConfigError(f"{where}.first_expandable {first} is after last_expandable {last}")
+        return range(first, last + 1)
 
 
 class LossWindow(nn.Module):
@@ -112,9 +127,9 @@ class SEMAInjector(Injector):
         config.validate()
         self.config = config
         reference = next(vit.parameters())
-        self.layers = nn.ModuleList(
-            SEMALayer(self.layout.width, config, config.first_expandable <= index <= config.last_expandable)
-            for index in range(len(self.blocks))).to(reference.device, reference.dtype)
+        expandable = config.expandable_range(len(self.blocks))
+        self.layers = nn.ModuleList(SEMALayer(self.layout.width, config, index in expandable)
+                                    for index in range(len(self.blocks))).to(reference.device, reference.dtype)
         self.detecting = False
         self.expansion: int | None = None
         self.rd_loss = torch.zeros(())

@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from carecl.config import require
 from carecl.tuners.base import Injector
 
 # The layers SSF follows in every block (attention qkv/proj, MLP fc1/fc2, both norms) and around them.
@@ -22,6 +23,9 @@ class SSFConfig:
     model_targets: list[str] = field(default_factory=lambda: list(MODEL_TARGETS))
     # γ ~ N(1, std), β ~ N(0, std) at the start; 0 = exactly the identity (SSF's paper and PILOT use 0.02).
     init_std: float = 0.0
+
+    def validate(self) -> None:
+        require(self.init_std >= 0, "init_std", f"must be >= 0, got {self.init_std}")
 
 
 class ScaleShift(nn.Module):

@@ -15,7 +15,7 @@ The true task of a sample is the task that introduced its class. This mirrors Ta
 CaRE paper (R@2 and E@3 per layer). The numbers come from the layers' opt-in routing trace
 (`BRMoELayer.routing_trace`, one `RoutingRecord` per forward), which is reset afterwards.
 
-    diagnostics = diagnose_routing(Learner.load("runs/demo"))
+    diagnostics = diagnose_routing(load_experiment(RunDirectory.open("runs/demo")))   # carecl.engine, carecl.runs
     print(diagnostics.table())
 """
 
@@ -27,8 +27,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,17 +42,13 @@ if TYPE_CHECKING:
     from carecl.tuners.brmoe import BRMoELayer, BRMoEViT, RoutingRecord
     from carecl.engine.experiment import Experiment
 
-OUTPUT_DIR = "diagnostics"
 TABLE_MD = "routing.md"
 TABLE_CSV = "routing.csv"
 USAGE_CSV = "expert_usage.csv"
-FIGURE_STEM = "routing"
 # Number formats of the table's value columns (R@M, E@K, R@1, entropy gap, rank): trained
 # perceptrons are confident for almost any input, so entropy gaps are often ~1e-3 nats.
 DISPLAY_FORMATS = (".2f", ".2f", ".2f", ".3g", ".2f")
 CSV_FORMATS = (".4f", ".4f", ".4f", ".6g", ".4f")
-# Above this many tasks a heatmap's task axis is thinned and its colour bar carries the detail.
-MAX_LABELLED_TASKS = 20
 
 
 class DiagnosticsError(CareclError, ValueError):
@@ -199,7 +194,7 @@ class RoutingDiagnostics:
     def table(self) -> str:
         """Plain-text table for the terminal."""
         header = f"{'block':>5}  " + "  ".join(f"{name:>11}" for name in self.columns[1:])
-        lines = [self._caption(), header, "-" * len(header)]
+        lines = [self.caption(), header, "-" * len(header)]
         for block, *values in self.rows():
             lines.append(f"{block:>5}  " + "  ".join(f"{text:>11}" for text in _formatted(values, DISPLAY_FORMATS)))
         return "\n".join(lines)
@@ -207,7 +202,7 @@ class RoutingDiagnostics:
     def markdown(self) -> str:
         names = ["block", f"R@{self.topk_routers} (%)", f"E@{self.topk_experts} (%)", "R@1 (%)",
                  "entropy gap (nats)", "rank of true task"]
-        lines = [f"_{self._caption()}_", "", "| " + " | ".join(names) + " |", "|" + "|".join(["---:"] * len(names)) + "|"]
+        lines = [f"_{self.caption()}_", "", "| " + " | ".join(names) + " |", "|" + "|".join(["---:"] * len(names)) + "|"]
         for block, *values in self.rows():
             lines.append("| " + " | ".join([block, *_formatted(values, DISPLAY_FORMATS)]) + " |")
         return "\n".join(lines) + "\n"
@@ -233,83 +228,10 @@ class RoutingDiagnostics:
                                  f"{b.router_selections[task] / n:.6f}"))
         return stream.getvalue()
 
-    def _caption(self) -> str:
+    def caption(self) -> str:
         return (f"{self.n_samples} test samples, {self.n_tasks} tasks, M = {self.topk_routers} routers, "
                 f"K = {self.topk_experts} experts per router; entropy gap = min entropy of the other tasks' "
                 f"perceptrons − entropy of the true task's")
-
-    # ---- figure ------------------------------------------------------------------------
-    def plot(self, output: str | Path, stem: str = FIGURE_STEM) -> Path:
-        """Recall per block, entropy-gap distributions, expert weight shares, R@M per true task: PNG + SVG."""
-        from matplotlib.figure import Figure
-
-        from carecl.report.figures import save_figure
-
-        output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        figure = Figure(figsize=(12.0, 8.5), layout="constrained")
-        (recall, gaps), (usage, by_task) = figure.subplots(2, 2)
-        self._plot_recall(recall)
-        self._plot_gaps(gaps)
-        self._plot_heatmap(figure, usage, np.array([100.0 * b.expert_weight_share for b in self.blocks]),
-                           "Share of the routing weight per expert", "expert (= task that created it)",
-                           "weight share (%)", "magma", vmin=0.0)
-        self._plot_heatmap(figure, by_task, self.router_recall_by_task(), f"R@{self.topk_routers} by the sample's true task",
-                           "true task of the sample", f"R@{self.topk_routers} (%)", "viridis", vmin=0.0, vmax=100.0)
-        figure.suptitle(f"BR-MoE routing · {self._caption().split(';')[0]}", fontsize="medium")
-        return save_figure(figure, output, stem)
-
-    def _plot_recall(self, axes: Any) -> None:
-        blocks = np.arange(1, len(self.blocks) + 1)
-        series = ((f"R@{self.topk_routers}: true task's router selected", self.router_recall, "o"),
-                  (f"E@{self.topk_experts}: true task's expert mixed", self.expert_recall, "s"),
-                  ("R@1: true task's perceptron most confident", [b.top1_router_accuracy for b in self.blocks], "^"))
-        for label, values, marker in series:
-            axes.plot(blocks, values, marker=marker, linewidth=1.6, markersize=5, label=label, clip_on=False)
-        chance = 100.0 * min(self.topk_routers, self.n_tasks) / self.n_tasks
-        axes.axhline(chance, color="0.4", linestyle=":", linewidth=1.2, label=f"R@{self.topk_routers} of routers drawn at random")
-        axes.set_ylim(0, 100)
-        axes.set_xticks(blocks if len(blocks) <= 24 else blocks[:: math.ceil(len(blocks) / 12)])
-        axes.set_xlabel("block")
-        axes.set_ylabel("samples (%)")
-        axes.set_title("Routing recall per block", fontsize="medium")
-        axes.grid(True, alpha=0.35)
-        axes.legend(loc="lower left", fontsize="small", framealpha=0.9)
-
-    def _plot_gaps(self, axes: Any) -> None:
-        blocks = np.arange(1, len(self.blocks) + 1)
-        gaps = [b.entropy_gap[np.isfinite(b.entropy_gap)] for b in self.blocks]
-        axes.axhline(0.0, color="black", linewidth=0.8)
-        if any(len(g) for g in gaps):
-            axes.boxplot([g if len(g) else [math.nan] for g in gaps], positions=blocks, widths=0.6, showfliers=False,
-                         showmeans=True, meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black",
-                                                    "markersize": 4})
-        else:
-            axes.text(0.5, 0.5, "a single task: no other perceptron to compare with", ha="center", va="center",
-                      transform=axes.transAxes)
-        axes.set_xlabel("block")
-        axes.set_ylabel("min other entropy − true entropy (nats)")
-        axes.set_title("Entropy gap of the true task's perceptron (> 0: it wins; — median, ◇ mean)", fontsize="medium")
-        axes.grid(True, axis="y", alpha=0.35)
-
-    def _plot_heatmap(self, figure: Any, axes: Any, values: np.ndarray, title: str, xlabel: str, label: str,
-                      colormap: str, vmin: float, vmax: float | None = None) -> None:
-        from matplotlib import colormaps
-        from matplotlib.ticker import MaxNLocator
-
-        n_blocks, n_tasks = values.shape
-        image = axes.imshow(np.ma.masked_invalid(values), cmap=colormaps[colormap].with_extremes(bad="0.85"),
-                            vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest",
-                            extent=(0.5, n_tasks + 0.5, n_blocks + 0.5, 0.5))
-        if n_tasks <= MAX_LABELLED_TASKS:
-            axes.set_xticks(np.arange(1, n_tasks + 1))
-        else:
-            axes.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
-        axes.set_yticks(np.arange(1, n_blocks + 1) if n_blocks <= 24 else np.arange(1, n_blocks + 1, math.ceil(n_blocks / 12)))
-        axes.set_xlabel(xlabel)
-        axes.set_ylabel("block")
-        axes.set_title(title, fontsize="medium")
-        figure.colorbar(image, ax=axes, label=label, shrink=0.9)
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -405,28 +327,3 @@ def diagnose_routing(experiment: Experiment, loader: DataLoader | None = None) -
         return diagnose_model(model, ((images, task_of_class[labels]) for images, labels in loader), experiment.device)
     finally:
         method.train(was_training)
-
-
-DEFINITIONS = (
-    "Per block, over the test samples of the seen classes (task-free forward), the sample's true task being the "
-    "task that introduced its class: R@M = % whose true task's router is among the M selected routers; "
-    "E@K = % whose true task's expert is among the experts the selected routers mix (top-K, weight > 0); "
-    "R@1 = % whose true task's class perceptron is the most confident (lowest entropy); entropy gap = mean of "
-    "(min entropy of the other tasks' perceptrons − entropy of the true task's), > 0 when the true task wins; "
-    "rank = mean rank of the true task's perceptron (1 = most confident)."
-)
-
-
-def write_diagnostics(diagnostics: RoutingDiagnostics, output: str | Path) -> dict[str, Path]:
-    """routing.md, routing.csv, expert_usage.csv and routing.png/.svg in `output` (created if needed)."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    png = diagnostics.plot(output)
-    files = {"markdown": output / TABLE_MD, "csv": output / TABLE_CSV, "usage": output / USAGE_CSV, "figure": png}
-    files["csv"].write_text(diagnostics.csv(), encoding="utf-8")
-    files["usage"].write_text(diagnostics.usage_csv(), encoding="utf-8")
-    files["markdown"].write_text(
-        "# BR-MoE routing diagnostics\n\n" + DEFINITIONS + "\n\n" + diagnostics.markdown()
-        + f"\nPer expert and task: [{USAGE_CSV}]({USAGE_CSV})\n\n![routing]({png.name})  \n[SVG]({png.with_suffix('.svg').name})\n",
-        encoding="utf-8")
-    return files
