@@ -62,6 +62,11 @@ REFUSED = {
     "imagefolder-without-root": (section("data", "dataset", "imagefolder"), [], "data.root must be set for dataset 'imagefolder'"),
     "alignment-storage": (lambda d: d["method"]["alignment"].update(storage="full"), [],
                           "method.alignment.storage must be one of 'covariance', 'variance'"),
+    "backbone-of-parallel-blocks": (section("backbone", "name", "vit_small_patch16_18x2_224"), [],
+                                    "backbone.name: BRMoEViT supports timm's standard Block"),
+    "vit-without-cls-token": (lambda d: d["backbone"]["model_kwargs"].update(class_token=False, global_pool="avg"), [],
+                              "the ViT must have one (backbone.model_kwargs.class_token: true)"),
+    "old-key-beside-new": (None, ["--set", "method.adapter_dim=4"], "method.adapter_dim and method.brmoe.adapter_dim"),
 }
 
 

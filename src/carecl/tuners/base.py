@@ -21,6 +21,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from carecl.config import ConfigError
+
+
+class UnsupportedBackbone(ConfigError, TypeError):
+    """The configured backbone has a layout an injector cannot wrap (the user picks another backbone.name)."""
+
 
 @dataclass(frozen=True)
 class TowerLayout:
@@ -99,22 +105,24 @@ def check_clip_tower(tower: nn.Module, who: str) -> None:
     transformer = tower.transformer
     for index, block in enumerate(transformer.resblocks):
         if type(block) is not ResidualAttentionBlock:
-            raise TypeError(f"{who} supports open_clip's ResidualAttentionBlock, resblocks[{index}] is {type(block).__name__}")
+            raise UnsupportedBackbone(f"backbone: {who} supports open_clip's ResidualAttentionBlock, resblocks[{index}] "
+                                      f"is {type(block).__name__}")
     if not transformer.batch_first:
-        raise TypeError(f"{who}: the open_clip tower runs sequence-first; build it with batch_first=True")
+        raise UnsupportedBackbone(f"backbone: {who}: the open_clip tower runs sequence-first; build it with batch_first=True")
     if transformer.grad_checkpointing:
-        raise ValueError(f"{who}: grad checkpointing re-runs blocks outside their hooks; disable it")
+        raise UnsupportedBackbone(f"backbone: {who}: grad checkpointing re-runs blocks outside their hooks; disable it")
 
 
 def check_supported(vit: nn.Module, who: str) -> None:
     if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"{who} needs a timm VisionTransformer, got {type(vit).__name__}")
+        raise UnsupportedBackbone(f"backbone.name: {who} needs a timm VisionTransformer, got {type(vit).__name__}")
     for index, block in enumerate(vit.blocks):
         # The hooks rely on Block's layout: norm2's input is z_a, the block returns z_a + mlp part.
         if type(block) is not Block:
-            raise TypeError(f"{who} supports timm's standard Block, vit.blocks[{index}] is {type(block).__name__}")
+            raise UnsupportedBackbone(f"backbone.name: {who} supports timm's standard Block, vit.blocks[{index}] is "
+                                      f"{type(block).__name__}: choose a ViT built of standard blocks")
     if vit.grad_checkpointing:
-        raise ValueError(f"{who}: timm grad checkpointing re-runs blocks outside their hooks; disable it")
+        raise UnsupportedBackbone(f"backbone: {who}: timm grad checkpointing re-runs blocks outside their hooks; disable it")
 
 
 class ParallelBranch:

@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from carecl.tuners.base import Injector, ParallelBranch
+from carecl.tuners.base import Injector, ParallelBranch, UnsupportedBackbone
 from carecl.tuners.brmoe.config import BRMoEConfig
 from carecl.tuners.brmoe.layer import BRMoELayer
 
@@ -47,7 +47,8 @@ class BRMoEViT(Injector):
         super().__init__(vit)
         config.validate()
         if getattr(vit, "cls_token", None) is None:
-            raise ValueError("BRMoEViT routes on the CLS token: the ViT must have class_token=True")
+            raise UnsupportedBackbone("backbone: CaRE's BR-MoE routes on the CLS token: the ViT must have one "
+                                      "(backbone.model_kwargs.class_token: true)")
         self.config = config
         self.embed_dim: int = vit.embed_dim
         self.task_sizes: list[int] = []
