@@ -11,6 +11,8 @@ from pathlib import Path
 
 import common
 
+ROOT = Path(__file__).resolve().parents[1]
+
 OUTPUT = common.ROOT / "BENCHMARKS.md"
 # Targets of issue 5.
 INFERENCE_TARGET = 1.3  # task-free forward at T=300 / plain frozen ViT forward, batch 32
@@ -326,6 +328,51 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
     return lines
 
 
+def chosen_values(config: str) -> str:
+    """The `# chosen: ...` line tune.py's best.yaml carries (empty for a config that was not tuned)."""
+    path = ROOT / config
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.startswith("# chosen:"):
+            return line.removeprefix("# chosen:").strip().replace("train.", "").replace("method.", "")
+    return "nothing to tune"
+
+
+def plus_minus(value: dict) -> str:
+    if value["mean"] is None:
+        return "–"
+    return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["std"] is not None else "")
+
+
+def realdata_tuned_section(tuned: dict | None, published: dict | None) -> list[str]:
+    lines = section_intro(
+        "Real data, settings chosen without the test set", "realdata/run_tuned.py", tuned is not None,
+        "the same stream and backbone as below, every method with the settings `benchmarks/realdata/tune.py` chose "
+        "on validation images (`carecl tune`, protocol first-task over the first 2 tasks, 20 % of each class's "
+        "training images held out, a grid of 8 trials per method: the learning rate, or 4 learning rates x one "
+        "method key; a method without gradient training spends them on its own key). Choices and every trial: "
+        "`benchmarks/realdata/tuned/<method>.md`. Rows over 3 seeds (1993, 1994, 1995: other class orders) give the "
+        "mean ± sample std; the others are seed 1993 alone. The last column is the published-settings row below "
+        "(seed 1993).")
+    if tuned is None:
+        return lines
+    before = {row["name"]: row for row in (published or {}).get("rows", [])}
+    rows = []
+    for row in tuned["rows"]:
+        old = before.get(row["name"]) or (before.get("care_release") if row["name"] == "care" else None)
+        rows.append([f"`{row['name']}`", chosen_values(row["config"]), str(len(row["seeds"])), plus_minus(row["a_last"]),
+                     plus_minus(row["average_accuracy"]), plus_minus(row["forgetting"]),
+                     f"{old['a_last']:.2f}" if old else "–"])
+    lines += table(["method", "chosen on validation", "seeds", "A_last", "Ā", "forgetting",
+                    "A_last, published settings"], rows)
+    lines += ["Top-1 accuracy (%) after each task, seed 1993:", ""]
+    lines += table(["method", *[str(t + 1) for t in range(10)]],
+                   [[f"`{row['name']}`", *[f"{a:.1f}" for a in row["per_seed"][0]["top1_curve"]]] for row in tuned["rows"]])
+    lines += ["Figures (`carecl report` over the seed-1993 runs): "
+              "[accuracy curves](benchmarks/results/realdata_tuned/accuracy_curves.png), "
+              "[report](benchmarks/results/realdata_tuned/report.md).", ""]
+    return lines
+
+
 def realdata_profile_lines(profile: dict | None) -> list[str]:
     lines = ["### Where a real-data task's time goes", "",
              "`python benchmarks/realdata/profile_task.py` — `benchmarks/realdata/care.yaml` on the first two tasks' "
@@ -349,7 +396,8 @@ def render() -> str:
     targets: list[list[str]] = []
     realdata, profile = common.load("realdata"), common.load("realdata_profile")
     method_inference = common.load("method_inference")
-    body = (realdata_section(realdata, profile) + inference_section(inference, targets)
+    body = (realdata_tuned_section(common.load("realdata_tuned"), realdata) + realdata_section(realdata, profile)
+            + inference_section(inference, targets)
             + method_inference_section(method_inference) + training_section(training, targets)
             + iterative_section(iterative) + alignment_section(alignment, training, targets)
             + end_to_end_section(end_to_end))

@@ -74,10 +74,8 @@ def test_shipped_demo_config_loads():
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
-
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-    configs += sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "realdata").glob("*.yaml"))
+    configs = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "spaces")
+    configs += sorted((ROOT / "benchmarks" / "realdata").glob("*.yaml"))
     assert len(configs) > 50
     for path in configs:
         config = load_config(path)
@@ -154,3 +152,20 @@ def test_a_transform_recipe_is_checked_against_the_registered_recipes():
         assert config_from_dict({"data": {"transforms": name}}).data.transforms == name
     with pytest.raises(ConfigError, match=r"data.transforms must be one of .*'pilot_wide_crop'.*got 'pilot_wide'"):
         config_from_dict({"data": {"transforms": "pilot_wide"}})
+
+
+def test_every_shipped_search_space_fits_its_config():
+    from carecl.tune.space import SearchSpace
+
+    pairs = [(path, ROOT / "configs" / "demo.yaml") for path in sorted((ROOT / "configs" / "spaces").glob("*.yaml"))]
+    realdata = ROOT / "benchmarks" / "realdata"
+    pairs += [(path, realdata / ("care_release.yaml" if path.stem == "care" else f"{path.stem}.yaml"))
+              for path in sorted((realdata / "spaces").glob("*.yaml"))]
+    assert len(pairs) > 10
+    for space, config in pairs:
+        SearchSpace.read(space).check_against(config_to_dict(load_config(config)))
+    # The real-data benchmark gives every method the same budget: 8 grid points.
+    for space, _ in pairs[1:]:
+        grid = SearchSpace.read(space).grid()
+        assert len([v for values in grid.values() for v in values]) in (8, 6) and len(grid) <= 2, space
+        assert __import__("math").prod(len(values) for values in grid.values()) == 8, space

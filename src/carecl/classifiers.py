@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def linear_head(width: int, n_classes: int) -> nn.Linear:
-    """A Linear head initialised as timm initialises a ViT's: weights N(0, 0.02) truncated, bias 0."""
+def linear_head(width: int, n_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """A Linear head initialised as timm initialises a ViT's: weights N(0, 0.02) truncated, bias 0; drawn from
+    `generator` when given (then row k is the same whatever the number of classes)."""
     head = nn.Linear(width, n_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.trunc_normal_(head.weight, std=0.02, generator=generator)
     nn.init.zeros_(head.bias)
     return head
 

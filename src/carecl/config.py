@@ -65,6 +65,30 @@ class DomainConfig:
 
 
 @dataclass
+class AdditionConfig:
+    """Classes learned after the stream (`carecl learn`, `ContinualLearner.learn`): an image folder whose classes
+    follow the stream's, learned as one task or in tasks of `increment` classes."""
+
+    # DIR/train/<class>/ (and optionally DIR/test/<class>/), or DIR/<class>/ (with test_fraction, or no test images).
+    root: str = ""
+    test_fraction: float | None = None
+    # Classes per task; null: the folder's classes in one task.
+    increment: int | None = None
+    # The folder's classes in the order they are learned (their ids follow the stream's); null: sorted folder names.
+    classes: list[str] | None = None
+    # The --set changes made when these classes were learned (they apply from then on; recorded for the record).
+    changes: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        require(bool(self.root), "root", "must be set (the folder of the new classes)")
+        require(self.test_fraction is None or 0.0 < self.test_fraction < 1.0, "test_fraction",
+                f"must be in (0, 1), got {self.test_fraction}")
+        require(self.increment is None or self.increment > 0, "increment", f"must be positive, got {self.increment}")
+        if self.classes is not None:
+            require(len(set(self.classes)) == len(self.classes), "classes", "names a class twice")
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"
     # Folder holding <dataset folder>/train and /test (ImageFolder), or the CIFAR archive;
@@ -73,6 +97,9 @@ class DataConfig:
     # imagefolder with one folder of classes: the fraction of each class's images held out for
     # testing (a fixed, seed-independent split of the sorted file list).
     test_fraction: float | None = None
+    # Of each class's training images, the fraction held out as a validation split (seeded by `seed`; never taken
+    # from the test images): validation accuracy is recorded beside test accuracy, and carecl tune scores on it.
+    validation_fraction: float | None = None
     init_cls: int = 2
     increment: int = 2
     shuffle: bool = True
@@ -83,6 +110,8 @@ class DataConfig:
     dataset_order: list[str] | None = None
     # dataset `domains`: the members, each an image folder learned as one task in its own label space.
     domains: list[DomainConfig] | None = None
+    # Image folders whose classes were learned after the stream, in the order they were (carecl learn writes them).
+    additions: list[AdditionConfig] | None = None
     # Display names of the classes (text classifiers read them): a text file with one name per line in class-id
     # order, or a YAML/JSON mapping from folder name to name; null: the dataset's own (folder names).
     class_names_file: str | None = None
@@ -127,6 +156,8 @@ class DataConfig:
         require(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {self.crop_pct}")
         require(self.test_fraction is None or 0.0 < self.test_fraction < 1.0, "test_fraction",
                 f"must be in (0, 1), got {self.test_fraction}")
+        require(self.validation_fraction is None or 0.0 < self.validation_fraction < 1.0, "validation_fraction",
+                f"must be in (0, 1), got {self.validation_fraction}")
         for key in ("synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class"):
             require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         require(self.num_workers is None or self.num_workers >= 0, "num_workers",
@@ -188,6 +219,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # torch.compile the training step (recompiles when a task adds parameters).
     compile: bool = False
+    # Learn only the first N tasks (the learner is still built for the whole stream, so they are learned exactly as
+    # in a full run); null: every task. carecl tune's first-task protocol stops its trials this way.
+    max_tasks: int | None = None
 
     def validate(self) -> None:
         require(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
@@ -201,6 +235,7 @@ class TrainConfig:
         require(bool(DEVICE_PATTERN.match(self.device)), "device",
                 f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         require(self.threads is None or self.threads > 0, "threads", f"must be positive (or null for auto), got {self.threads}")
+        require(self.max_tasks is None or self.max_tasks > 0, "max_tasks", f"must be positive (or null), got {self.max_tasks}")
         require(self.checkpoint_every_epochs >= 0, "checkpoint_every_epochs",
                 f"must be >= 0 (0 = only after each task), got {self.checkpoint_every_epochs}")
 
@@ -220,6 +255,9 @@ class EvalConfig:
     # Score only new classes on stored features when the method's class scores never change (SimpleCIL, APER,
     # FeCAM): the same numbers, far less work on long runs; false = every evaluation from the images.
     incremental: bool = True
+    # false: the test set is never read; every evaluation scores the validation split instead (needs
+    # data.validation_fraction). carecl tune's trials run this way.
+    test_set: bool = True
 
     def validate(self) -> None:
         require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
@@ -255,6 +293,39 @@ class LoggingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """How `carecl tune` searches (docs/tuning.md); a plain run ignores this section."""
+
+    # first-task: each trial learns the first `tasks` tasks and is scored on their validation images; stream: the
+    # whole stream, scored by validation `metric`, pruned on per-task validation accuracy; two-stream: trials run on
+    # the tuning stream `stream`, then the chosen values run once on this config's stream, with its test set.
+    protocol: Literal["first-task", "stream", "two-stream"] = "first-task"
+    tasks: int = 1
+    trials: int = 16
+    metric: Literal["a_last", "average"] = "a_last"
+    # tpe: Optuna's TPE sampler seeded by `seed`; grid: every combination of the space's choices (at most `trials`).
+    sampler: Literal["tpe", "grid"] = "tpe"
+    seed: int = 0
+    # two-stream: the overrides (key=value, as --set takes them) that turn this config's stream into the tuning
+    # stream, e.g. ["data.class_order=[...]"] or another dataset.
+    stream: list[str] = field(default_factory=list)
+    # The validation fraction trials use when data.validation_fraction is not set.
+    validation_fraction: float = 0.2
+    # stream protocol: stop a trial whose validation accuracy after a task falls below the median of earlier trials'.
+    prune: bool = True
+
+    def validate(self) -> None:
+        require(self.tasks > 0, "tasks", f"must be positive, got {self.tasks}")
+        require(self.trials > 0, "trials", f"must be positive, got {self.trials}")
+        require(0.0 < self.validation_fraction < 1.0, "validation_fraction",
+                f"must be in (0, 1), got {self.validation_fraction}")
+        require(self.protocol != "two-stream" or bool(self.stream), "stream",
+                "must give the tuning stream's overrides for protocol two-stream (e.g. a class order or dataset)")
+        for item in self.stream:
+            require("=" in item, "stream", f"items look like key=value, got {item!r}")
+
+
+@dataclass
 class ExperimentConfig:
     # One seed, or a list: a run group (`carecl train` makes one run per seed; the class order follows each seed).
     seed: int | list[int] = 1993
@@ -264,6 +335,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self) -> None:
         # NumPy's legacy seeding (the PILOT class order) takes 0 <= seed < 2**32.
@@ -272,6 +344,8 @@ class ExperimentConfig:
         for seed in seeds:
             require(0 <= seed < 2**32, "seed", f"must be in [0, 2**32), got {seed}")
         require(len(set(seeds)) == len(seeds), "seed", f"lists a seed twice: {seeds}")
+        require(self.eval.test_set or self.data.validation_fraction is not None, "eval.test_set",
+                "false needs data.validation_fraction (the split evaluated instead of the test set)")
 
 
 # ---------------------------------------------------------------- building from mappings

@@ -34,6 +34,12 @@ def class_order(n_classes: int, seed: int, shuffle: bool = True, explicit: Seque
     return np.random.RandomState(seed).permutation(n_classes).astype(np.int64)
 
 
+def addition_task_sizes(n_classes: int, increment: int | None) -> list[int]:
+    """Tasks of classes learned later: all `n_classes` at once, or `increment` at a time (a remainder last)."""
+    step = n_classes if increment is None else increment
+    return [min(step, n_classes - low) for low in range(0, n_classes, step)]
+
+
 def label_map_for(order: np.ndarray) -> np.ndarray:
     """label_map[original_id] = position of that class in `order` (PILOT's `order.index(y)`)."""
     label_map = np.empty_like(order)
@@ -91,9 +97,26 @@ class Scenario:
         member_sizes: Sequence[int] | None = None,
         task_names: Sequence[str] = (),
         task_templates: Sequence[Sequence[str] | None] = (),
+        appended_sizes: Sequence[int] = (),
     ) -> "Scenario":
         """Tasks of `init_cls` then `increment` classes in the (seeded) class order; a multi-domain stream
-        (`member_sizes`) instead learns its members in turn, each one task, classes in id order."""
+        (`member_sizes`) instead learns its members in turn, each one task, classes in id order.
+
+        `appended_sizes`: tasks of classes learned after the stream (carecl learn): the last sum(appended_sizes)
+        of the `n_classes` class ids, in id order, after the stream's own tasks, which are those of the first ids.
+        """
+        if appended_sizes:
+            n_stream = n_classes - sum(appended_sizes)
+            if n_stream <= 0 or min(appended_sizes) <= 0:
+                raise ScenarioError(f"the {sum(appended_sizes)} classes learned later leave none of {n_classes} "
+                                    "to the stream")
+            base = cls.build(n_stream, init_cls, increment, seed, shuffle, explicit_order, class_names, member_sizes,
+                             task_names, task_templates)
+            later = np.arange(n_stream, n_classes, dtype=np.int64)
+            return cls(order=np.concatenate([base.order, later]), sizes=base.sizes + tuple(appended_sizes),
+                       class_names=tuple(class_names), task_names=base.task_names + tuple(
+                           f"T{base.n_tasks + i + 1}" for i in range(len(appended_sizes))) if base.task_names else (),
+                       task_templates=base.task_templates + (None,) * len(appended_sizes) if base.task_templates else ())
         if member_sizes is not None:
             if sum(member_sizes) != n_classes:
                 raise ScenarioError(f"the members' {sum(member_sizes)} classes do not add up to {n_classes}")

@@ -22,7 +22,8 @@ from carecl.errors import CareclError
 log = logging.getLogger("carecl")
 
 # Modules that register further subcommands; each defines `add_command(subparsers)`.
-COMMAND_MODULES = ("carecl.cli.report", "carecl.cli.compare", "carecl.cli.data", "carecl.cli.compat", "carecl.cli.diagnose", "carecl.cli.predict")
+COMMAND_MODULES = ("carecl.cli.report", "carecl.cli.compare", "carecl.cli.data", "carecl.cli.compat", "carecl.cli.diagnose",
+                   "carecl.cli.predict", "carecl.cli.tune", "carecl.cli.learn")
 
 # What `carecl train --resume` may change (runs.state.RESUME_OVERRIDABLE, plus train.lr for the unfinished task).
 RESUME_HELP = ("continue a stopped run from its last checkpoint; its config.yaml is the config, and --set may change "

@@ -43,6 +43,10 @@ def build_dataset(cfg: DataConfig, backbone: Preprocessing = DEFAULT_BACKBONE_PR
     if cfg.class_names_file is not None:
         data = replace(data, class_names=read_class_names(cfg.class_names_file, data.class_names))
     check_config_fits(cfg, data)
+    if cfg.additions:
+        from carecl.data.additions import append_additions
+
+        data = append_additions(data, cfg.additions)
     pair = transforms_for(name, cfg, backbone)
     return replace(data, train_transform=pair.train, test_transform=pair.test)
 

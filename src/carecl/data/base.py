@@ -70,6 +70,13 @@ class BenchmarkData:
     task_sizes: list[int] | None = None
     task_names: list[str] | None = None
     task_templates: list[list[str] | None] | None = None
+    # Training images held out for choosing settings (data.validation_fraction; data/validation.py), read with
+    # the test transform; None without.
+    validation: ImageSplit | None = None
+    # What `test` holds: the test split, or (eval.test_set: false, as in carecl tune) the validation split.
+    evaluated_split: str = "test"
+    # Tasks of the classes learned after the stream (data.additions), whose ids follow the dataset's own.
+    appended_sizes: list[int] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -83,13 +90,13 @@ class BenchmarkData:
         high: int,
         transform: Transform | None = None,
     ) -> "TaskDataset":
-        """The `split` ("train"/"test") samples whose mapped labels lie in [low, high).
+        """The `split` ("train"/"test"/"validation") samples whose mapped labels lie in [low, high).
 
         `transform` defaults to the split's own; pass `test_transform` to read training
         images without augmentation (e.g. for class prototypes).
         """
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in ("train", "test", "validation") or getattr(self, split) is None:
+            raise ValueError(f"split must be 'train', 'test' or (when held out) 'validation', got {split!r}")
         default = self.train_transform if split == "train" else self.test_transform
         return TaskDataset(getattr(self, split), label_map, low, high, transform if transform is not None else default)
 

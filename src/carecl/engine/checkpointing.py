@@ -69,13 +69,17 @@ def data_fingerprint(data: BenchmarkData) -> dict[str, Any]:
 
 def grow_and_load(experiment: Experiment, checkpoint_tensors: dict[str, torch.Tensor], info: dict[str, Any],
                   source: Path) -> None:
-    """Replay begin_task for every task the saved learner had grown, then load its tensors."""
+    """Replay begin_task for every task the saved learner had grown, then load its tensors. A learner saved before
+    classes were added after its stream (carecl learn) grows: what was sized to the old stream takes the saved values
+    in its leading rows (Method.load_state_tensors with grow)."""
     scenario, method = experiment.scenario, experiment.method
-    if info["class_order"] != scenario.order.tolist():
+    saved, order = info["class_order"], scenario.order.tolist()
+    grown = len(saved) < len(order) and order[:len(saved)] == saved
+    if saved != order and not grown:
         raise CheckpointError(f"{source}: saved class order differs from the one the run's config produces")
     method.regrow(info["grown_tasks"], info["n_learned_tasks"])
     try:
-        method.load_state_tensors(checkpoint_tensors)
+        method.load_state_tensors(checkpoint_tensors, grow=grown)
     except (KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{source}: the saved learner does not fit the run's config: {error}") from None
     method.to(experiment.device)
@@ -131,14 +135,16 @@ def restore(run: RunDirectory, checkpoint: Checkpoint, config: ExperimentConfig
     document = checkpoint.document(TRAINER_INFO)
     trainer = checkpoint.tensors(TRAINER_TENSORS)
     saved_config = config_from_dict(document["config"])
-    differing = [key for key in config_differences(saved_config, run.config()) if key not in RESUME_OVERRIDABLE]
+    learned = learned_since(saved_config, run.config())
+    differing = [key for key in config_differences(saved_config, run.config())
+                 if key not in RESUME_OVERRIDABLE and key not in learned]
     if differing:
         raise CheckpointError(f"{run.path / CONFIG_FILE} differs from the config checkpoint {checkpoint.path} was "
                               f"written with, at {', '.join(differing)}; restore the file to resume")
     info = checkpoint.document(LEARNER_INFO)
     seed_everything(config.seed)
     experiment = Experiment.build(config)
-    check_same_data(document.get("data"), data_fingerprint(experiment.data), checkpoint)
+    check_same_data(document.get("data"), data_fingerprint(experiment.data), checkpoint, grown=bool(learned))
     grow_and_load(experiment, checkpoint.tensors(LEARNER_TENSORS), info, checkpoint.path)
     progress = RunProgress.from_json(document["record"])
     state = None
@@ -149,8 +155,21 @@ def restore(run: RunDirectory, checkpoint: Checkpoint, config: ExperimentConfig
     return experiment, progress, state
 
 
-def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Checkpoint) -> None:
+def learned_since(saved: ExperimentConfig, current: ExperimentConfig) -> set[str]:
+    """The config keys `carecl learn` changed since a checkpoint was written (its additions, the --set changes they
+    record): empty unless the current additions extend the checkpoint's."""
+    before, after = saved.data.additions or [], current.data.additions or []
+    if len(after) <= len(before) or after[:len(before)] != before:
+        return set()
+    return {"data.additions", "train.max_tasks",
+            *(change.split("=", 1)[0].strip() for addition in after[len(before):] for change in addition.changes)}
+
+
+def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Checkpoint, grown: bool = False) -> None:
+    """The data a checkpoint was trained on are those of the run now (or, after `carecl learn`, they start them)."""
     if saved is None or saved == now:
+        return
+    if grown and saved.get("name") == now.get("name") and now["classes"][:len(saved["classes"])] == saved["classes"]:
         return
     changed = ", ".join(f"{k} {saved.get(k) if k != 'classes' else len(saved[k])} -> "
                         f"{now[k] if k != 'classes' else len(now[k])}" for k in now if saved.get(k) != now[k])

@@ -16,13 +16,14 @@ from carecl.config import ConfigError, ExperimentConfig
 from carecl.data import BenchmarkData, build_dataset, resolve_preprocessing, transforms_for
 from carecl.data.base import canonical_dataset
 from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform, single_class_batches
+from carecl.data.validation import evaluate_on_validation, hold_out_validation
 from carecl.distributed import Distributed, DistributedError, ShardSampler
 from carecl.distributed import current as current_distributed
 from carecl.engine.incremental_eval import IncrementalEvaluator
 from carecl.methods.base import build_method
 from carecl.methods.base import Method, TaskContext
 from carecl.runs.directory import RunClasses
-from carecl.scenario import Scenario, Task
+from carecl.scenario import Scenario, Task, addition_task_sizes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,6 +98,15 @@ def input_size(config: ExperimentConfig) -> int:
     return resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).image_size
 
 
+def evaluation_splits(config: ExperimentConfig, data: BenchmarkData) -> BenchmarkData:
+    """`data` with its validation split held out (data.validation_fraction), and evaluating it instead of the test
+    split when eval.test_set is false. Already split data (an experiment rebuilt from its own data) stay as they are."""
+    if config.data.validation_fraction is None or data.validation is not None or data.evaluated_split != "test":
+        return data
+    data = hold_out_validation(data, config.data.validation_fraction, config.seed)
+    return data if config.eval.test_set else evaluate_on_validation(data)
+
+
 @dataclass
 class Experiment:
     """Everything a run needs, built (and validated) before any training starts."""
@@ -123,8 +133,10 @@ class Experiment:
         per_process_batch(config.train.batch_size, distributed or current_distributed())
         resolve_device(config.train.device)  # a missing GPU fails before the data are scanned
         data = data if data is not None else build_dataset(config.data, backbone_preprocessing(config.backbone))
+        data = evaluation_splits(config, data)
         return cls._assemble(config, data.n_classes, data=data, class_names=data.class_names,
-                             members=(data.task_sizes, data.task_names or (), data.task_templates or ()))
+                             members=(data.task_sizes, data.task_names or (), data.task_templates or ()),
+                             appended=data.appended_sizes or ())
 
     @classmethod
     def for_inference(cls, config: ExperimentConfig, classes: RunClasses) -> "Experiment":
@@ -132,13 +144,18 @@ class Experiment:
         from the config, as in training), the test transform from `data.dataset`; it has no loaders."""
         evaluation_transform(config)  # an unknown dataset fails here, not at the first image
         domains = config.data.domains or []
+        appended = [size for addition in config.data.additions or []
+                    for size in addition_task_sizes(len(addition.classes or []), addition.increment)]
         return cls._assemble(config, classes.n_classes, recorded_classes=classes, class_names=classes.names or (),
-                             members=(classes.task_sizes, [d.name for d in domains], [d.templates for d in domains]))
+                             members=(classes.task_sizes, [d.name for d in domains], [d.templates for d in domains]),
+                             appended=appended)
 
     @classmethod
     def _assemble(cls, config: ExperimentConfig, n_classes: int, data: BenchmarkData | None = None,
-                  recorded_classes: RunClasses | None = None, class_names=(), members=(None, (), ())) -> "Experiment":
-        """`members`: a multi-domain stream's (class counts, names, templates), one task each."""
+                  recorded_classes: RunClasses | None = None, class_names=(), members=(None, (), ()),
+                  appended=()) -> "Experiment":
+        """`members`: a multi-domain stream's (class counts, names, templates), one task each; `appended`: the tasks
+        of classes learned after the stream (data.additions)."""
         if isinstance(config.seed, list):
             raise ConfigError(f"seed is a list {config.seed}: a run group, one run per seed (carecl train); an "
                               "experiment has one seed")
@@ -147,6 +164,7 @@ class Experiment:
             n_classes, config.data.init_cls, config.data.increment,
             seed=config.seed, shuffle=config.data.shuffle, explicit_order=config.data.class_order,
             class_names=class_names, member_sizes=sizes, task_names=names, task_templates=templates,
+            appended_sizes=appended,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # random-init backbones are reproducible from the config
@@ -177,7 +195,7 @@ class Experiment:
         """Training: a seeded shuffle per epoch (set_epoch), whose global batches are the same for
         any number of processes; otherwise in order, each rank reading its own shard, or with
         `class_batch` (one process), class by class in batches of at most that many images."""
-        source = self.data.train if split == "train" else self.data.test
+        source = getattr(self.data, split)
         transform = self.data.train_transform if train else self.data.test_transform
         dataset = TaskDataset(source, self.scenario.label_map, low, high, transform, skip_unreadable=not self.config.data.strict)
         distributed, stream = self.distributed, self.config.seed * 1000 + seed
@@ -214,12 +232,13 @@ class Experiment:
         """The task's training images with training transforms, shuffled by `seed`, in batches of `batch_size`."""
         return self._loader("train", task.low, task.high, train=True, seed=seed, batch_size=batch_size)
 
-    def test_loader(self, n_seen: int) -> DataLoader:
-        return self._loader("test", 0, n_seen, train=False)
+    def test_loader(self, n_seen: int, split: str = "test") -> DataLoader:
+        """The evaluation images of the first `n_seen` classes: the test split, or `split="validation"`."""
+        return self._loader(split, 0, n_seen, train=False)
 
-    def task_test_loader(self, task: Task) -> DataLoader:
-        """The test images of one task's classes (task-incremental evaluation: one task per batch)."""
-        return self._loader("test", task.low, task.high, train=False)
+    def task_test_loader(self, task: Task, split: str = "test") -> DataLoader:
+        """The evaluation images of one task's classes (task-incremental evaluation: one task per batch)."""
+        return self._loader(split, task.low, task.high, train=False)
 
     def context(self, task: Task) -> TaskContext:
         return TaskContext(task, self.scenario, self.device, lambda: self.statistics_loader(task),

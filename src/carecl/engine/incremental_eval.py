@@ -53,7 +53,7 @@ class IncrementalEvaluator:
             if stored is None:
                 self.tasks[evaluated.index] = self.embed_task(experiment, evaluated, task.high, k, watch)
                 n_scored += len(self.tasks[evaluated.index].targets)
-            elif task.high > self.scored_classes:
+            elif task.high > self.scored_classes and len(stored.targets):
                 with watch:
                     new = method.scores_from_features(stored.features.to(device), self.scored_classes, task.high).float()
                     stored.top_scores, stored.top_classes = merge_top_k(stored.top_scores.to(device),
@@ -76,7 +76,10 @@ class IncrementalEvaluator:
             with watch:
                 features.append(method.eval_features(images.to(device, non_blocking=True)).float().cpu())
             targets.append(labels)
-        stored_features = torch.cat(features) if features else torch.zeros(0, 1)
+        if not features:  # a task without test images (classes learned later from a folder without test/)
+            empty = torch.zeros(0, min(k, high))
+            return StoredTask(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), empty, empty.long())
+        stored_features = torch.cat(features)
         with watch:
             scores = method.scores_from_features(stored_features.to(device), 0, high).float()
             top_scores, top_classes = scores.topk(min(k, high), dim=1)

@@ -257,6 +257,14 @@ class TaskWriter:
 
     save_checkpoint: Callable[[RunProgress, MidTaskState | None], None] = lambda progress, state: None
     write_metrics: Callable[[RunProgress], None] = lambda progress: None
+    # Called after each task's evaluation and metrics (carecl tune reports to its study, and may stop the run).
+    after_task: Callable[[RunProgress], None] = lambda progress: None
+
+
+def tasks_in_run(experiment: Experiment) -> int:
+    """How many tasks the run learns: the stream's, or the first train.max_tasks of them."""
+    n_tasks, limit = experiment.scenario.n_tasks, experiment.config.train.max_tasks
+    return n_tasks if limit is None else min(limit, n_tasks)
 
 
 def learn_all_tasks(experiment: Experiment, writer: TaskWriter, logger: RunLogger, progress: RunProgress | None = None,
@@ -264,12 +272,12 @@ def learn_all_tasks(experiment: Experiment, writer: TaskWriter, logger: RunLogge
     """Learn, checkpoint and evaluate (as `eval.every_n_tasks` asks) every task after those in `progress`
     (resuming one with `resume`). A task is checkpointed before its evaluation: a run stopped in between
     resumes by evaluating it."""
-    scenario = experiment.scenario
+    scenario, count = experiment.scenario, tasks_in_run(experiment)
     progress = progress if progress is not None else RunProgress()
     if progress.n_tasks and evaluation_missing(experiment, progress):
         finish_evaluation(experiment, scenario.task(progress.n_tasks - 1), writer, logger, progress)
-    remaining = scenario.tasks()[progress.n_tasks:]
-    for task in tqdm(remaining, desc="tasks", unit="task", initial=progress.n_tasks, total=scenario.n_tasks,
+    remaining = scenario.tasks()[progress.n_tasks:count]
+    for task in tqdm(remaining, desc="tasks", unit="task", initial=progress.n_tasks, total=count,
                      disable=not shows_progress(experiment)):
         started = time.perf_counter() - (resume.elapsed if resume else 0.0)
         if resume is None:
@@ -291,7 +299,7 @@ def learn_all_tasks(experiment: Experiment, writer: TaskWriter, logger: RunLogge
 def evaluation_missing(experiment: Experiment, progress: RunProgress) -> bool:
     """The last finished task is due an evaluation that was not recorded (stopped between checkpoint and evaluation)."""
     last = experiment.scenario.task(progress.n_tasks - 1)
-    due = should_evaluate(last, experiment.scenario.n_tasks, experiment.config.eval.every_n_tasks)
+    due = should_evaluate(last, tasks_in_run(experiment), experiment.config.eval.every_n_tasks)
     return due and not any(e.task == last.index for e in progress.evaluations)
 
 
@@ -299,9 +307,9 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
                       progress: RunProgress, started: float | None = None) -> None:
     """Evaluate a just-finished task when due, report it, and write the metrics files; the task's wall
     time (from `started`) then includes its evaluation."""
-    config, scenario = experiment.config, experiment.scenario
+    config, count = experiment.config, tasks_in_run(experiment)
     evaluation = None
-    if should_evaluate(task, scenario.n_tasks, config.eval.every_n_tasks):
+    if should_evaluate(task, count, config.eval.every_n_tasks):
         evaluation_started, watch = time.perf_counter(), Stopwatch(experiment.device)
         evaluation = evaluate_task(experiment, task, watch)
         if task.index < len(progress.costs):
@@ -310,26 +318,30 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
         progress.evaluations.append(evaluation)
         logger.log_task(task.index, evaluation, (time.perf_counter() - started) if started is not None
                         else progress.wall_times[task.index])
+        if experiment.data.validation is not None:
+            progress.validation.append(evaluate_task(experiment, task, split="validation"))
         # Unreadable test images met by the evaluation count towards this task too.
         progress.skipped_images[task.index] = skipped_on_all_ranks(experiment.skipped_images, experiment.distributed)
     if started is not None:
         progress.wall_times[task.index] = time.perf_counter() - started
-    log.info("%s", task_line(task, scenario.n_tasks, evaluation, progress))
+    log.info("%s", task_line(task, count, evaluation, progress))
     log_skipped_images(task, progress.skipped_images[task.index])
     writer.write_metrics(progress)
+    writer.after_task(progress)
 
 
-def evaluate_task(experiment: Experiment, task: Task, watch: Stopwatch | None = None) -> TaskEvaluation:
-    """The evaluation after `task` under eval.protocol (`watch` times the predictions)."""
+def evaluate_task(experiment: Experiment, task: Task, watch: Stopwatch | None = None, split: str = "test") -> TaskEvaluation:
+    """The evaluation after `task` under eval.protocol on the test (or `split="validation"`) images; `watch` times the
+    predictions."""
     config, method = experiment.config.eval, experiment.method
     if config.protocol == "class_incremental" and config.incremental and method.fixed_class_scores \
-            and not experiment.distributed.enabled:
+            and not experiment.distributed.enabled and split == "test":
         return experiment.incremental_evaluator.evaluate(experiment, task, watch)
     if config.protocol == "class_incremental":
-        return evaluate(method, experiment.test_loader(task.high), experiment.device, task.index, config.topk,
+        return evaluate(method, experiment.test_loader(task.high, split), experiment.device, task.index, config.topk,
                         distributed=experiment.distributed, watch=watch)
     evaluated = experiment.scenario.tasks() if config.unseen_tasks else experiment.scenario.tasks()[:task.index + 1]
-    loaders = [(each, experiment.task_test_loader(each)) for each in evaluated]
+    loaders = [(each, experiment.task_test_loader(each, split)) for each in evaluated]
     return evaluate_in_tasks(method, loaders, experiment.device, task.index, config.topk, experiment.distributed, watch)
 
 

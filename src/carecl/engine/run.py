@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -25,14 +25,16 @@ from carecl.errors import CareclError
 from carecl.metrics import RunSummary
 from carecl.runs.checkpoints import CheckpointError
 from carecl.runs.files import write_error
-from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError
+from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError, resolve_run_paths
 from carecl.runs.state import RunProgress, config_differences
 
 log = logging.getLogger("carecl")
+AfterTask = Callable[[RunProgress], None]
 
 
-def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
-    """Build everything (failing early on bad input), then learn and evaluate task by task.
+def run_experiment(config: ExperimentConfig, output: str | Path, after_task: AfterTask | None = None) -> RunSummary:
+    """Build everything (failing early on bad input), then learn and evaluate task by task; `after_task(progress)`
+    is called after each task's metrics are written (an exception it raises stops the run, checkpoints intact).
 
     Under torchrun every process runs this; rank 0 alone creates and writes the run directory.
     """
@@ -42,7 +44,7 @@ def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
     distributed = setup_distributed(config.train.device)
     RunDirectory.check_available(output)
     seed_everything(config.seed)
-    experiment = Experiment.build(config, distributed=distributed)
+    experiment = Experiment.build(resolve_run_paths(config, Path(output)), distributed=distributed)
     distributed.barrier()  # every rank has checked `output` before rank 0 creates it
     if not distributed.is_main:
         distributed.barrier()
@@ -53,7 +55,8 @@ def run_experiment(config: ExperimentConfig, output: str | Path) -> RunSummary:
         distributed.barrier()
         with training_session(run, distributed, lock=False):
             describe_start(experiment)
-            return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path))
+            return learn_all_tasks(experiment, run_writer(run, experiment, after_task),
+                                   build_run_logger(experiment, run.path))
 
 
 def describe_start(experiment: Experiment) -> None:
@@ -74,18 +77,20 @@ def describe_task_sizes(sizes: list[int]) -> str:
     return f"sizes {shown}{', ...' if len(sizes) > 8 else ''}"
 
 
-def run_writer(run: RunDirectory, experiment: Experiment) -> TaskWriter:
+def run_writer(run: RunDirectory, experiment: Experiment, after_task: AfterTask | None = None) -> TaskWriter:
     """Checkpoints and metrics into `run` (rank 0 only)."""
     if not experiment.distributed.is_main:
         return TaskWriter()
 
     def write_metrics(progress: RunProgress) -> None:
-        run.write_metrics(progress.evaluations, progress.metrics_extra(experiment.scenario))
+        run.write_metrics(progress.evaluations, progress.metrics_extra(experiment.scenario, experiment.data.evaluated_split))
 
-    return TaskWriter(lambda progress, state: save_checkpoint(run, experiment, progress, state), write_metrics)
+    return TaskWriter(lambda progress, state: save_checkpoint(run, experiment, progress, state), write_metrics,
+                      after_task or (lambda progress: None))
 
 
-def resume_experiment(output: str | Path, config: ExperimentConfig | None = None, overrides: Sequence[str] = ()) -> RunSummary:
+def resume_experiment(output: str | Path, config: ExperimentConfig | None = None, overrides: Sequence[str] = (),
+                      after_task: AfterTask | None = None) -> RunSummary:
     """Continue a run from its last complete checkpoint, to the same numbers as an uninterrupted run.
 
     The run's own config.yaml is the config; `config` (e.g. from --config) must equal it, and it or
@@ -105,10 +110,11 @@ def resume_experiment(output: str | Path, config: ExperimentConfig | None = None
         if checkpoint is None:  # killed before its first checkpoint: nothing to keep, start over
             log.info("resuming %s: no checkpoint yet, starting from the first task", run.path)
             seed_everything(config.seed)
-            experiment = Experiment.build(config, distributed=distributed)
+            experiment = Experiment.build(resolve_run_paths(config, run.path), distributed=distributed)
             record_changes(run, config, distributed)
-            return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path))
-        experiment, progress, state = restore(run, checkpoint, config)
+            return learn_all_tasks(experiment, run_writer(run, experiment, after_task),
+                                   build_run_logger(experiment, run.path))
+        experiment, progress, state = restore(run, checkpoint, resolve_run_paths(config, run.path))
         progress.merge_recorded(recorded_metrics(run))
         log.info("resuming %s from checkpoint %s (%d of %d tasks done)", run.path, checkpoint.name,
                  progress.n_tasks, experiment.scenario.n_tasks)
@@ -116,8 +122,8 @@ def resume_experiment(output: str | Path, config: ExperimentConfig | None = None
             record_changes(run, config, distributed)
         if distributed.is_main:
             run.repair_mirror()
-        return learn_all_tasks(experiment, run_writer(run, experiment), build_run_logger(experiment, run.path),
-                               progress, state)
+        return learn_all_tasks(experiment, run_writer(run, experiment, after_task),
+                               build_run_logger(experiment, run.path), progress, state)
 
 
 # Resume changes config.yaml keeps: those that change what the remaining tasks compute, and where the data now are.
@@ -161,7 +167,7 @@ def training_session(run: RunDirectory, distributed: Distributed = SINGLE_PROCES
     with run.lock() if lock else contextlib.nullcontext():
         handler = attach_log_file(run.path)
         try:
-            with logging_redirect_tqdm(loggers=[log]):  # carecl's console handler, printed above the bars
+            with console_above_progress_bars():
                 yield
         except CheckpointError as error:  # a damaged checkpoint: its own message says which file
             log.error("stopped: %s", error)
@@ -180,6 +186,18 @@ def training_session(run: RunDirectory, distributed: Distributed = SINGLE_PROCES
         finally:
             log.removeHandler(handler)
             handler.close()
+
+
+@contextlib.contextmanager
+def console_above_progress_bars() -> Iterator[None]:
+    """carecl's console lines printed above tqdm's bars, at the console handler's own level (carecl tune quietens it)."""
+    consoles = [h for h in log.handlers if type(h) is not logging.FileHandler]
+    level = min((h.level for h in consoles), default=logging.NOTSET)
+    with logging_redirect_tqdm(loggers=[log]):
+        for handler in log.handlers:
+            if handler not in consoles and type(handler) is not logging.FileHandler:
+                handler.setLevel(level)
+        yield
 
 
 def where_it_stands(run: RunDirectory) -> str:

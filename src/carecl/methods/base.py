@@ -183,6 +183,9 @@ class Method(nn.Module):
 
     # A subclass re-annotates this with its own options class (e.g. `options: CareConfig`).
     options: MethodConfig
+    # Why the method cannot learn tasks after those of its configured stream (carecl learn refuses it); None: it can,
+    # whatever it sized to the stream growing when a saved learner is loaded into a longer one (load_state_tensors).
+    cannot_learn_beyond_its_stream: str | None = None
 
     # Can score the classes of tasks not learned yet (a CLIP text head: eval.unseen_tasks, zero-shot transfer).
     scores_unseen_tasks = False
@@ -239,11 +242,15 @@ class Method(nn.Module):
             tensors.update({f"{prefix}.{key}": value for key, value in holder.state_dict().items()})
         return tensors
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], grow: bool = False) -> None:
+        """Load `state_tensors()`; with `grow` (a learner saved before classes were added after its stream), a tensor
+        now larger along one dimension keeps its new values beyond the saved ones (heads over every class, ...)."""
         tensors, parts = dict(tensors), {}
         for prefix in self.saved_states():
             parts[prefix] = {key[len(prefix) + 1:]: tensors.pop(key) for key in list(tensors)
                              if key.startswith(prefix + ".")}
+        if grow:
+            tensors = grown_into(tensors, self.module_state_tensors())
         expected = set(self.module_state_tensors())
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
@@ -337,6 +344,22 @@ class Method(nn.Module):
     def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, n_seen_classes) probabilities, rows summing to 1: softmax of `predict` by default."""
         return self.predict(images).float().softmax(dim=1)
+
+
+def grown_into(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each saved tensor placed at the start of its current, larger counterpart (larger along exactly one
+    dimension); others as they are (a mismatch is then reported by the load)."""
+    result = dict(saved)
+    for key, value in saved.items():
+        now = current.get(key)
+        if now is None or now.shape == value.shape or now.dim() != value.dim():
+            continue
+        larger = [d for d in range(value.dim()) if now.shape[d] != value.shape[d]]
+        if len(larger) == 1 and now.shape[larger[0]] > value.shape[larger[0]]:
+            merged = now.detach().clone()
+            merged.narrow(larger[0], 0, value.shape[larger[0]]).copy_(value)
+            result[key] = merged
+    return result
 
 
 def register_method(name: str, options: type[MethodConfig], *aliases: str) -> Callable[[type[Method]], type[Method]]:

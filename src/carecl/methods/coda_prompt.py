@@ -69,6 +69,9 @@ def orthogonality_penalty(rows: Tensor) -> Tensor:
 @register_method("coda_prompt", CODAPromptConfig)
 class CODAPrompt(PromptLearner):
     options: CODAPromptConfig
+    cannot_learn_beyond_its_stream = ("its pool of method.pool_size prompt components is shared out among the stream's "
+                                      "tasks when it is built (pool_size // tasks each), so a further task would take "
+                                      "components from the tasks already learned")
 
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)

@@ -257,11 +257,11 @@ class MoAL(Method):
     def predict(self, images: Tensor) -> Tensor:
         return self.expand(self.backbone(images)) @ self.analytic_weight[:, :self.n_seen_classes]
 
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, Tensor], grow: bool = False) -> None:
         saved = tensors.get("analytic_inverse")
         if saved is not None and saved.shape != self.analytic_inverse.shape:
             self.analytic_inverse = torch.empty_like(saved, device=self.analytic_inverse.device)
-        super().load_state_tensors(tensors)
+        super().load_state_tensors(tensors, grow)
 
 
 def rumination_set(features: Tensor, labels: Tensor, means: Tensor, task: Task) -> tuple[Tensor, Tensor]:

@@ -267,8 +267,8 @@ class MoEAdapters(Method):
         return out
 
     # ---- state -------------------------------------------------------------------------
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super().load_state_tensors(tensors)
+    def load_state_tensors(self, tensors: dict[str, Tensor], grow: bool = False) -> None:
+        super().load_state_tensors(tensors, grow)
         for injector in self.injectors:
             injector.apply_frozen()
         self._text_cache.clear()

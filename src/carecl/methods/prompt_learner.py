@@ -72,7 +72,10 @@ class PromptLearner(Method):
         self.injectors: list[Injector] = []
 
     def build_head(self, width: int, n_classes: int) -> nn.Linear:
-        return linear_head(width, n_classes)
+        """A linear head over every class of the stream, drawn from its own random stream: sized to more classes
+        (classes learned after the stream), it leaves every other initialisation as it was and its first rows too."""
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own initialisation draws too
+            return linear_head(width, n_classes, torch.Generator().manual_seed(self.experiment.seed))
 
     def backbone_modules(self) -> list[nn.Module]:
         return [self.backbone]

@@ -187,7 +187,7 @@ class SEMA(Method):
         return self.head(self.features(images))[:, :self.n_seen_classes]
 
     # ---- state: adapters added by detection are grown before a checkpoint loads ------------
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, Tensor], grow: bool = False) -> None:
         counts: dict[int, int] = {}
         for key in tensors:
             match = ADAPTER_KEY.match(key)
@@ -197,4 +197,4 @@ class SEMA(Method):
         for block, count in counts.items():
             while len(self.tuner.layers[block].adapters) < count:
                 self.tuner.layers[block].add_adapter()
-        super().load_state_tensors(tensors)
+        super().load_state_tensors(tensors, grow)

@@ -137,7 +137,7 @@ class SSIAT(Method):
     def saved_states(self) -> dict[str, StateHolder]:
         return {"statistics": self.statistics}
 
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, Tensor], grow: bool = False) -> None:
         if BEFORE_KEY in tensors:  # its length is the task's image count, unknown until loaded
             self.features_before = tensors[BEFORE_KEY].to(self.features_before).clone()
-        super().load_state_tensors(tensors)
+        super().load_state_tensors(tensors, grow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -54,6 +55,7 @@ class RunClasses:
     # By original class id; None when unknown (a release checkpoint imported without them).
     names: tuple[str, ...] | None = None
     # A multi-domain stream's members' class counts (its tasks); None: tasks from data.init_cls / increment.
+    # Classes learned later (data.additions) follow the members' (or the dataset's) classes.
     task_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -89,11 +91,37 @@ class RunClasses:
         valid = (type(n_classes) is int and n_classes > 0 and (names is None or (
             isinstance(names, list) and len(names) == n_classes and all(isinstance(n, str) for n in names))))
         valid = valid and (sizes is None or (isinstance(sizes, list) and all(type(n) is int and n > 0 for n in sizes)
-                                             and sum(sizes) == n_classes))
+                                             and sum(sizes) <= n_classes))
         if not valid:
             raise RunDirectoryError(f"{source}: expected n_classes (a positive integer), names (a list of n_classes "
-                                    "strings, or null) and optionally task_sizes (positive integers summing to n_classes)")
+                                    "strings, or null) and optionally task_sizes (positive integers summing to at most "
+                                    "n_classes: the stream's members; classes learned later follow them)")
         return cls(n_classes, tuple(names) if names is not None else None, tuple(sizes) if sizes is not None else None)
+
+
+# A data path written `run:PATH` lies inside the run directory (images a ContinualLearner was given as a list or
+# dataset are stored there), so the run can be moved or copied and still find them.
+RUN_PREFIX = "run:"
+
+
+def resolve_run_paths(config: ExperimentConfig, run_path: Path) -> ExperimentConfig:
+    """`config` with every `run:` data path made absolute within `run_path`, and a relative backbone.weights naming a
+    file inside the run resolved there (an imported release checkpoint carries its backbone)."""
+    config = copy.deepcopy(config)
+
+    def inside(path: str | None) -> str | None:
+        if path and path.startswith(RUN_PREFIX):
+            return str((run_path / path[len(RUN_PREFIX):]).resolve())
+        return path
+
+    config.data.root = inside(config.data.root)
+    for addition in config.data.additions or []:
+        addition.root = inside(addition.root)
+    weights = config.backbone.weights
+    local = weights and not weights.startswith(ASSET_PREFIX) and not Path(weights).is_absolute()
+    if local and (run_path / weights).is_file():
+        config.backbone.weights = str((run_path / weights).resolve())
+    return config
 
 
 class RunDirectory:
@@ -196,12 +224,7 @@ class RunDirectory:
         if outside:
             raise RunDirectoryError(f"only data.* keys can change when loading the finished run {self.path}; "
                                     f"refused: {', '.join(outside)}")
-        config = load_config(self.path / CONFIG_FILE, data_overrides)
-        weights = config.backbone.weights
-        local = weights and not weights.startswith(ASSET_PREFIX) and not Path(weights).is_absolute()
-        if local and (self.path / weights).is_file():
-            config.backbone.weights = str((self.path / weights).resolve())
-        return config
+        return resolve_run_paths(load_config(self.path / CONFIG_FILE, data_overrides), self.path)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

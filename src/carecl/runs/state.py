@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from carecl.config import ExperimentConfig, config_to_dict
-from carecl.metrics import TaskEvaluation
+from carecl.metrics import RunSummary, TaskEvaluation
 from carecl.scenario import Scenario
 
 # Keys a resumed run may change: where the data lives and how the loop runs, and the learning rate
@@ -41,24 +41,33 @@ class RunProgress:
     global_step: int = 0
     # Per finished task: trainable and added parameters, seconds per phase, peak memory (engine/costs.py).
     costs: list[dict[str, Any]] = field(default_factory=list)
+    # The validation split's evaluations, beside the test set's (data.validation_fraction).
+    validation: list[TaskEvaluation] = field(default_factory=list)
 
     @property
     def n_tasks(self) -> int:
         return len(self.wall_times)
 
-    def metrics_extra(self, scenario: Scenario) -> dict[str, Any]:
-        return {"class_order": scenario.order.tolist(), "task_sizes": list(scenario.sizes),
-                "wall_time_s": self.wall_times, "skipped_images": self.skipped_images, "costs": self.costs}
+    def metrics_extra(self, scenario: Scenario, evaluated_split: str = "test") -> dict[str, Any]:
+        extra = {"evaluated_on": evaluated_split, "class_order": scenario.order.tolist(),
+                 "task_sizes": list(scenario.sizes), "wall_time_s": self.wall_times,
+                 "skipped_images": self.skipped_images, "costs": self.costs}
+        if self.validation:
+            extra["validation"] = {"summary": RunSummary.from_evaluations(self.validation).__dict__,
+                                   "tasks": [e.__dict__ for e in self.validation]}
+        return extra
 
     def to_json(self) -> dict[str, Any]:
         return {"evaluations": [e.__dict__ for e in self.evaluations], "wall_time_s": self.wall_times,
-                "skipped_images": self.skipped_images, "global_step": self.global_step, "costs": self.costs}
+                "skipped_images": self.skipped_images, "global_step": self.global_step, "costs": self.costs,
+                "validation": [e.__dict__ for e in self.validation]}
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> "RunProgress":
         return cls([evaluation_from_json(e) for e in document["evaluations"]],
                    list(document["wall_time_s"]), list(document["skipped_images"]), int(document["global_step"]),
-                   list(document.get("costs") or []))
+                   list(document.get("costs") or []),
+                   [evaluation_from_json(e) for e in document.get("validation") or []])
 
 
     def merge_recorded(self, metrics: dict[str, Any] | None) -> None:
@@ -66,14 +75,18 @@ class RunProgress:
         checkpoint was written (a task is checkpointed before its evaluation), so they are not redone."""
         if not metrics:
             return
-        known = {e.task for e in self.evaluations}
-        for document in metrics.get("tasks") or []:
-            if isinstance(document, dict) and document.get("task", self.n_tasks) < self.n_tasks and document["task"] not in known:
-                self.evaluations.append(evaluation_from_json(document))
-        self.evaluations.sort(key=lambda e: e.task)
+        self._merge(self.evaluations, metrics.get("tasks") or [])
+        self._merge(self.validation, (metrics.get("validation") or {}).get("tasks") or [])
         recorded = metrics.get("wall_time_s") or []
         for index, seconds in enumerate(recorded[: self.n_tasks]):
             self.wall_times[index] = float(seconds)
+
+    def _merge(self, evaluations: list[TaskEvaluation], documents: list[Any]) -> None:
+        known = {e.task for e in evaluations}
+        for document in documents:
+            if isinstance(document, dict) and document.get("task", self.n_tasks) < self.n_tasks and document["task"] not in known:
+                evaluations.append(evaluation_from_json(document))
+        evaluations.sort(key=lambda e: e.task)
 
 
 def evaluation_from_json(document: dict[str, Any]) -> TaskEvaluation:

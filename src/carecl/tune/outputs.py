@@ -1,0 +1,159 @@
+"""What a finished search writes: best.yaml (the config with the chosen values, re-runnable with `carecl train`),
+trials.csv, Optuna's plots (optimisation history, one panel per parameter, importances) and tune.md."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from carecl.config import config_to_dict
+from carecl.runs.files import atomic_write_bytes
+from carecl.tune.overrides import chosen_config
+from carecl.tune.study import RUN_DIR_ATTR, STOPPED_ATTR, TuneSetup, TuneError, budget, format_value
+
+log = logging.getLogger("carecl")
+
+BEST_FILE = "best.yaml"
+TRIALS_CSV = "trials.csv"
+SUMMARY_FILE = "tune.md"
+PLOTS_DIR = "plots"
+FINAL_DIR = "final"
+
+PROTOCOLS = {
+    "first-task": "each trial learned the first {tasks} task(s) and was scored by its validation accuracy on them",
+    "stream": "each trial learned the whole stream and was scored by its validation {metric}",
+    "two-stream": "each trial learned the tuning stream ({stream}) and was scored by its validation {metric}; the "
+                  "chosen values then ran once on the evaluation stream with its test set",
+}
+
+
+def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any] | None = None) -> Path:
+    """best.yaml, trials.csv, plots and tune.md for the study's best trial; returns best.yaml's path."""
+    best = best_trial(study, setup.config)
+    config = chosen_config(setup.config, best.params)
+    header = (f"# carecl tune {directory}: the best of {len(completed(study))} trial(s), trial {best.number}, "
+              f"validation {setup.tune.metric} {best.value:.2f}\n# chosen: "
+              + ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items()) + "\n")
+    atomic_write_bytes(directory / BEST_FILE, (header + yaml.safe_dump(config_to_dict(config), sort_keys=False)).encode())
+    atomic_write_bytes(directory / TRIALS_CSV, trials_csv(study, setup).encode())
+    plots = write_plots(study, directory / PLOTS_DIR, setup.search_space().keys)
+    atomic_write_bytes(directory / SUMMARY_FILE, summary(setup, directory, study, best, plots, final).encode())
+    return directory / BEST_FILE
+
+
+def completed(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def best_trial(study, config: dict[str, Any] | None = None):
+    """The trial of the highest value; among equal values, the one whose values lie nearest the config's own (the
+    published ones), on a log scale for positive numbers: a tie is no evidence for moving away from them."""
+    trials = [t for t in completed(study) if t.value is not None]
+    if not trials:
+        raise TuneError("no trial finished: nothing to choose (see the trials' log.txt under trials/)")
+    top = max(t.value for t in trials)
+    tied = [t for t in trials if t.value == top]
+    return min(tied, key=lambda t: (distance(t.params, config or {}), t.number))
+
+
+def distance(values: dict[str, Any], config: dict[str, Any]) -> float:
+    """How far a trial's values are from the config's: summed |log ratio| of numbers, 1 for any other difference."""
+    total = 0.0
+    for key, value in values.items():
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(value, (int, float)) and isinstance(node, (int, float)) and value > 0 and node > 0:
+            total += abs(math.log(value / node))
+        elif value != node:
+            total += 1.0
+    return total
+
+
+def trials_csv(study, setup: TuneSetup) -> str:
+    keys = setup.search_space().keys
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial", "state", "value", *keys, "seconds", "stopped", RUN_DIR_ATTR])
+    for trial in study.get_trials(deepcopy=False):
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
+            if trial.datetime_complete and trial.datetime_start else ""
+        writer.writerow([trial.number, trial.state.name.lower(), "" if trial.value is None else f"{trial.value:.4f}",
+                         *(trial.params.get(k, "") for k in keys), f"{seconds:.1f}" if seconds != "" else "",
+                         trial.user_attrs.get(STOPPED_ATTR, ""), trial.user_attrs.get(RUN_DIR_ATTR, "")])
+    return buffer.getvalue()
+
+
+def write_plots(study, folder: Path, keys: list[str]) -> list[Path]:
+    """Optuna's matplotlib figures as PNG; one that cannot be drawn (too few trials) is left out with a note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"history": lambda: plots.plot_optimization_history(study),
+               "parameters": lambda: plots.plot_slice(study, params=keys)}
+    if len(keys) > 1:
+        figures["importances"] = lambda: plots.plot_param_importances(study)
+    written = []
+    for name, draw in figures.items():
+        try:
+            axes = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            log.info("tune: no %s plot (%s)", name, error)
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        figure.set_size_inches(max(6.4, 4.0 * len(keys)) if name == "parameters" else 6.4, 4.2)
+        path = folder / f"{name}.png"
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], final: dict[str, Any] | None) -> str:
+    tune = setup.tune
+    protocol = PROTOCOLS[tune.protocol].format(tasks=tune.tasks, metric=tune.metric, stream=", ".join(tune.stream))
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
+    lines = [f"# Tune: {setup.config.get('method', {}).get('name', '?')} on {setup.config.get('data', {}).get('dataset', '?')}",
+             "",
+             f"- protocol `{tune.protocol}`: {protocol}.",
+             f"- {len(finished)} of {budget(setup)} trials finished ({tune.sampler} sampler, seed {tune.seed}); the test set "
+             "was never read by a trial (`eval.test_set: false`).",
+             f"- best: trial {best.number}, validation {tune.metric} **{best.value:.2f}** with "
+             + ", ".join(f"`{k}` = {format_value(v)}" for k, v in best.params.items()) + f" → [{BEST_FILE}]({BEST_FILE})",
+             ""]
+    if final is not None:
+        lines += [f"Evaluation stream, chosen values, test set ([{FINAL_DIR}/]({FINAL_DIR})): A_last "
+                  f"{final['a_last']:.2f}, Ā {final['average_accuracy']:.2f}.", ""]
+    keys = setup.search_space().keys
+    lines += ["| trial | state | value | " + " | ".join(f"`{k}`" for k in keys) + " |",
+              "|---:|---|---:|" + "---|" * len(keys)]
+    for trial in study.get_trials(deepcopy=False):
+        value = "" if trial.value is None else f"{trial.value:.2f}"
+        note = f" ({trial.user_attrs[STOPPED_ATTR]})" if STOPPED_ATTR in trial.user_attrs else ""
+        lines.append(f"| {trial.number} | {trial.state.name.lower()}{note} | {value} | "
+                     + " | ".join(format_value(trial.params.get(k, "")) for k in keys) + " |")
+    lines += ["", *(f"![{path.stem}]({path.relative_to(directory).as_posix()})" for path in plots),
+              "", f"Trials: [{TRIALS_CSV}]({TRIALS_CSV}); each trial's run directory is listed there."]
+    return "\n".join(lines) + "\n"
+
+
+def run_final(setup: TuneSetup, directory: Path, study) -> dict[str, Any]:
+    """two-stream: the chosen values run once on the evaluation stream (this config's, with its test set)."""
+    from carecl.engine import resume_experiment, run_experiment
+
+    config = chosen_config(setup.config, best_trial(study, setup.config).params)
+    final = directory / FINAL_DIR
+    summary_ = resume_experiment(final) if (final / "config.yaml").is_file() else run_experiment(config, final)
+    return {"a_last": summary_.a_last, "average_accuracy": summary_.average_accuracy}

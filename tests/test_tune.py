@@ -1,0 +1,235 @@
+"""carecl tune: the search space, the three protocols, the outputs, resume after a kill, parallel workers on one
+SQLite study, and no test image read by any trial."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from carecl.cli.main import main
+from carecl.config import ConfigError, config_to_dict, load_config
+from carecl.engine import Experiment, learn_task
+from carecl.engine.experiment import seed_everything
+from carecl.engine.loop import evaluate_task
+from carecl.tune.overrides import trial_config
+from carecl.tune.space import SearchSpace
+
+from helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LRS = [0.003, 0.01, 0.03, 0.1]
+
+
+def write(path: Path, document) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def tiny_files(tmp_path: Path, method: dict | None = None, **sections) -> tuple[Path, Path]:
+    config = write(tmp_path / "config.yaml", config_to_dict(tiny_config(method=method, **sections)))
+    space = write(tmp_path / "space.yaml", {"train.lr": LRS})
+    return config, space
+
+
+def rows(directory: Path) -> list[dict]:
+    with open(directory / "trials.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+# ---------------------------------------------------------------- the search space
+
+def test_a_space_reads_choices_and_ranges_and_names_the_key_at_fault(tmp_path):
+    space = SearchSpace.from_mapping({"train.lr": {"low": 1e-4, "high": 0.1, "log": True}, "train.epochs": [1, 2],
+                                      "method.alignment.epochs": {"low": 5, "high": 30, "step": 5}}, "space.yaml")
+    assert space.keys == ["train.lr", "train.epochs", "method.alignment.epochs"]
+    assert [p.is_int for p in space.parameters] == [False, False, True]
+    config = config_to_dict(tiny_config(method={"name": "care"}))
+    space.check_against(config)
+    with pytest.raises(ConfigError, match=r"space.yaml: train.lrr = 0.1: unknown config key 'train.lrr'"):
+        SearchSpace.from_mapping({"train.lrr": [0.1]}, "space.yaml").check_against(config)
+    with pytest.raises(ConfigError, match=r"space.yaml: train.lr = -1: train.lr must be positive"):
+        SearchSpace.from_mapping({"train.lr": [-1, 0.1]}, "space.yaml").check_against(config)
+    with pytest.raises(ConfigError, match="the grid sampler needs a list of choices for every key; train.lr is a range"):
+        SearchSpace.from_mapping({"train.lr": {"low": 0.1, "high": 1.0}}, "s").grid()
+    for bad, words in (({"train.lr": []}, "is empty"), ({"train.lr": {"low": 1}}, "give a list of choices or a range"),
+                       ({"train.lr": {"low": 0, "high": 1, "log": True}}, "a log range needs low > 0"),
+                       ({"lr": [1]}, "dotted config keys")):
+        with pytest.raises(ConfigError, match=words):
+            SearchSpace.from_mapping(bad, "s")
+
+
+def test_a_trial_evaluates_validation_images_only_and_best_yaml_is_the_plain_config():
+    base = config_to_dict(tiny_config())
+    config = trial_config(base, {"train.lr": 0.01}, max_tasks=1)
+    assert (config.eval.test_set, config.data.validation_fraction, config.train.max_tasks) == (False, 0.2, 1)
+    assert config.train.lr == 0.01
+
+
+# ---------------------------------------------------------------- first-task on the demo
+
+def validation_accuracy_of_first_task(config_path: Path, lr: float) -> float:
+    """The first task learned at `lr` and scored on its validation images, directly (no tune)."""
+    base = config_to_dict(load_config(config_path, ["train.epochs=2"]))
+    config = trial_config(base, {"train.lr": lr}, max_tasks=1)
+    seed_everything(config.seed)  # as every run starts
+    experiment = Experiment.build(config)
+    first = experiment.scenario.task(0)
+    learn_task(experiment, first)
+    return evaluate_task(experiment, first).top1
+
+
+def test_a_first_task_tune_on_the_demo_picks_the_lr_a_direct_evaluation_finds_best(tmp_path, capsys):
+    demo, space = ROOT / "configs" / "demo.yaml", write(tmp_path / "space.yaml", {"train.lr": LRS})
+    output = tmp_path / "tune"
+    assert main(["tune", "--config", str(demo), "--space", str(space), "--sampler", "grid", "--set", "train.epochs=2",
+                 "--output", str(output)]) == 0
+    direct = {lr: validation_accuracy_of_first_task(demo, lr) for lr in LRS}
+    assert len(set(direct.values())) > 1, "the learning rates should give different accuracies on the demo"
+    best_lr = max(LRS, key=lambda lr: (direct[lr], -LRS.index(lr)))
+    chosen = load_config(output / "best.yaml")
+    assert chosen.train.lr == best_lr
+    recorded = {float(row["train.lr"]): float(row["value"]) for row in rows(output)}
+    assert recorded == pytest.approx(direct)  # each trial's score is exactly the direct evaluation
+    # best.yaml is the demo's own config with the chosen lr: the whole stream, its test set.
+    assert chosen.eval.test_set and chosen.train.max_tasks is None and chosen.data.validation_fraction is None
+    assert (output / "tune.md").read_text().count("| complete |") == 4
+    assert (output / "plots" / "history.png").is_file() and (output / "plots" / "parameters.png").is_file()
+    lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in lines if line.startswith("trial ")]) == 4
+
+
+# ---------------------------------------------------------------- stream, two-stream
+
+def test_a_stream_tune_scores_the_whole_stream_on_validation_and_prunes(tmp_path):
+    config, space = tiny_files(tmp_path)
+    output = tmp_path / "tune"
+    assert main(["tune", "--config", str(config), "--space", str(space), "--protocol", "stream", "--trials", "3",
+                 "--set", "tune.metric=average", "--output", str(output)]) == 0
+    trials = rows(output)
+    assert len([t for t in trials if t["state"] in ("complete", "pruned")]) == 3
+    for trial in trials:
+        metrics = json.loads((Path(trial["run_dir"]) / "metrics.json").read_text())
+        assert metrics["evaluated_on"] == "validation"
+        if trial["state"] == "complete":
+            assert float(trial["value"]) == pytest.approx(metrics["summary"]["average_accuracy"])
+            assert len(metrics["tasks"]) == 3
+
+
+def test_a_two_stream_tune_searches_one_stream_then_runs_the_choice_on_the_other(tmp_path):
+    config, space = tiny_files(tmp_path, tune={"protocol": "two-stream", "trials": 2, "sampler": "grid",
+                                               "stream": ["data.class_order=[5, 4, 3, 2, 1, 0]"]})
+    output = tmp_path / "tune"
+    assert main(["tune", "--config", str(config), "--space", str(space), "--output", str(output)]) == 0
+    trial = json.loads((Path(rows(output)[0]["run_dir"]) / "metrics.json").read_text())
+    assert trial["class_order"] == [5, 4, 3, 2, 1, 0] and trial["evaluated_on"] == "validation"
+    final = json.loads((output / "final" / "metrics.json").read_text())
+    assert final["evaluated_on"] == "test" and final["class_order"] != [5, 4, 3, 2, 1, 0]
+    assert "Evaluation stream, chosen values, test set" in (output / "tune.md").read_text()
+
+
+# ---------------------------------------------------------------- no test image
+
+def write_image_folder(root: Path) -> None:
+    rng = np.random.RandomState(0)
+    for split, count in (("train", 10), ("test", 3)):
+        for name in ("a", "b", "c", "d"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_no_trial_reads_a_test_image(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images")
+    config, space = tiny_files(tmp_path, data={"dataset": "imagefolder", "root": str(tmp_path / "images"),
+                                               "num_workers": 0, "image_size": 16, "init_cls": 2, "increment": 2})
+    opened = []
+    import carecl.data.base as base
+
+    original = base.load_rgb_image
+    monkeypatch.setattr(base, "load_rgb_image", lambda path: (opened.append(str(path)), original(path))[1])
+    assert main(["tune", "--config", str(config), "--space", str(space), "--protocol", "stream", "--trials", "2",
+                 "--output", str(tmp_path / "tune")]) == 0
+    assert any("/train/" in path for path in opened)
+    assert [path for path in opened if "/test/" in path] == []
+
+
+# ---------------------------------------------------------------- resume, parallel workers
+
+KILLING_DRIVER = r"""
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from carecl.tune import study
+original = study.Objective.run
+calls = [0]
+def run(config, run_dir, report):
+    calls[0] += 1
+    if calls[0] == 2:  # the second trial dies after its first task, its checkpoint written
+        def report_then_die(progress):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(config, run_dir, report_then_die)
+    return original(config, run_dir, report)
+study.Objective.run = staticmethod(run)
+from carecl.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_tune_resumes_without_redoing_finished_trials(tmp_path, monkeypatch):
+    config, space = tiny_files(tmp_path)
+    output = tmp_path / "tune"
+    killed = subprocess.run([sys.executable, "-c", KILLING_DRIVER, "tune", "--config", str(config), "--space", str(space),
+                             "--protocol", "stream", "--sampler", "grid", "--output", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    from carecl.tune import study
+
+    started = []
+    original = study.Objective.run
+    monkeypatch.setattr(study.Objective, "run",
+                        staticmethod(lambda config, run_dir, report: (started.append(Path(run_dir).name),
+                                                                      original(config, run_dir, report))[1]))
+    assert main(["tune", "--resume", str(output)]) == 0
+    trials = rows(output)
+    finished = [t for t in trials if t["state"] == "complete"]
+    assert len(finished) == 4 and sorted(float(t["train.lr"]) for t in finished) == sorted(LRS)
+    # The first trial finished before the kill and is not redone; the killed one resumes its own run directory.
+    assert started[0] == "trial-0001" and "trial-0000" not in started and len(started) == 3
+    log = (output / "trials" / "trial-0001" / "log.txt").read_text()
+    assert "resuming" in log
+
+
+def test_two_worker_processes_share_one_sqlite_study(tmp_path):
+    config, space = tiny_files(tmp_path)
+    output = tmp_path / "tune"
+    completed = subprocess.run([sys.executable, "-m", "carecl", "tune", "--config", str(config), "--space", str(space),
+                                "--sampler", "grid", "--jobs", "2", "--output", str(output)],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    trials = [t for t in rows(output) if t["state"] == "complete"]
+    assert sorted(float(t["train.lr"]) for t in trials) == sorted(LRS)  # each grid point once, over both processes
+    assert len({t["run_dir"] for t in trials}) == 4
+
+
+def test_a_tie_goes_to_the_values_nearest_the_configs_own():
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from carecl.tune.outputs import best_trial
+
+    study = optuna.create_study(direction="maximize")
+    lrs = CategoricalDistribution(LRS)
+    for lr, value in ((0.003, 100.0), (0.1, 100.0), (0.03, 100.0), (0.01, 90.0)):
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": lr}, distributions={"train.lr": lrs}, value=value))
+    assert best_trial(study, {"train": {"lr": 0.05}}).params == {"train.lr": 0.03}
+    assert best_trial(study, {"train": {"lr": 0.002}}).params == {"train.lr": 0.003}
