@@ -88,21 +88,22 @@ def test_a_truncated_archive_stops_clearly_and_the_rerun_resumes(tmp_path, small
 
 def test_verify_finds_every_kind_of_problem(tmp_path, small_catalog, capsys):
     files = fake_files()
-    files["omnibenchmark1k/test/class0/dup.png"] = files["omnibenchmark1k/train/class1/0.png"]  # in both splits
-    files["omnibenchmark1k/train/class2/broken.png"] = png(999)[:40]  # truncated image
-    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
+    with zipfile.ZipFile(tmp_path / "good.zip", "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-    prepare("omnibenchmark1k", tmp_path / "bad.zip", tmp_path / "data", progress=False)
+    prepare("omnibenchmark1k", tmp_path / "good.zip", tmp_path / "data", progress=False)
+    assert verify("omnibenchmark1k", tmp_path / "data", progress=False).ok  # and its checksum baseline is written
+    folder = tmp_path / "data" / "omnibenchmark1k"
+    (folder / "test" / "class0" / "dup.png").write_bytes(files["omnibenchmark1k/train/class1/0.png"])  # in both splits
+    (folder / "train" / "class2" / "broken.png").write_bytes(png(999)[:40])  # truncated image
+    (folder / "train" / "class0" / "0.png").write_bytes(png(12345))  # changed since the baseline
     report = verify("omnibenchmark1k", tmp_path / "data", progress=False)
     text = "\n".join(report.problems)
     assert "train images: 13, published 12" in text and "test images: 7, published 6" in text
     assert "1 unreadable image(s): train/class2/broken.png" in text
     assert "1 file(s) in both train/ and test/" in text
+    assert "changed since the manifest: train/class0/0.png" in text and "new since the manifest" in text
     assert main(["data", "verify", "omnibenchmark1k", "--root", str(tmp_path / "data")]) == 2
-    (tmp_path / "data" / "omnibenchmark1k" / "train" / "class0" / "0.png").write_bytes(png(12345))
-    report = verify("omnibenchmark1k", tmp_path / "data", progress=False)
-    assert any("changed since the manifest: train/class0/0.png" in problem for problem in report.problems)
 
 
 def test_an_unpacked_folder_is_copied_and_a_foreign_one_refused(tmp_path, small_catalog):
@@ -140,3 +141,57 @@ def test_the_cifar_archive_layout(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "data" / "cifar-100-python").iterdir()) == ["COMPLETE", "meta", "test", "train"]
     report = verify("cifar100", tmp_path / "data", progress=False)
     assert report.problems == ["test images: 2, published 3"]
+
+
+def write_plain_tar(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def member_boundary(path: Path, n_members: int) -> int:
+    """The byte offset just after the data of the archive's first `n_members` members (a cut tarfile reads quietly)."""
+    with tarfile.open(path, "r:") as archive:
+        member = archive.getmembers()[n_members - 1]
+    return member.offset_data + -(-member.size // 512) * 512
+
+
+@pytest.mark.parametrize("cut", ["at a member boundary", "inside a member"])
+def test_a_cut_plain_tar_is_never_marked_complete_and_the_whole_one_finishes(tmp_path, small_catalog, capsys, cut):
+    whole = write_plain_tar(tmp_path / "whole.tar", fake_files())
+    end = member_boundary(whole, 10)
+    cut_archive = tmp_path / "cut.tar"
+    cut_archive.write_bytes(whole.read_bytes()[: end if cut == "at a member boundary" else end - 100])
+    root = tmp_path / "data"
+    assert main(["data", "prepare", "omnibenchmark1k", "--archive", str(cut_archive), "--root", str(root)]) == 2
+    error = capsys.readouterr().err
+    assert "truncated or damaged" in error and ("end-of-archive marker" in error or "unexpected end" in error)
+    assert not (root / "omnibenchmark1k").exists()  # nothing marked prepared
+    assert main(["data", "prepare", "omnibenchmark1k", "--archive", str(whole), "--root", str(root)]) == 0
+    assert (root / "omnibenchmark1k" / "COMPLETE").is_file()
+    assert main(["data", "verify", "omnibenchmark1k", "--root", str(root)]) == 0
+
+
+def test_a_whole_archive_of_too_few_images_is_not_marked_complete(tmp_path, small_catalog, capsys):
+    files = {name: data for name, data in fake_files().items() if "class2" not in name}
+    root = tmp_path / "data"
+    archive = write_plain_tar(tmp_path / "fewer.tar", files)
+    assert main(["data", "prepare", "omnibenchmark1k", "--archive", str(archive), "--root", str(root)]) == 2
+    assert "train/ has 2 classes, omnibenchmark1k has 3" in capsys.readouterr().err
+    assert not (root / "omnibenchmark1k").exists()
+
+
+def test_verify_writes_no_checksum_baseline_for_a_tree_that_fails(tmp_path, small_catalog, capsys):
+    folder = tmp_path / "data" / "omnibenchmark1k"
+    for name, data in fake_files().items():
+        if "class2" in name or not name.endswith(".png"):
+            continue
+        path = tmp_path / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert main(["data", "verify", "omnibenchmark1k", "--root", str(tmp_path / "data")]) == 2
+    assert "no checksum manifest written" in capsys.readouterr().out
+    assert not list(folder.glob("MANIFEST*"))

@@ -4,6 +4,7 @@ CLIP models (`backbone.family: open_clip`) in `carecl.clip_backbone`."""
 from __future__ import annotations
 
 import difflib
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from carecl.config import BackboneConfig
 from carecl.data.transforms import DEFAULT_BACKBONE_PREPROCESSING, Preprocessing
-from carecl.weight_files import BackboneError, check_state_fits, resolve_weights_path
+from carecl.weight_files import BackboneError, check_state_fits, read_safetensors, resolve_weights_path
 
 # Names used by the CaRE/PILOT release that timm has since renamed.
 LEGACY_NAMES = {
@@ -103,16 +104,27 @@ def create_backbone(config: BackboneConfig, image_size: int | None = None) -> to
     return model.eval()
 
 
+def check_npz(path: Path) -> None:
+    """An .npz that NumPy cannot open (junk, cut short) is named as such, not as an architecture mismatch."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            archive.files
+    except Exception as error:  # noqa: BLE001 - numpy and zipfile raise many types for a bad file
+        raise BackboneError(f"backbone.weights: cannot read {path} as a NumPy .npz archive "
+                            f"({type(error).__name__}: {error})") from None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from .safetensors or a torch file (never unpickling arbitrary objects)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
-        raise BackboneError(f"backbone.weights: cannot read {path}: {error}") from None
+        raise BackboneError(f"backbone.weights: cannot read {path} as a torch checkpoint of tensors "
+                            f"({type(error).__name__}: {error})") from None
     # Self-supervised releases wrap their weights: iBOT's teacher, MoCo v3's model, others' state_dict.
     for container in ("teacher", "state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
@@ -150,14 +162,17 @@ def load_weights_file(model: VisionTransformer, weights: str | Path) -> None:
     """Load a local weights file into `model`, listing every key that does not fit."""
     path = resolve_weights_path(weights)
     if not path.is_file():
-        raise BackboneError(f"backbone.weights: file not found: {path}")
+        raise BackboneError(f"backbone.weights: {'a folder, not a file' if path.is_dir() else 'file not found'}: {path}")
     if path.suffix == ".npz":
+        check_npz(path)
         from timm.models.vision_transformer import _load_weights
 
         try:
             _load_weights(model, str(path))
         except (KeyError, RuntimeError, ValueError) as error:
             raise BackboneError(f"backbone.weights: {path} does not fit the architecture: {error}") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as error:
+            raise BackboneError(f"backbone.weights: cannot read {path}: {type(error).__name__}: {error}") from None
         return
     state = checkpoint_filter_fn(normalise_checkpoint_keys(read_state_dict(path), model), model)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}

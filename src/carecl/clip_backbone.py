@@ -22,7 +22,7 @@ from torch import nn
 
 from carecl.config import BackboneConfig
 from carecl.data.transforms import Preprocessing
-from carecl.weight_files import BackboneError, check_state_fits, resolve_weights_path
+from carecl.weight_files import BackboneError, check_state_fits, read_safetensors, resolve_weights_path
 
 CUSTOM = "custom"
 # OpenAI CLIP's pixel statistics (every CLIP tower here unless the model config names others).
@@ -99,9 +99,7 @@ def create_clip(config: BackboneConfig, image_size: int | None = None) -> nn.Mod
 def read_clip_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a CLIP checkpoint: OpenAI's TorchScript archive, a torch state dict or .safetensors."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     if zipfile.is_zipfile(path) and any(name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -121,7 +119,8 @@ def load_clip_weights(model: nn.Module, weights: str | Path) -> None:
     """Load a local CLIP checkpoint, listing every key that does not fit."""
     path = resolve_weights_path(weights)
     if not path.is_file():
-        raise ClipBackboneError(f"backbone.weights: file not found: {path}")
+        raise ClipBackboneError(f"backbone.weights: {'a folder, not a file' if path.is_dir() else 'file not found'}: "
+                                f"{path}")
     state = read_clip_state(path)
     if "logit_scale" in state and state["logit_scale"].shape != model.logit_scale.shape:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)

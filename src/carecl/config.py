@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import math
 import re
 import types
 import typing
@@ -100,7 +101,8 @@ class DataConfig:
     # Of each class's training images, the fraction held out as a validation split (seeded by `seed`; never taken
     # from the test images): validation accuracy is recorded beside test accuracy, and carecl tune scores on it.
     validation_fraction: float | None = None
-    init_cls: int = 2
+    # Classes of the first task; null: data.increment's (all of a smaller dataset's classes).
+    init_cls: int | None = 2
     increment: int = 2
     shuffle: bool = True
     # Explicit class order (original class ids); overrides `shuffle`.
@@ -144,8 +146,12 @@ class DataConfig:
     # Unreadable image files: false = skip and count them (metrics.json), true = stop naming the file.
     strict: bool = False
 
+    def first_task_size(self, n_classes: int) -> int:
+        """init_cls, or (null) the increment, capped at the dataset's class count."""
+        return self.init_cls if self.init_cls is not None else min(self.increment, n_classes)
+
     def validate(self) -> None:
-        require(self.init_cls > 0, "init_cls", f"must be positive, got {self.init_cls}")
+        require(self.init_cls is None or self.init_cls > 0, "init_cls", f"must be positive or null, got {self.init_cls}")
         require(self.increment > 0, "increment", f"must be positive, got {self.increment}")
         require(self.image_size is None or self.image_size > 0, "image_size", f"must be positive, got {self.image_size}")
         require((self.mean is None) == (self.std is None), "mean", "and data.std must be set together (or both null)")
@@ -406,6 +412,8 @@ SCALAR_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "
 def _check_scalar(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value}")
     accepted = annotation is not bool and isinstance(value, bool)
     if annotation in SCALAR_NAMES and (accepted or not isinstance(value, annotation)):
         raise ConfigError(f"{where}: expected {SCALAR_NAMES[annotation]}, got {value!r}")
@@ -584,11 +592,14 @@ def config_from_sources(data: Any, overrides: list[str] | tuple[str, ...], sourc
 
 
 def blame(message: str, overrides: list[str] | tuple[str, ...], source: str) -> str:
-    """Where a config error's key came from: the last --set naming it (or a section above it), else the file."""
-    for item in reversed(list(overrides)):
-        dotted = item.split("=", 1)[0].strip()
-        if re.search(rf"(^|[ '\"]){re.escape(dotted)}([ .'\"\[:]|$)", message):
-            return f"--set {item}"
+    """Where a config error's key came from: the last --set naming it (or a section of it: `--set
+    method.alignment.epochs=3` for an error about 'method.alignment'), else the file."""
+    for depth in (0, 1):
+        for item in reversed(list(overrides)):
+            keys = item.split("=", 1)[0].strip().split(".")
+            dotted = ".".join(keys[:len(keys) - depth]) if len(keys) - depth >= 2 else None
+            if dotted and re.search(rf"(^|[ '\"(]){re.escape(dotted)}([ .'\"\[:)]|$)", message):
+                return f"--set {item}"
     return source
 
 

@@ -23,6 +23,17 @@ def resolve_weights_path(weights: str | Path) -> Path:
     return Path(weights).expanduser()
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a junk, truncated or unreadable one is a BackboneError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types (and OSError)
+        raise BackboneError(f"backbone.weights: cannot read {path}: not a complete safetensors file "
+                            f"({type(error).__name__}: {error})") from None
+
+
 def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.")}
     missing = sorted(set(expected) - set(state))

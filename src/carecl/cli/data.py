@@ -19,9 +19,10 @@ def add_command(subparsers: Any) -> None:
     prepare.add_argument("--archive", type=Path, required=True, metavar="FILE|DIR")
     prepare.add_argument("--root", type=Path, required=True, metavar="DIR", help="data.root of the configs")
     prepare.set_defaults(handler=command_prepare)
-    verify = actions.add_parser("verify", help="counts, unreadable images, duplicates across splits, checksums")
-    verify.add_argument("name", **names)
-    verify.add_argument("--root", type=Path, required=True, metavar="DIR")
+    verify = actions.add_parser("verify", help="counts, unreadable images, duplicates across splits, checksums; "
+                                               "or a folder of your own images (carecl data verify DIR)")
+    verify.add_argument("name", metavar="NAME|DIR", help=f"{names['help']}; or the folder of your own ImageFolder tree")
+    verify.add_argument("--root", type=Path, metavar="DIR", help="data.root of the configs (for a benchmark NAME)")
     verify.set_defaults(handler=command_verify)
     download = actions.add_parser("download", help="fetch from the Hugging Face hub (omnibenchmark1k), then prepare")
     download.add_argument("name", **names)
@@ -37,9 +38,16 @@ def command_prepare(args: argparse.Namespace) -> int:
 
 
 def command_verify(args: argparse.Namespace) -> int:
-    from carecl.data.verify import verify
+    from carecl.data.base import DatasetError
+    from carecl.data.catalog import CATALOG
+    from carecl.data.verify import verify, verify_own_tree
 
-    report = verify(args.name, args.root)
+    if args.name not in CATALOG and Path(args.name).expanduser().is_dir():
+        report = verify_own_tree(Path(args.name))
+    elif args.root is None:
+        raise DatasetError(f"carecl data verify {args.name} needs --root DIR (where the benchmark's folder is)")
+    else:
+        report = verify(args.name, args.root)
     print(report.format())
     return 0 if report.ok else 2
 

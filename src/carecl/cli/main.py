@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_train(args: argparse.Namespace) -> int:
     from carecl.compat.release_json import load_experiment_file
+    from carecl.config import ConfigError, blame
 
     overrides = [*args.overrides, *(["data.strict=true"] if args.strict_data else []),
                  *([f"seed=[{parse_seeds(args.seeds)}]"] if args.seeds else [])]
@@ -103,17 +104,27 @@ def command_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         return run_and_report(config, args.resume, resume=True, overrides=overrides)
     output = args.output or default_output(config.method.name)
-    if group_seeds(config) is not None:
-        return run_group_and_report(config, output)
-    return run_and_report(config, output)
+    try:
+        if group_seeds(config) is not None:
+            return run_group_and_report(config, output)
+        return run_and_report(config, output)
+    except CareclError as error:  # found while building the run: a value that does not fit the data or the machine
+        source = blame(str(error), overrides, "")
+        if getattr(error, "reported", False) or not source:
+            raise
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def parse_seeds(text: str) -> str:
-    """`1993,1994` -> "1993, 1994" (checked to be integers)."""
+    """`1993,1994` -> "1993, 1994" (checked to be distinct integers)."""
     try:
-        return ", ".join(str(int(part)) for part in text.split(",") if part.strip())
+        seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise CareclError(f"--seeds {text!r} must be comma-separated integers, e.g. 1993,1994,1995") from None
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise CareclError(f"--seeds {text} lists {', '.join(map(str, repeated))} more than once: each seed is one run")
+    return ", ".join(map(str, seeds))
 
 
 def run_group_and_report(config, output: Path, overrides: list[str] | tuple[str, ...] = ()) -> int:
@@ -207,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except CareclError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not getattr(error, "reported", False):  # a run's error is already on the console and in its log.txt
+            print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        if not getattr(error, "reported", False):
+            print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -14,13 +14,14 @@ def add_command(subparsers: Any) -> None:
                     "matrices, forgetting per task, and a summary table (report.md, summary.csv).")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run directories written by carecl train/demo, or seed-group directories (mean ± std)")
-    parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="folder for the report (created if needed)")
+    parser.add_argument("--output", type=Path, metavar="DIR",
+                        help="folder for the report (created if needed; default: RUN_DIR/report of the first run given)")
     parser.set_defaults(handler=command_report)
 
 
 def command_report(args: argparse.Namespace) -> int:
     from carecl.report.build import build_report
 
-    report = build_report(args.runs, args.output)
+    report = build_report(args.runs, args.output or args.runs[0] / "report")
     print(f"report: {report}")
     return 0

@@ -161,7 +161,7 @@ def _scenario(heads: list[int], config: ExperimentConfig, state: Mapping[str, Te
                      "give n_classes (--n-classes) if the run stopped earlier")
     n_classes = n_classes if n_classes is not None else from_head
     try:
-        planned = task_sizes(n_classes, data.init_cls, data.increment)
+        planned = task_sizes(n_classes, data.first_task_size(n_classes), data.increment)
     except ScenarioError as error:
         raise ReferenceCheckpointError(f"{source}: {error}") from None
     if planned[: len(heads)] != heads:
@@ -171,7 +171,7 @@ def _scenario(heads: list[int], config: ExperimentConfig, state: Mapping[str, Te
             f"{planned[: len(heads) + 1]}{' ...' if len(planned) > len(heads) + 1 else ''}; "
             "use the config the model was trained with")
     try:
-        return Scenario.build(n_classes, data.init_cls, data.increment, seed=config.seed, shuffle=data.shuffle,
+        return Scenario.build(n_classes, data.first_task_size(n_classes), data.increment, seed=config.seed, shuffle=data.shuffle,
                               explicit_order=data.class_order)
     except ScenarioError as error:
         raise ReferenceCheckpointError(f"{source}: {error}") from None

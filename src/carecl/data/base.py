@@ -12,6 +12,7 @@ A split holds its samples in one of three kinds, chosen by the loader that built
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -117,7 +118,13 @@ class UnreadableImageError(DatasetError):
     """An image file cannot be opened or decoded (missing, empty, truncated, not an image)."""
 
     def __init__(self, path: str, reason: str = "") -> None:
-        # One argument: a DataLoader worker's re-raise passes the whole message.
+        if not reason:  # a DataLoader worker's re-raise passes its whole traceback: keep the original message
+            original = re.findall(r"UnreadableImageError: (cannot read image (.*?): (.*))$", path, flags=re.M)
+            if original:
+                message, path, reason = original[-1]
+                super().__init__(message)
+                self.path, self.reason = path, reason
+                return
         super().__init__(f"cannot read image {path}: {reason}" if reason else path)
         self.path, self.reason = path, reason
 
@@ -290,7 +297,7 @@ def canonical_dataset(cfg: DataConfig) -> str:
 
 def check_config_fits(cfg: DataConfig, data: BenchmarkData) -> None:
     """Fail early on settings that cannot work with this dataset's classes."""
-    if cfg.init_cls > data.n_classes:
+    if cfg.first_task_size(data.n_classes) > data.n_classes:
         raise DatasetError(
             f"data.init_cls = {cfg.init_cls} but dataset {data.name!r} has only {data.n_classes} classes"
         )

@@ -14,10 +14,16 @@ def read_class_names(path: str, current: list[str]) -> list[str]:
     names (folder names) to display names (classes it does not name keep theirs)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DatasetError(f"data.class_names_file: file not found: {file}")
-    text = file.read_text(encoding="utf-8")
+        raise DatasetError(f"data.class_names_file: {'a folder, not a file' if file.is_dir() else 'file not found'}: {file}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"data.class_names_file: cannot read {file} as UTF-8 text: {error}") from None
     if file.suffix.lower() in (".yaml", ".yml", ".json"):
-        mapping = yaml.safe_load(text)
+        try:
+            mapping = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise DatasetError(f"data.class_names_file: {file} is not valid YAML/JSON: {error}") from None
         if not isinstance(mapping, dict):
             raise DatasetError(f"data.class_names_file: {file} must map folder names to display names")
         unknown = sorted(set(map(str, mapping)) - set(current))

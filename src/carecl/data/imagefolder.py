@@ -43,28 +43,47 @@ def is_image_file(name: str) -> bool:
 
 def list_class_folders(split_dir: Path) -> dict[str, str]:
     """Class name -> folder path for every visible sub-folder of a split folder."""
-    with os.scandir(split_dir) as entries:
-        return {e.name: e.path for e in entries if not e.name.startswith(".") and e.is_dir()}
+    try:
+        with os.scandir(split_dir) as entries:
+            return {e.name: e.path for e in entries if not e.name.startswith(".") and e.is_dir()}
+    except OSError as error:
+        raise DatasetError(f"cannot read the folder {split_dir}: {error.strerror or error}") from None
 
 
 def list_images(class_dir: str) -> list[str]:
-    """Sorted image paths inside one class folder and its visible sub-folders (sorted: runs are reproducible)."""
+    """Sorted image paths inside one class folder and its visible sub-folders (sorted: runs are reproducible).
+    A folder that cannot be read, or a symbolic link back to a folder above it (a loop), is a DatasetError."""
     found: list[str] = []
-    with os.scandir(class_dir) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                found.extend(list_images(entry.path))
-            elif is_image_file(entry.name) and entry.is_file():
-                found.append(entry.path)
+    walk_images(class_dir, found, set())
     return sorted(found)
+
+
+def walk_images(folder: str, found: list[str], above: set[tuple[int, int]]) -> None:
+    try:
+        identity = os.stat(folder)
+        key = (identity.st_dev, identity.st_ino)
+        if key in above:
+            raise DatasetError(f"{folder} is a symbolic link back to a folder that contains it (a loop): remove it")
+        above = above | {key}
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    walk_images(entry.path, found, above)
+                elif is_image_file(entry.name) and entry.is_file():
+                    found.append(entry.path)
+    except OSError as error:
+        raise DatasetError(f"cannot read the image folder {folder}: {error.strerror or error}") from None
 
 
 def loose_images(folder: Path) -> list[str]:
     """Image files directly inside a folder that should hold only class folders."""
-    with os.scandir(folder) as entries:
-        return sorted(e.path for e in entries if is_image_file(e.name) and e.is_file())
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.path for e in entries if is_image_file(e.name) and e.is_file())
+    except OSError as error:
+        raise DatasetError(f"cannot read the folder {folder}: {error.strerror or error}") from None
 
 
 def refuse_loose_images(folder: Path) -> None:

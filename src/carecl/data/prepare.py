@@ -6,6 +6,10 @@
   a re-run skips every file already there at its full size, so an interrupted unpack continues.
 - Never overwrites: the finished tree is renamed into place with a `COMPLETE` marker; a folder that has
   one is refused, and so is one that exists without it (not carecl's).
+- Never marks an incomplete archive complete: a compressed stream that ends early fails in its decompressor, an
+  uncompressed tar must end with its end-of-archive marker after its last member's data, and the unpacked tree
+  must have the catalog's class and image counts where the catalog has them; otherwise the staged files stay
+  and a re-run with the whole archive finishes the job.
 - Safe: members with absolute paths or `..` are refused; only `train/` and `test/` (or CIFAR's archive
   folder) are taken, from wherever they sit in the archive (`omnibenchmark1k/train/...`, `train/...`).
 """
@@ -60,6 +64,36 @@ def archive_files(source: Path) -> Iterator[ArchiveFile]:
                 if member.isfile():
                     yield ArchiveFile(PurePosixPath(member.name), member.size,
                                       lambda member=member: archive.extractfile(member))
+        if not compressed(source):
+            check_tar_end(source)
+
+
+# A compressed stream's magic bytes: gzip, bzip2, xz (their decompressors notice a stream that ends early).
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+TAR_BLOCK = 512
+
+
+def compressed(source: Path) -> bool:
+    with source.open("rb") as stream:
+        head = stream.read(6)
+    return head.startswith(COMPRESSED_MAGIC)
+
+
+def check_tar_end(source: Path) -> None:
+    """An uncompressed tar ends with two zero blocks after its last member's data: without them it was cut short
+    (tarfile itself reads a tar cut at a member boundary as complete)."""
+    try:
+        with tarfile.open(source, mode="r:") as archive:
+            members = archive.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise EOFError(f"its members cannot all be read ({error})") from None
+    last = members[-1] if members else None
+    end = 0 if last is None else last.offset_data + -(-last.size // TAR_BLOCK) * TAR_BLOCK
+    with source.open("rb") as stream:
+        stream.seek(end)
+        marker = stream.read(2 * TAR_BLOCK)
+    if len(marker) < 2 * TAR_BLOCK or any(marker):
+        raise EOFError(f"it ends without its end-of-archive marker after {len(members)} member(s)")
 
 
 def relative_target(path: PurePosixPath, entry: CatalogEntry) -> PurePosixPath | None:
@@ -113,10 +147,31 @@ def prepare(name: str, source: Path, root: Path, progress: bool = True) -> Path:
     if written + skipped == 0:
         anchor = "cifar-100-python/" if entry.layout == "cifar100" else "train/ and test/"
         raise DatasetError(f"{source} holds no files under {anchor}: is it the {name} archive?")
+    check_counts(staging, entry, source)
     (staging / COMPLETE).write_text(json.dumps({"source": source.name, "files": written + skipped,
                                                 "bytes": total_bytes}, indent=1))
     os.replace(staging, target)
     return target
+
+
+def check_counts(staging: Path, entry: CatalogEntry, source: Path) -> None:
+    """The unpacked tree has the catalog's class and image counts (where it has them), or it is not marked complete."""
+    if entry.layout != "folders":
+        return
+    from carecl.data.imagefolder import IMAGE_EXTENSIONS
+
+    found = []
+    for split, expected in (("train", entry.train_images), ("test", entry.test_images)):
+        folder = staging / split
+        classes = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        images = sum(1 for c in classes for p in c.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if entry.classes is not None and len(classes) != entry.classes:
+            found.append(f"{split}/ has {len(classes)} classes, {entry.name} has {entry.classes}")
+        if expected is not None and images != expected:
+            found.append(f"{split}/ has {images:,} images, {entry.name} has {expected:,}")
+    if found:
+        raise DatasetError(f"{source} unpacked to an incomplete {entry.name} ({'; '.join(found)}): not marked complete. "
+                           f"The files are kept in {staging}: fetch the whole archive and run the same command to finish")
 
 
 def write_file(item: ArchiveFile, destination: Path) -> None:

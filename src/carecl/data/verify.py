@@ -72,6 +72,41 @@ def verify(name: str, root: Path, progress: bool = True) -> VerifyReport:
     return report
 
 
+def verify_own_tree(folder: Path, progress: bool = True) -> VerifyReport:
+    """A user's own ImageFolder tree (`DIR/train/<class>/` + `DIR/test/<class>/`, or `DIR/<class>/`): images per class,
+    classes too small to learn from, the same classes in both splits, unreadable images, files in both splits.
+    No checksum manifest is written into a user's folder."""
+    folder = folder.expanduser()
+    report = VerifyReport(folder)
+    splits = [s for s in ("train", "test") if (folder / s).is_dir()] or [""]
+    files, classes = [], {}
+    for split in splits:
+        class_dirs = list_class_folders(folder / split)
+        if not class_dirs:
+            report.problems.append(f"{folder / split} holds no class folders")
+            continue
+        per_class = {name: list_images(path) for name, path in sorted(class_dirs.items())}
+        classes[split] = set(per_class)
+        report.counts[split or "images"] = (len(per_class), sum(len(v) for v in per_class.values()))
+        files += [Path(p) for paths in per_class.values() for p in paths]
+        sizes = ", ".join(f"{name} {len(paths)}" for name, paths in per_class.items())
+        report.notes.append(f"{split or 'images'} per class: {sizes}")
+        empty = [name for name, paths in per_class.items() if not paths]
+        if empty:
+            report.problems.append(f"{split or 'images'}: {len(empty)} class folder(s) without images: {listed(empty)}")
+        if split != "test":
+            single = [name for name, paths in per_class.items() if len(paths) == 1]
+            if single:
+                report.problems.append(f"{len(single)} class(es) with a single training image: {listed(single)}")
+    if len(classes) == 2 and classes["train"] != classes["test"]:
+        report.problems.append(f"train/ and test/ have different classes: {listed(sorted(classes['train'] ^ classes['test']))}")
+    own = CatalogEntry(name="imagefolder", folder=folder.name, source="a user's own images")
+    hashes = hash_and_decode(folder, files, own, report, progress)
+    if len(splits) == 2:
+        check_cross_split_duplicates(hashes, report)
+    return report
+
+
 def folder_files(folder: Path, entry: CatalogEntry, report: VerifyReport) -> list[Path]:
     files, classes = [], {}
     for split, expected_images in (("train", entry.train_images), ("test", entry.test_images)):
@@ -149,6 +184,10 @@ def check_cross_split_duplicates(hashes: dict[str, str], report: VerifyReport) -
 
 def check_manifest(folder: Path, hashes: dict[str, str], report: VerifyReport) -> None:
     manifest = folder / MANIFEST
+    if not manifest.is_file() and report.problems:
+        report.notes.append(f"no checksum manifest written: the tree has the problems above ({manifest.name} records "
+                            "a tree that passes its checks)")
+        return
     if not manifest.is_file():
         manifest.write_text("".join(f"{digest}  {relative}\n" for relative, digest in sorted(hashes.items())))
         report.notes.append(f"checksum manifest written: {manifest} ({len(hashes):,} files)")

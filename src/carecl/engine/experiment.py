@@ -161,7 +161,7 @@ class Experiment:
                               "experiment has one seed")
         sizes, names, templates = members
         scenario = Scenario.build(
-            n_classes, config.data.init_cls, config.data.increment,
+            n_classes, config.data.first_task_size(n_classes - sum(appended)), config.data.increment,
             seed=config.seed, shuffle=config.data.shuffle, explicit_order=config.data.class_order,
             class_names=class_names, member_sizes=sizes, task_names=names, task_templates=templates,
             appended_sizes=appended,

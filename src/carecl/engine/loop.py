@@ -49,6 +49,23 @@ class TrainingError(CareclError, RuntimeError):
 
 
 @dataclass
+class Activity:
+    """What the loop is doing, so that an error stopping it (out of memory) can say where, and what to lower."""
+
+    where: str = "building the run"
+    lower: str = "train.batch_size"
+
+
+ACTIVITY = Activity()
+ALIGNMENT_MEMORY = ("train.batch_size (classifier alignment draws 5 x train.batch_size features per class) or "
+                    "method.alignment.samples_per_class")
+
+
+def doing(where: str, lower: str) -> None:
+    ACTIVITY.where, ACTIVITY.lower = where, lower
+
+
+@dataclass
 class TaskTraining:
     """What the phases of one task share: the step module (DDP-wrapped under torchrun), the loader,
     and where steps are counted and logged."""
@@ -217,8 +234,11 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
                 method.begin_phase(phase, context)
             groups = method.parameter_groups(phase)
             trained.update(trainable_parameter_ids(groups))
+            doing(f"task {task.index + 1}, training phase '{phase.name}'", "train.batch_size")
             if any(group.parameters for group in groups):  # else nothing to train: skipped
                 fit_phase(training, phase, index, phase_resume, save, every)
+            doing(f"task {task.index + 1}, the end of phase '{phase.name}' (class statistics, alignment)",
+                  ALIGNMENT_MEMORY)
             try:
                 method.end_phase(phase, context)
             except FloatingPointError as error:  # alignment's non-finite loss
@@ -228,6 +248,7 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
         broadcast_parameters(method.trainable_parameters(), experiment.distributed)
         if every:
             save(MidTaskState(index + 1, 0, loader_generator=generator_state(training.loader)))
+    doing(f"task {task.index + 1}, the end of the task (class statistics, heads)", ALIGNMENT_MEMORY)
     with Stopwatch(experiment.device) as watch:
         method.finish_task(context)
     cost.phase_seconds["end of task"] = watch.seconds
@@ -310,6 +331,7 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
     config, count = experiment.config, tasks_in_run(experiment)
     evaluation = None
     if should_evaluate(task, count, config.eval.every_n_tasks):
+        doing(f"the evaluation after task {task.index + 1}", "eval.batch_size")
         evaluation_started, watch = time.perf_counter(), Stopwatch(experiment.device)
         evaluation = evaluate_task(experiment, task, watch)
         if task.index < len(progress.costs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -20,13 +21,14 @@ from carecl.distributed import SINGLE_PROCESS, Distributed
 from carecl.distributed import setup as setup_distributed
 from carecl.engine.checkpointing import restore, resume_config, save_checkpoint
 from carecl.engine.experiment import Experiment, seed_everything
-from carecl.engine.loop import TaskWriter, TrainingError, build_run_logger, learn_all_tasks
+from carecl.engine.loop import ACTIVITY, TaskWriter, TrainingError, build_run_logger, learn_all_tasks
+from carecl.data.base import DatasetError
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary
 from carecl.runs.checkpoints import CheckpointError
 from carecl.runs.files import write_error
 from carecl.runs.directory import CONFIG_FILE, LOG_FILE, RunDirectory, RunDirectoryError, resolve_run_paths
-from carecl.runs.state import RunProgress, config_differences
+from carecl.runs.state import RESUME_OVERRIDABLE, RunProgress, config_differences
 
 log = logging.getLogger("carecl")
 AfterTask = Callable[[RunProgress], None]
@@ -53,14 +55,30 @@ def run_experiment(config: ExperimentConfig, output: str | Path, after_task: Aft
     with RunDirectory.created(output, config, class_names=experiment.data.class_names,
                               task_sizes=experiment.data.task_sizes) as run:
         distributed.barrier()
-        with training_session(run, distributed, lock=False):
-            describe_start(experiment)
-            return learn_all_tasks(experiment, run_writer(run, experiment, after_task),
-                                   build_run_logger(experiment, run.path))
+        try:
+            with training_session(run, distributed, lock=False):
+                describe_start(experiment)
+                return learn_all_tasks(experiment, run_writer(run, experiment, after_task),
+                                       build_run_logger(experiment, run.path))
+        except DatasetError:
+            remove_if_nothing_learned(run)
+            raise
+
+
+def remove_if_nothing_learned(run: RunDirectory) -> None:
+    """A new run stopped by its data before its first checkpoint keeps nothing: its directory goes (the error says
+    why), so the same command runs once the data are fixed."""
+    if run.checkpoints.exists():
+        return
+    shutil.rmtree(run.path, ignore_errors=True)
+    log.error("nothing was learned: %s was removed", run.path)
 
 
 def describe_start(experiment: Experiment) -> None:
     config, scenario, distributed = experiment.config, experiment.scenario, experiment.distributed
+    if config.train.epochs == 0 and experiment.method.trainable_parameters():
+        log.warning("train.epochs is 0: no task is trained by gradient descent (what remains: the method's statistics, "
+                    "closed-form heads and prototypes); the accuracy reported is that of the untrained model")
     log.info("%s on %s: %d classes in %d tasks (%s), device %s%s", config.method.name, config.data.dataset,
              scenario.n_classes, scenario.n_tasks, describe_task_sizes(list(scenario.sizes)), experiment.device,
              f", {distributed.world_size} processes" if distributed.enabled else "")
@@ -171,18 +189,34 @@ def training_session(run: RunDirectory, distributed: Distributed = SINGLE_PROCES
                 yield
         except CheckpointError as error:  # a damaged checkpoint: its own message says which file
             log.error("stopped: %s", error)
+            error.reported = True  # on the console and in log.txt: the CLI does not repeat it
             raise
         except TrainingError as error:
             log.error("stopped: %s", error)
             log.error("%s; %s", where_it_stands(run), next_steps_after_divergence(run))
+            error.reported = True
             raise
         except CareclError as error:
             log.error("stopped: %s", error)
-            log.error("%s; continue with `carecl train --resume %s`", where_it_stands(run), run.path)
+            if run.checkpoints.exists() or not isinstance(error, DatasetError):  # else the new run goes (run_experiment)
+                log.error("%s; continue with `carecl train --resume %s`", where_it_stands(run), run.path)
+            error.reported = True
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
             log.error("interrupted (Ctrl-C); %s; continue with `carecl train --resume %s`", where_it_stands(run), run.path)
+            error.reported = True  # the CLI prints nothing more
             raise
+        except (MemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            message = f"out of memory during {ACTIVITY.where}: lower {ACTIVITY.lower}"
+            then = (f"continue with `carecl train --resume {run.path} --set {ACTIVITY.lower}=...`"
+                    if ACTIVITY.lower in RESUME_OVERRIDABLE else "a resumed run keeps its training settings, so "
+                    "start a new run with the lower value")
+            log.error("stopped: %s; %s; %s", message, where_it_stands(run), then)
+            stopped = OutOfMemory(message)
+            stopped.reported = True
+            raise stopped from None
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -198,6 +232,18 @@ def console_above_progress_bars() -> Iterator[None]:
             if handler not in consoles and type(handler) is not logging.FileHandler:
                 handler.setLevel(level)
         yield
+
+
+class OutOfMemory(CareclError):
+    """The device or the host ran out of memory; the message names what the loop was doing and what to lower."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """torch's CUDA and CPU allocators, and Python's, each say it their own way."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return any(words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def where_it_stands(run: RunDirectory) -> str:

@@ -50,7 +50,8 @@ def protocol_of(run_dir: Path, seeds: tuple[int, ...]) -> Protocol:
         dataset = canonical_dataset(config.data)
     except DatasetError:  # an unknown dataset name simply matches no published row
         dataset = config.data.dataset
-    return Protocol(config.method.name, dataset, config.data.init_cls, config.data.increment, config.backbone.name, seeds)
+    first = config.data.init_cls if config.data.init_cls is not None else config.data.increment
+    return Protocol(config.method.name, dataset, first, config.data.increment, config.backbone.name, seeds)
 
 
 @dataclass(frozen=True)

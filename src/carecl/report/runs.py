@@ -254,7 +254,7 @@ def read_settings(run_dir: Path) -> RunSettings:
         log.warning("%s cannot be read as a carecl config (%s): the run is labelled by its directory name", path, error)
         return RunSettings(method=run_dir.resolve().name)
     data = config.data
-    return RunSettings(method=config.method.name, dataset=data.dataset, init_cls=data.init_cls,
+    return RunSettings(method=config.method.name, dataset=data.dataset, init_cls=data.init_cls if data.init_cls is not None else data.increment,
                        increment=data.increment, seed=config.seed,
                        domains=tuple(domain.name for domain in data.domains or []))
 

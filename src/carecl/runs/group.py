@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from carecl.runs.files import atomic_write_bytes
+from carecl.runs.files import atomic_write_bytes, json_bytes
 from carecl.runs.directory import RunDirectoryError
 
 GROUP_FILE = "group.json"
@@ -68,7 +68,7 @@ def write_group(group: Path, seeds: list[int], summaries: dict[int, dict[str, An
     document = {"seeds": seeds, "runs": {str(seed): seed_run_name(seed) for seed in seeds},
                 "finished": sorted(summaries), "summary": summarise(summaries),
                 "per_seed": {str(seed): summaries[seed] for seed in sorted(summaries)}}
-    atomic_write_bytes(group / GROUP_FILE, json.dumps(document, indent=1, allow_nan=True).encode())
+    atomic_write_bytes(group / GROUP_FILE, json_bytes(document))  # NaN as null: valid JSON for any parser
 
 
 def read_group(group: str | Path) -> dict[str, Any]:
