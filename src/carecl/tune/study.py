@@ -241,17 +241,20 @@ def format_value(value: Any) -> str:
 
 
 def work(setup: TuneSetup, directory: Path, threads: int | None = None) -> None:
-    """Run trials on the shared study until the budget of finished trials is reached."""
-    from optuna.study import MaxTrialsCallback
+    """Run trials on the shared study, one at a time, until the finished and running trials fill the budget (a
+    second process never starts a trial beyond it; a queued trial, a killed one to be resumed, always runs)."""
     from optuna.trial import TrialState
 
     study = open_study(setup, create=False)
-    total = budget(setup)
-    if len(finished(study)) >= total:
-        return
-    study.optimize(Objective(setup, directory, threads), gc_after_trial=True,
-                   callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                              ProgressLine(total, setup.jobs)])
+    total, objective, line = budget(setup), Objective(setup, directory, threads), ProgressLine(budget(setup), setup.jobs)
+    while True:
+        taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if len(taken) >= total and not waiting:
+            return
+        study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[line])
+        if setup.tune.sampler == "grid" and len(finished(study)) >= total:
+            return
 
 
 def start(setup: TuneSetup, directory: Path) -> None:
