@@ -373,6 +373,63 @@ def realdata_tuned_section(tuned: dict | None, published: dict | None) -> list[s
     return lines
 
 
+def analytic_heads_section(data: dict | None) -> list[str]:
+    lines = section_intro(
+        "Closed-form heads at their published widths", "analytic_heads.py", data is not None,
+        "seconds and peak resident memory of each task's fit, two tasks of random ViT-B features (768 wide), before "
+        "and after the change that gives every ridge λ from one factorisation and updates the inverses in place: "
+        "RanPAC (M = 10,000), ACIL (buffer 8,192, float64), MoAL (buffer 20,000, float32; its second task by "
+        "recursive least squares over batches of 64) and FeCAM (a pseudo-inverse per class, unchanged). Each "
+        "measurement in a fresh process.")
+    if data is None:
+        return lines
+    machine = data["machine"]
+    lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch thread(s); torch "
+              f"{machine['torch']}.", ""]
+    rows = []
+    for row in data["rows"]:
+        before = next((r for r in data["rows"] if r["variant"] == "before" and r["head"] == row["head"]
+                       and r["shape"] == row["shape"]), None)
+        faster = (f"{sum(before['seconds']) / max(sum(row['seconds']), 1e-9):.1f}x" if before and row["variant"] == "after"
+                  else "")
+        rows.append([row["shape"], row["head"], row["variant"],
+                     *[f"{s:.2f} s, {b / 2**30:.2f} GiB" for s, b in zip(row["seconds"], row["peak_bytes"])], faster])
+    lines += table(["N per task", "head", "", "task 1", "task 2", "faster"], rows)
+    return lines
+
+
+def demo_defaults_section(data: dict | None) -> list[str]:
+    lines = section_intro(
+        "Every method's defaults on the demo", "demo_defaults.py", data is not None,
+        "`carecl train --config configs/demo.yaml --set method.name=NAME`: the digits demo (10 classes, 5 tasks, the "
+        "shipped 4-block ViT) with each registered method's own default options, one process each, timed to exit.")
+    if data is None:
+        return lines
+    machine = data["machine"]
+    lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}.", ""]
+    rows = [[f"`{row['method']}`", f"{row['seconds'] / 60:.1f} min",
+             f"A_last {row['a_last']:.2f}" if row["exit"] == 0 else f"refused: {row.get('message')}"]
+            for row in data["rows"]]
+    lines += table(["method", "wall time", "result"], rows)
+    return lines
+
+
+def precision_section(data: dict | None) -> list[str]:
+    lines = section_intro(
+        "CaRE on real data in bf16 and fp32", "realdata/precision.py", data is not None,
+        "the tuned CaRE config (`benchmarks/realdata/tuned/care.yaml`, seed 1993) with `train.precision` bf16 and "
+        "fp32: bf16 autocast covers training, class statistics and evaluation; classifier alignment trains in fp32.")
+    if data is None:
+        return lines
+    rows = [[row["precision"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
+             f"{row['wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
+    lines += table(["precision", "A_last", "Ā", "wall time"], rows)
+    times = {row["precision"]: row["wall_time_s"] for row in data["rows"]}
+    if {"fp32", "bf16"} <= set(times):
+        lines += [f"bf16 takes {times['bf16'] / times['fp32']:.2f}x the time of fp32.", ""]
+    return lines
+
+
 def realdata_profile_lines(profile: dict | None) -> list[str]:
     lines = ["### Where a real-data task's time goes", "",
              "`python benchmarks/realdata/profile_task.py` — `benchmarks/realdata/care.yaml` on the first two tasks' "
@@ -397,7 +454,8 @@ def render() -> str:
     realdata, profile = common.load("realdata"), common.load("realdata_profile")
     method_inference = common.load("method_inference")
     body = (realdata_tuned_section(common.load("realdata_tuned"), realdata) + realdata_section(realdata, profile)
-            + inference_section(inference, targets)
+            + precision_section(common.load("realdata_precision")) + analytic_heads_section(common.load("analytic_heads"))
+            + demo_defaults_section(common.load("demo_defaults")) + inference_section(inference, targets)
             + method_inference_section(method_inference) + training_section(training, targets)
             + iterative_section(iterative) + alignment_section(alignment, training, targets)
             + end_to_end_section(end_to_end))

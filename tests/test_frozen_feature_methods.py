@@ -213,3 +213,30 @@ def test_every_first_session_choice_builds_an_injector_and_none_builds_nothing()
         assert (tuner is None) == (choice == "none"), choice
         if choice.startswith("vpt"):
             assert isinstance(tuner, VPTInjector) and tuner.deep == (choice == "vpt_deep")
+
+
+@pytest.mark.parametrize("rows, width", [(30, 5), (20, 50)], ids=["more rows: eigendecomposition", "fewer: SVD"])
+def test_every_ridge_comes_from_one_factorisation_and_matches_its_own_solve(rows, width):
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.arange(rows) % 3, 3).double()
+    n_train = int(rows * 0.8)
+    losses = []
+    for ridge in RidgeClassifier.RIDGES[6:]:  # λ >= 0.01: well conditioned enough to solve directly
+        w = torch.linalg.solve(h[:n_train].T @ h[:n_train] + ridge * torch.eye(width, dtype=torch.float64),
+                               h[:n_train].T @ y[:n_train])
+        losses.append(((h[n_train:] @ w - y[n_train:]) ** 2).mean().item())
+    assert select_ridge(h, y, RidgeClassifier.RIDGES[6:]) == RidgeClassifier.RIDGES[6:][int(np.argmin(losses))]
+
+
+def test_the_woodbury_update_in_place_is_the_inverse_of_the_grown_gram_matrix():
+    from carecl.classifiers import woodbury_update_
+
+    generator = torch.Generator().manual_seed(4)
+    first, second = (torch.randn(n, 12, generator=generator, dtype=torch.float64) for n in (20, 7))
+    inverse = torch.linalg.inv(first.T @ first + 0.3 * torch.eye(12, dtype=torch.float64))
+    kept = inverse.data_ptr()
+    woodbury_update_(inverse, second)
+    assert inverse.data_ptr() == kept  # updated where it lies: no h x h copy
+    expected = torch.linalg.inv(first.T @ first + second.T @ second + 0.3 * torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(inverse, expected)

@@ -74,8 +74,13 @@ def tune(method: str, cache: Path, weights: Path, data_root: Path, jobs: int) ->
                                (str(cache), "~/.cache/carecl-realdata")):
         best = best.replace(absolute, portable)
     (TUNED / f"{method}.yaml").write_text(best)
-    shutil.copyfile(directory / "tune.md", TUNED / f"{method}.md")
+    summary = (directory / "tune.md").read_text().replace("(best.yaml)", f"({method}.yaml)")
+    summary = summary.replace("(trials.csv)", f"({method}.csv)").replace("(plots/", f"(plots/{method}_")
+    (TUNED / f"{method}.md").write_text(summary)
     shutil.copyfile(directory / "trials.csv", TUNED / f"{method}.csv")
+    (TUNED / "plots").mkdir(exist_ok=True)
+    for plot in (directory / "plots").glob("*.png"):
+        shutil.copyfile(plot, TUNED / "plots" / f"{method}_{plot.name}")
 
 
 def main() -> int:

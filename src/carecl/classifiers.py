@@ -122,8 +122,7 @@ class RidgeClassifier(nn.Module):
         self.gram += h.T @ h
         self.correlation += h.T @ y
         ridge = select_ridge(h, y, self.RIDGES)
-        eye = torch.eye(self.gram.shape[0], dtype=torch.float64, device=self.gram.device)
-        self.weight = torch.linalg.solve(self.gram + ridge * eye, self.correlation).T.contiguous()
+        self.weight = ridge_solve(self.gram, ridge, self.correlation).T.contiguous()
         self.ridge.fill_(ridge)
         return ridge
 
@@ -131,13 +130,33 @@ class RidgeClassifier(nn.Module):
         return features.to(torch.float64) @ self.weight[:n_classes].T
 
 
+def ridge_solve(gram: Tensor, ridge: float, right: Tensor) -> Tensor:
+    """(G + λI)⁻¹ R through one Cholesky factor, the ridge added to a copy's diagonal (no identity matrix built)."""
+    shifted = gram.clone()
+    shifted.diagonal().add_(ridge)
+    factor = torch.linalg.cholesky(shifted)
+    del shifted
+    return torch.cholesky_solve(right.to(factor.dtype), factor)
+
+
 def select_ridge(h: Tensor, y: Tensor, ridges: tuple[float, ...]) -> float:
-    """The λ with the lowest validation MSE: train on the first 80 % of rows, validate on the rest (RanPAC)."""
+    """The λ with the lowest validation MSE: train on the first 80 % of rows, validate on the rest (RanPAC).
+
+    Every λ from one factorisation, in float64: the thin SVD of the training rows H = U S Vᵀ when they are fewer
+    than the features (W_λ = V diag(s / (s² + λ)) Uᵀ Y), else the eigendecomposition of their Gram matrix
+    (W_λ = Q diag(1 / (e + λ)) Qᵀ HᵀY): one decomposition instead of a solve of the full system per λ."""
+    h, y = h.double(), y.double()
     n_train = int(h.shape[0] * 0.8)
-    gram, correlation = h[:n_train].T @ h[:n_train], h[:n_train].T @ y[:n_train]
-    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
-    losses = [F.mse_loss(h[n_train:] @ torch.linalg.solve(gram + ridge * eye, correlation), y[n_train:]).item()
-              for ridge in ridges]
+    train, valid, targets = h[:n_train], h[n_train:], y[:n_train]
+    if n_train < h.shape[1]:
+        u, s, vh = torch.linalg.svd(train, full_matrices=False)
+        projected, coefficients = valid @ vh.T, u.T @ targets
+        shrink = [s / (s.square() + ridge) for ridge in ridges]
+    else:
+        eigenvalues, q = torch.linalg.eigh(train.T @ train)
+        projected, coefficients = valid @ q, q.T @ (train.T @ targets)
+        shrink = [1.0 / (eigenvalues.clamp(min=0) + ridge) for ridge in ridges]
+    losses = [F.mse_loss((projected * factor) @ coefficients, y[n_train:]).item() for factor in shrink]
     return ridges[int(torch.tensor(losses).argmin())]
 
 
@@ -196,6 +215,14 @@ def normalise_covariance(covariance: Tensor) -> Tensor:
     return covariance / (deviation[:, None] * deviation[None, :])
 
 
+def woodbury_update_(inverse: Tensor, rows: Tensor) -> None:
+    """R ← (R⁻¹ + XᵀX)⁻¹ = R − R Xᵀ (I + X R Xᵀ)⁻¹ X R in place: O(h² n) work and no h × h temporary (R symmetric)."""
+    projected = inverse @ rows.T  # (h, n) = R Xᵀ
+    inner = rows @ projected
+    inner.diagonal().add_(1.0)
+    inverse.addmm_(projected, torch.linalg.solve(inner, projected.T), alpha=-1.0)
+
+
 class AnalyticClassifier(nn.Module):
     """ACIL's recursive least squares: after every task W equals the ridge solution on all data so far,
 
@@ -222,12 +249,8 @@ class AnalyticClassifier(nn.Module):
         if n_classes > self.weight.shape[1]:
             self.weight = torch.cat([self.weight, self.weight.new_zeros(self.weight.shape[0], n_classes - self.weight.shape[1])], 1)
         y = one_hot(labels, n_classes, torch.float64)
-        r = self.inverse
-        # Woodbury: (R⁻¹ + XᵀX)⁻¹ = R − R Xᵀ (I + X R Xᵀ)⁻¹ X R
-        inner = torch.eye(x.shape[0], dtype=torch.float64, device=x.device) + x @ r @ x.T
-        r = r - r @ x.T @ torch.linalg.solve(inner, x @ r)
-        self.weight = self.weight + r @ x.T @ (y - x @ self.weight)
-        self.inverse = r
+        woodbury_update_(self.inverse, x)
+        self.weight = self.weight + self.inverse @ x.T @ (y - x @ self.weight)
 
     def forward(self, features: Tensor, n_classes: int) -> Tensor:
         return features.to(torch.float64) @ self.weight[:, :n_classes]

@@ -220,8 +220,9 @@ class TrainConfig:
     progress: bool = True
     # Also checkpoint inside a task, every N epochs of a phase and after each phase; 0 = only after each task.
     checkpoint_every_epochs: int = 0
-    # Training forward/backward precision: fp32, bf16 or fp16 (fp16 with a gradient scaler);
-    # evaluation and class statistics always run in fp32.
+    # Precision of every forward: training (backward too; fp16 with a gradient scaler), class statistics, evaluation
+    # and prediction run under bf16 or fp16 autocast; statistics are summed in fp32/fp64, classifier alignment trains
+    # in fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # torch.compile the training step (recompiles when a task adds parameters).
     compile: bool = False

@@ -235,7 +235,10 @@ def _predict_batch(experiment: Experiment, items: list[ImageInput], start: int, 
     shapes = sorted({tuple(t.shape) for t in inputs})
     if len(shapes) > 1:
         raise PredictionError(f"image tensors of different shapes cannot share a batch: {shapes}")
-    probabilities = class_probabilities(experiment.method, torch.stack(inputs).to(experiment.device)).cpu()
+    from carecl.engine.precision import forward_precision
+
+    with forward_precision(experiment.config.train.precision, experiment.device):
+        probabilities = class_probabilities(experiment.method, torch.stack(inputs).to(experiment.device)).cpu()
     values, positions = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
     readable = iter(zip(values.tolist(), positions.tolist()))
     for prediction in predictions:

@@ -25,7 +25,7 @@ from carecl.engine.evaluation import evaluate, evaluate_in_tasks
 from carecl.engine.experiment import Experiment
 from carecl.engine.loggers import RunLogger, build_logger, step_scalars
 from carecl.engine.optim import PER_STEP_SCHEDULES, build_optimizer, build_scheduler
-from carecl.engine.precision import Precision, wrap_training_step
+from carecl.engine.precision import Precision, forward_precision, wrap_training_step
 from carecl.errors import CareclError
 from carecl.formatting import format_clock
 from carecl.methods.base import Phase, StepOutput
@@ -240,7 +240,8 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
             doing(f"task {task.index + 1}, the end of phase '{phase.name}' (class statistics, alignment)",
                   ALIGNMENT_MEMORY)
             try:
-                method.end_phase(phase, context)
+                with forward_precision(experiment.config.train.precision, experiment.device):
+                    method.end_phase(phase, context)
             except FloatingPointError as error:  # alignment's non-finite loss
                 raise TrainingError(f"task {task.index + 1} {phase.name}: {error}") from None
         cost.phase_seconds[phase.name] = cost.phase_seconds.get(phase.name, 0.0) + watch.seconds
@@ -249,7 +250,7 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
         if every:
             save(MidTaskState(index + 1, 0, loader_generator=generator_state(training.loader)))
     doing(f"task {task.index + 1}, the end of the task (class statistics, heads)", ALIGNMENT_MEMORY)
-    with Stopwatch(experiment.device) as watch:
+    with Stopwatch(experiment.device) as watch, forward_precision(experiment.config.train.precision, experiment.device):
         method.finish_task(context)
     cost.phase_seconds["end of task"] = watch.seconds
     cost.trainable_parameters = int(sum(trained.values()))
@@ -355,6 +356,11 @@ def finish_evaluation(experiment: Experiment, task: Task, writer: TaskWriter, lo
 def evaluate_task(experiment: Experiment, task: Task, watch: Stopwatch | None = None, split: str = "test") -> TaskEvaluation:
     """The evaluation after `task` under eval.protocol on the test (or `split="validation"`) images; `watch` times the
     predictions."""
+    with forward_precision(experiment.config.train.precision, experiment.device):
+        return evaluate_under_protocol(experiment, task, watch, split)
+
+
+def evaluate_under_protocol(experiment: Experiment, task: Task, watch: Stopwatch | None, split: str) -> TaskEvaluation:
     config, method = experiment.config.eval, experiment.method
     if config.protocol == "class_incremental" and config.incremental and method.fixed_class_scores \
             and not experiment.distributed.enabled and split == "test":

@@ -94,6 +94,14 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
+@contextlib.contextmanager
+def forward_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """`train.precision` for the forwards outside training steps (class statistics, evaluation, prediction): bf16 or
+    fp16 autocast, or nothing for fp32. Sums stay fp32/fp64 (statistics convert), alignment trains in fp32."""
+    with Precision.build(precision, device).autocast():
+        yield
+
+
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)

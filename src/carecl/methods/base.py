@@ -270,8 +270,8 @@ class Method(nn.Module):
         seed = zlib.crc32(f"{self.experiment.seed}/{task.index}/{stream}".encode())
         trainable = [parameter.requires_grad for parameter in head.parameters()]
         head.requires_grad_(True)
-        try:
-            with torch.enable_grad():
+        try:  # the head trains in fp32 whatever train.precision (which the statistics' forwards follow)
+            with torch.enable_grad(), torch.autocast(context.device.type, enabled=False):
                 return align_classifier(
                     head, statistics, config, n_seen_classes=task.high, batch_size=self.experiment.train.batch_size,
                     task_of_class=self.scenario.task_of_class()[: task.high], current_task=task.index,

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
-from carecl.classifiers import ScaledCosineHead, one_hot, select_ridge
+from carecl.classifiers import ScaledCosineHead, one_hot, select_ridge, woodbury_update_
 from carecl.config import ExperimentConfig, MethodConfig, require
 from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
 from carecl.scenario import Scenario, Task
@@ -69,9 +69,9 @@ class MoALConfig(MethodConfig):
 
 
 def rls_update(inverse: Tensor, weight: Tensor, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """One recursive least-squares step (Woodbury): R ← R − R Hᵀ (I + H R Hᵀ)⁻¹ H R, W ← W + R Hᵀ (Y − H W)."""
-    inner = torch.eye(hidden.shape[0], dtype=hidden.dtype, device=hidden.device) + hidden @ inverse @ hidden.T
-    inverse = (inverse - inverse @ hidden.T @ torch.linalg.solve(inner, hidden @ inverse)).contiguous()
+    """One recursive least-squares step (Woodbury): R ← R − R Hᵀ (I + H R Hᵀ)⁻¹ H R (in place: R is the one h × h
+    matrix, never copied), W ← W + R Hᵀ (Y − H W) (a new W)."""
+    woodbury_update_(inverse, hidden)
     return inverse, (weight + inverse @ hidden.T @ (targets - hidden @ weight)).contiguous()
 
 
@@ -79,8 +79,12 @@ def first_analytic_fit(hidden: Tensor, targets: Tensor, scale: float) -> tuple[T
     """(R, W) of the first task: λ validated on the rows' last 20 %, R = (HᵀH + λI)⁻¹ (inverted in float64),
     W = scale · R HᵀY, both row-major in the rows' dtype (as a checkpoint reloads them)."""
     ridge = select_ridge(hidden, targets, RIDGES)
-    gram = (hidden.T @ hidden).double() + ridge * torch.eye(hidden.shape[1], dtype=torch.float64, device=hidden.device)
-    inverse = torch.linalg.inv(gram).to(hidden.dtype).contiguous()
+    gram = (hidden.T @ hidden).double()
+    gram.diagonal().add_(ridge)
+    factor = torch.linalg.cholesky(gram)
+    del gram
+    inverse = torch.cholesky_inverse(factor).to(hidden.dtype).contiguous()
+    del factor
     return inverse, (scale * (inverse @ (hidden.T @ targets))).contiguous()
 
 

@@ -38,13 +38,20 @@ def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any
     best = best_trial(study, setup.config)
     config = chosen_config(setup.config, best.params)
     header = (f"# carecl tune {directory}: the best of {len(completed(study))} trial(s), trial {best.number}, "
-              f"validation {setup.tune.metric} {best.value:.2f}\n# chosen: "
+              f"{metric_name(setup)} {best.value:.2f}\n# chosen: "
               + ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items()) + "\n")
     atomic_write_bytes(directory / BEST_FILE, (header + yaml.safe_dump(config_to_dict(config), sort_keys=False)).encode())
     atomic_write_bytes(directory / TRIALS_CSV, trials_csv(study, setup).encode())
     plots = write_plots(study, directory / PLOTS_DIR, setup.search_space().keys)
     atomic_write_bytes(directory / SUMMARY_FILE, summary(setup, directory, study, best, plots, final).encode())
     return directory / BEST_FILE
+
+
+def metric_name(setup: TuneSetup) -> str:
+    tune = setup.tune
+    if tune.protocol == "first-task":
+        return f"validation accuracy after {tune.tasks} task{'s' if tune.tasks > 1 else ''}"
+    return f"validation {'A_last' if tune.metric == 'a_last' else 'Ā'}"
 
 
 def completed(study) -> list:
@@ -130,7 +137,7 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
              f"- protocol `{tune.protocol}`: {protocol}.",
              f"- {len(finished)} of {budget(setup)} trials finished ({tune.sampler} sampler, seed {tune.seed}); the test set "
              "was never read by a trial (`eval.test_set: false`).",
-             f"- best: trial {best.number}, validation {tune.metric} **{best.value:.2f}** with "
+             f"- best: trial {best.number}, {metric_name(setup)} **{best.value:.2f}** with "
              + ", ".join(f"`{k}` = {format_value(v)}" for k, v in best.params.items()) + f" → [{BEST_FILE}]({BEST_FILE})",
              ""]
     if final is not None:
@@ -144,6 +151,9 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
         note = f" ({trial.user_attrs[STOPPED_ATTR]})" if STOPPED_ATTR in trial.user_attrs else ""
         lines.append(f"| {trial.number} | {trial.state.name.lower()}{note} | {value} | "
                      + " | ".join(format_value(trial.params.get(k, "")) for k in keys) + " |")
+    if any(t.state.name == "FAIL" for t in study.get_trials(deepcopy=False)):
+        lines += ["", "A `fail` trial did not finish (killed, then queued again with its values; or started beyond the "
+                  "budget): it is not counted."]
     lines += ["", *(f"![{path.stem}]({path.relative_to(directory).as_posix()})" for path in plots),
               "", f"Trials: [{TRIALS_CSV}]({TRIALS_CSV}); each trial's run directory is listed there."]
     return "\n".join(lines) + "\n"
