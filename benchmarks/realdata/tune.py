@@ -53,20 +53,8 @@ def data_overrides(config: Path, cache: Path, weights: Path, data_root: Path) ->
     return overrides
 
 
-def tune(method: str, cache: Path, weights: Path, data_root: Path, jobs: int) -> None:
-    config = HERE / f"{METHODS[method]}.yaml"
-    directory = cache / "tune" / method
-    if (directory / "tune.json").is_file():
-        command = ["--resume", str(directory), "--jobs", str(jobs)]
-    else:
-        if directory.exists():
-            shutil.rmtree(directory)
-        sets = [*data_overrides(config, cache, weights, data_root), "tune.protocol=first-task", f"tune.tasks={TASKS}",
-                f"tune.trials={TRIALS}", "tune.sampler=grid", "tune.validation_fraction=0.2", "train.progress=false"]
-        command = ["--config", str(config), "--space", str(SPACES / f"{method}.yaml"), "--output", str(directory),
-                   "--jobs", str(jobs), *[item for entry in sets for item in ("--set", entry)]]
-    print(f"[tune] {method}: carecl tune {' '.join(command)}", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "carecl", "tune", *command], check=True)
+def copy_outputs(method: str, directory: Path, cache: Path, data_root: Path) -> None:
+    """best.yaml, tune.md, trials.csv and the plots into tuned/, with portable asset paths and links."""
     TUNED.mkdir(exist_ok=True)
     best = (directory / "best.yaml").read_text()
     # The machine's asset paths go back to the cache's default spelling, as in the other configs here.
@@ -83,14 +71,46 @@ def tune(method: str, cache: Path, weights: Path, data_root: Path, jobs: int) ->
         shutil.copyfile(plot, TUNED / "plots" / f"{method}_{plot.name}")
 
 
+def refresh(method: str, cache: Path, data_root: Path) -> None:
+    """Write a finished tune's outputs again from its study (after a change to how they are written)."""
+    from carecl.tune import outputs, study
+
+    directory = cache / "tune" / method
+    setup = study.TuneSetup.read(directory)
+    outputs.write_outputs(setup, directory, study.open_study(setup, create=False))
+    copy_outputs(method, directory, cache, data_root)
+
+
+def tune(method: str, cache: Path, weights: Path, data_root: Path, jobs: int) -> None:
+    config = HERE / f"{METHODS[method]}.yaml"
+    directory = cache / "tune" / method
+    if (directory / "tune.json").is_file():
+        command = ["--resume", str(directory), "--jobs", str(jobs)]
+    else:
+        if directory.exists():
+            shutil.rmtree(directory)
+        sets = [*data_overrides(config, cache, weights, data_root), "tune.protocol=first-task", f"tune.tasks={TASKS}",
+                f"tune.trials={TRIALS}", "tune.sampler=grid", "tune.validation_fraction=0.2", "train.progress=false"]
+        command = ["--config", str(config), "--space", str(SPACES / f"{method}.yaml"), "--output", str(directory),
+                   "--jobs", str(jobs), *[item for entry in sets for item in ("--set", entry)]]
+    print(f"[tune] {method}: carecl tune {' '.join(command)}", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "carecl", "tune", *command], check=True)
+    copy_outputs(method, directory, cache, data_root)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=assets.default_cache())
     parser.add_argument("--only", nargs="+", choices=sorted(METHODS))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--skip-tuned", action="store_true", help="leave methods that already have tuned/<method>.yaml")
+    parser.add_argument("--refresh", action="store_true", help="only write the finished tunes' outputs again")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
+    if args.refresh:
+        for method in args.only or [m for m in METHODS if (TUNED / f"{m}.yaml").is_file()]:
+            refresh(method, args.cache, data_root)
+        return 0
     for method in args.only or list(METHODS):
         if args.skip_tuned and (TUNED / f"{method}.yaml").is_file():
             continue
