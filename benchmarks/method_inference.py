@@ -23,7 +23,7 @@ from carecl.scenario import Scenario  # noqa: E402
 # The methods whose inference grows with T, and CaRE, whose single pass is built not to; `method:` options.
 # CaRE's release default adds iterative prediction while T <= 61 (extra task-known forwards).
 METHODS = {"care": {"name": "care", "iter_pred": False}, "care_iterative": {"name": "care"}, "ease": {"name": "ease"},
-           "ssiat": {"name": "ssiat"}, "mos": {"name": "mos"}}
+           "ssiat": {"name": "ssiat"}, "mos": {"name": "mos"}, "tuna": {"name": "tuna"}}
 CLASSES = common.CLASSES_PER_TASK
 
 

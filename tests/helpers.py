@@ -326,6 +326,8 @@ TINY_METHODS: dict[str, TinyMethod] = {
     "linear_probe": TinyMethod({"name": "linear_probe"}, "method.C=0"),
     "moal": TinyMethod({"name": "moal", "adapter": {"bottleneck": 4}, "hidden": 48, "progressive_epochs": 1,
                         "calibration_epochs": 2}, "method.hidden=0"),
+    "min": TinyMethod({"name": "min", "noise": {"hidden": 8}, "buffer_size": 64, "fit_epochs": 1, "fit_batch_size": 16,
+                       "later_epochs": 1}, "method.buffer_size=0"),
     "moe_adapters": TinyMethod({"name": "moe_adapters"}, "method.moe.top_k=3", clip=True),
     "mos": TinyMethod({"name": "mos", "adapter": {"bottleneck": 4},
                        "alignment": {"epochs": 1, "scheduler_t_max": 1, "samples_per_class": 4}}, "method.refine_hops=-1"),
@@ -339,6 +341,8 @@ TINY_METHODS: dict[str, TinyMethod] = {
                                                                           "samples_per_class": 4}}, "method.milestones=[0]"),
     "ssiat": TinyMethod({"name": "ssiat", "adapter": {"bottleneck": 4}, "later_epochs": 1,
                          "alignment": {"epochs": 1, "samples_per_class": 4}}, "method.shift_sigma=0"),
+    "tuna": TinyMethod({"name": "tuna", "adapter": {"bottleneck": 4},
+                        "alignment": {"epochs": 1, "samples_per_class": 4}}, "method.scale=0"),
 }
 
 

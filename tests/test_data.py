@@ -298,7 +298,7 @@ def test_registry_aliases_and_unknown_name_suggestion():
     assert DATASETS.canonical("imagenetr") == "imagenet-r"
     assert DATASETS.canonical("imageneta") == "imagenet-a"
     assert DATASETS.canonical("cifar224") == "cifar100"
-    expected = {"imagenet-r", "imagenet-a", "objectnet", "omnibenchmark", "omnibenchmark1k", "vtab", "cub"}
+    expected = {"imagenet-r", "imagenet-a", "objectnet", "omnibenchmark", "omnibenchmark1k", "vtab", "cub", "food101"}
     assert expected | {"cifar100", "digits", "synthetic"} <= set(DATASETS.names())
     assert set(DATASETS.names()) <= set(DATASET_RECIPES)
     assert set(DATASET_RECIPES.values()) <= set(TRANSFORMS.names())

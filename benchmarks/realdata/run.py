@@ -49,6 +49,8 @@ CONFIGS = {
     "ease_lr005": "EASE at the published learning rate (0.05 instead of 0.01), 4 epochs each",
     "ssiat": "SSIAT (one shared adapter set tuned every task: 4 then 2 epochs; semantic shift, alignment)",
     "mos": "MOS (one adapter set carried and merged, 4 epochs per task; self-refined retrieval, alignment)",
+    "tuna": "TUNA (one adapter set copied per task, 4 epochs each; entropy-selected task set + universal logits, alignment)",
+    "min": "MIN (a mixture of learned noise after every block, 4 epochs per task; analytic classifier on a 16384 buffer)",
     "l2p": "L2P (prompt pool of 10, top 5 by key matching, batch-level selection; 4 epochs per task)",
     "dualprompt": "DualPrompt (G-prompt + E-prompt pool, prefix tuning; 4 epochs per task)",
     "coda_prompt": "CODA-Prompt (attention-weighted prompt components, prefix tuning; 4 epochs per task)",

@@ -40,7 +40,7 @@ METHODS = {
     "hide_prompt": "hide_prompt", "norga": "norga", "moal": "moal", "l2p": "l2p", "dualprompt": "dualprompt",
     "coda_prompt": "coda_prompt", "sema": "sema", "slca": "slca", "ease": "ease", "ssiat": "ssiat",
     "aper_adapter": "aper_adapter", "aper_ssf": "aper_ssf", "aper_vpt_shallow": "aper_vpt_shallow",
-    "aper_vpt_deep": "aper_vpt_deep", "moe_adapters": "moe_adapters",
+    "aper_vpt_deep": "aper_vpt_deep", "moe_adapters": "moe_adapters", "tuna": "tuna", "min": "min",
 }
 
 

@@ -34,6 +34,8 @@ CATALOG: dict[str, CatalogEntry] = {entry.name: entry for entry in (
     CatalogEntry("omnibenchmark", "omnibenchmark", PILOT_SOURCE, 300),
     CatalogEntry("vtab", "vtab", PILOT_SOURCE, 50),
     CatalogEntry("cub", "cub", PILOT_SOURCE, 200),
+    CatalogEntry("food101", "food101", "Food-101 (Bossard et al., 2014) in train/ and test/ class folders (MIN's benchmark; "
+                 "its official split: 750 training and 250 test images per class)", 101, 75_750, 25_250),
     CatalogEntry("cifar100", "cifar-100-python", "the python version of CIFAR-100 (cifar-100-python.tar.gz)", 100,
                  50_000, 10_000, layout="cifar100"),
 )}

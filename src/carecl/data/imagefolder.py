@@ -34,6 +34,7 @@ IMAGE_FOLDER_BENCHMARKS: dict[str, tuple[str, ...]] = {
     "omnibenchmark1k": (),
     "vtab": (),
     "cub": (),
+    "food101": ("ifood101",),
 }
 
 

@@ -136,6 +136,20 @@ def release_wide_crop(p: Preprocessing) -> TransformPair:
     return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
 
 
+def min_crop(scale_low: float, color_jitter: bool) -> Callable[[Preprocessing], TransformPair]:
+    """MIN's transforms (MiN/data_process/data.py): a random resized crop to the resize size (scale from `scale_low`,
+    bilinear), a centre crop, flip, brightness jitter 63/255 (not for Food-101)."""
+
+    def build(p: Preprocessing) -> TransformPair:
+        train = [T.RandomResizedCrop(p.resize_size, scale=(scale_low, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
+                 T.CenterCrop(p.image_size), *_flip(p)]
+        if color_jitter:
+            train.append(T.ColorJitter(brightness=63 / 255))
+        return TransformPair(T.Compose(train + _to_tensor(p)), test_transform(p))
+
+    return build
+
+
 def coda_crop(p: Preprocessing) -> TransformPair:
     """LAMDA-PILOT's CODA-Prompt transforms: timm-default random resized crop + flip; the test resize
     (CIFAR: straight to 224, `crop_pct` 1; ImageNet-R: 256 then a 224 centre crop, `crop_pct` 0.875)."""
@@ -206,6 +220,9 @@ for _name, _recipe in {
     "pilot_random_interpolation": _release(release_random_interpolation(color_jitter=False), normalised=True),
     "pilot_random_interpolation_jitter": _release(release_random_interpolation(color_jitter=True), normalised=True),
     "pilot_wide_crop": _release(release_wide_crop, normalised=False),
+    "min_crop": _release(min_crop(0.08, color_jitter=True), normalised=True),
+    "min_crop_no_jitter": _release(min_crop(0.08, color_jitter=False), normalised=True),
+    "min_wide_crop": _release(min_crop(0.05, color_jitter=True), normalised=True),
     "pilot_coda": TransformRecipe(coda_crop, Preprocessing(INPUT_SIZE, None, None, "bilinear", 1.0)),
     "hide_cifar": TransformRecipe(hide_cifar, Preprocessing(INPUT_SIZE, CIFAR_MEAN, CIFAR_STD, "bicubic", RELEASE_CROP_PCT)),
     "backbone": TransformRecipe(backbone_style, None),
@@ -226,6 +243,7 @@ DATASET_RECIPES: dict[str, str] = {
     "omnibenchmark": "pilot_wide_crop",
     "omnibenchmark1k": "pilot_wide_crop",
     "cub": "pilot_wide_crop",
+    "food101": "pilot_wide_crop",
     "five_datasets": "pilot_wide_crop",
     "imagefolder": "backbone",
     "domains": "backbone",
