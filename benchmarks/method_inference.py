@@ -113,6 +113,11 @@ def merged_with_saved(run: dict) -> dict:
     settings = ("threads", "batch", "repeats", "tasks")
     if any(previous[key] != run[key] for key in settings):
         raise SystemExit(f"--merge: the saved results used other settings ({ {k: previous[k] for k in settings} })")
+    if previous["machine"] != run["machine"]:  # the table's header names the earlier machine; say where these ran
+        where = f"measured on {run['machine']['cpu']} ({run['machine']['cores']} cores), not on the machine named above"
+        for row in run["rows"].values():
+            row["note"] = f"{row['note']}; {where}" if row.get("note") else where
+        run["machine"] = previous["machine"]
     rows = {**previous["rows"], **run["rows"]}
     order = {name: index for index, name in enumerate(METHODS)}
     run["rows"] = dict(sorted(rows.items(), key=lambda item: (order[item[1]["method"]], item[1]["tasks"])))

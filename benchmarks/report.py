@@ -264,7 +264,9 @@ def method_inference_section(data: dict | None) -> list[str]:
         "(the paper's Pt also counts what is retrained every task, e.g. CaRE's shared adapter); classifier tensors: learned buffers (EASE's prototypes in every subspace). *care*: the "
         "single pass; *care_iterative*: the release default, which adds iterative prediction while T <= 61. *mos*: "
         "the first task's adapters plus the adapters each image's self-refinement visits (at most four; the "
-        "authors' code runs all T), so its time depends on how often the retrieval moves, not on T.")
+        "authors' code runs all T), so its time depends on how often the retrieval moves, not on T. *tuna*: every "
+        "task's own set runs on each image to find the lowest-entropy one (several sets per batched forward); the "
+        "universal logits reuse the last task's set, as the authors' evaluation does, so T forwards per image.")
     if data is None:
         return lines
     for run in data["runs"]:
@@ -285,6 +287,10 @@ def method_inference_section(data: dict | None) -> list[str]:
             lines += [f"MOS at T = 100: Pa + classifier tensors = {total:.2f} M, of which 0.30 M is carecl's running sum "
                       f"of the snapshots (one adapter set); without it {total - 0.30432:.2f} M (paper Table 6 gives MOS's "
                       "Pa as 32.27 M).", ""]
+        tuna = run["rows"].get("tuna 100")
+        if tuna is not None:
+            lines += [f"TUNA at T = 100: Pa = {tuna['parameters_M']:.2f} M (100 task sets, the working and the merged set, "
+                      "the heads; paper Table 6 gives TUNA's Pa as 32.58 M).", ""]
         ease = run["rows"].get("ease 100")
         if ease is not None:
             lines += [f"EASE at T = 100: Pa + classifier tensors = {ease['parameters_M'] + ease['buffers_M']:.2f} M "
