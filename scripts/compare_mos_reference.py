@@ -19,12 +19,10 @@ Results go to benchmarks/results/mos_reference.json. Nothing here is imported by
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import logging
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,25 +37,15 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from carecl.engine import Experiment  # noqa: E402
-from carecl.engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from carecl.methods.base import TaskContext  # noqa: E402
 from helpers import TINY_VIT, tiny_config  # noqa: E402
+from reference_tools import ClassData, adapter_diff, bare_class, max_diff, task_data, train_ours  # noqa: E402
 
 BATCH, EPOCHS, LR, WEIGHT_DECAY, PER_CLASS = 4, 2, 0.05, 0.005, 10
 OPTIONS = {"name": "mos", "adapter": {"bottleneck": 4, "dropout": 0.0}, "alignment": {"epochs": 0}}
-
-
-def bare_class(path: Path, class_name: str, names: tuple[str, ...], namespace: dict, bases: str = "") -> type:
-    """`class_name` with only the methods `names` (decorators kept), compiled from the authors' file into `namespace`."""
-    lines = path.read_text().splitlines()
-    node = next(n for n in ast.parse("\n".join(lines)).body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    methods = [textwrap.dedent("\n".join(lines[min([m.lineno, *(d.lineno for d in m.decorator_list)]) - 1: m.end_lineno]))
-               for m in node.body if isinstance(m, ast.FunctionDef) and m.name in names]
-    body = "\n\n".join(textwrap.indent(m, "    ") for m in methods)
-    exec(compile(f"class {class_name}({bases}):\n{body}\n", str(path), "exec"), namespace)
-    return namespace[class_name]
 
 
 def reference_network(reference: Path, method) -> nn.Module:
@@ -114,51 +102,6 @@ def reference_learner(reference: Path, method):
     return learner
 
 
-class ClassData:
-    """The authors' data_manager.get_dataset for one class: (idx, image, label) items."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def get_dataset(self, classes, source, mode, ret_data=False):
-        keep = torch.isin(self.labels, torch.as_tensor(classes))
-        items = [(i, image, int(label)) for i, (image, label) in enumerate(zip(self.images[keep], self.labels[keep]))]
-        return None, None, items
-
-
-def task_data(task, generator):
-    labels = torch.arange(task.low, task.high).repeat_interleave(PER_CLASS)
-    images = torch.rand(len(labels), 3, TINY_VIT["img_size"], TINY_VIT["img_size"], generator=generator)
-    images += labels[:, None, None, None] * 0.05  # a little class signal
-    order = torch.randperm(len(labels), generator=generator)
-    batches = [(images[order[i:i + BATCH]], labels[order[i:i + BATCH]]) for i in range(0, len(labels), BATCH)]
-    return images, labels, batches
-
-
-def max_diff(a, b) -> float:
-    return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
-
-
-def adapter_diff(ours: nn.ModuleList, theirs) -> float:
-    return max(max(max_diff(o.down.weight, t.down_proj.weight), max_diff(o.down.bias, t.down_proj.bias),
-                   max_diff(o.up.weight, t.up_proj.weight), max_diff(o.up.bias, t.up_proj.bias)) for o, t in zip(ours, theirs))
-
-
-def train_ours(method, experiment, task, batches) -> None:
-    phase = method.training_phases(task)[0]
-    optimizer = build_optimizer(experiment.config.train, method.parameter_groups(phase), phase.lr)
-    scheduler = build_scheduler(optimizer, phase)
-    method.train()
-    for _ in range(phase.epochs):
-        for images, targets in batches:
-            loss = method.training_loss(images, targets, task).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            method.after_optimizer_step(task)
-        scheduler.step()
-
-
 def our_context(experiment, task, images, labels) -> TaskContext:
     def class_batches(size):
         return [(images[labels == c][i:i + size], labels[labels == c][i:i + size])
@@ -197,7 +140,7 @@ def compare(reference: Path) -> dict:
     learner = reference_learner(reference, method)
     generator, results = torch.Generator().manual_seed(1), {"tasks": []}
     for task in method.scenario.tasks():
-        images, labels, batches = task_data(task, generator)
+        images, labels, batches = task_data(task, generator, PER_CLASS, TINY_VIT["img_size"], BATCH)
         method.begin_task(task)
         train_ours(method, experiment, task, batches)
         after_training = copy.deepcopy(method.working.adapters)

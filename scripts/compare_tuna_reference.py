@@ -19,7 +19,6 @@ Results go to benchmarks/results/tuna_reference.json. Nothing here is imported b
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -43,7 +42,7 @@ from carecl.alignment import decay_scales  # noqa: E402
 from carecl.engine import Experiment  # noqa: E402
 from carecl.methods.base import TaskContext  # noqa: E402
 from helpers import tiny_config  # noqa: E402
-from reference_tools import bare_class, max_diff, train_ours  # noqa: E402
+from reference_tools import ClassData, adapter_diff, bare_class, max_diff, task_data, train_ours  # noqa: E402
 
 VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 12, "num_heads": 2}
 BATCH, EPOCHS, LR, WEIGHT_DECAY, PER_CLASS, SCALE, MARGIN, REG = 4, 2, 0.05, 5e-4, 8, 20.0, 0.1, 0.5
@@ -127,31 +126,6 @@ def their_learner(reference: Path, method):
     return learner
 
 
-class ClassData:
-    """Their data_manager.get_dataset for one class: (idx, image, label) items."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def get_dataset(self, classes, source, mode, ret_data=False):
-        keep = torch.isin(self.labels, torch.as_tensor(classes))
-        items = [(i, image, int(label)) for i, (image, label) in enumerate(zip(self.images[keep], self.labels[keep]))]
-        return None, None, items
-
-
-def task_data(task, generator):
-    labels = torch.arange(task.low, task.high).repeat_interleave(PER_CLASS)
-    images = torch.rand(len(labels), 3, VIT["img_size"], VIT["img_size"], generator=generator)
-    images += labels[:, None, None, None] * 0.05  # a little class signal
-    order = torch.randperm(len(labels), generator=generator)
-    return images, labels, [(images[order[i:i + BATCH]], labels[order[i:i + BATCH]]) for i in range(0, len(labels), BATCH)]
-
-
-def adapter_diff(ours: nn.ModuleList, theirs) -> float:
-    return max(max(max_diff(o.down.weight, t.down_proj.weight), max_diff(o.down.bias, t.down_proj.bias),
-                   max_diff(o.up.weight, t.up_proj.weight), max_diff(o.up.bias, t.up_proj.bias)) for o, t in zip(ours, theirs))
-
-
 def learn_theirs(learner, task, images, labels, batches, ours_head: torch.Tensor) -> None:
     """Their incremental_train and after_task, without their data manager."""
     learner._cur_task += 1
@@ -173,7 +147,7 @@ def compare(reference: Path) -> dict:
     learner = their_learner(reference, method)
     generator, results = torch.Generator().manual_seed(1), {"tasks": []}
     for task in method.scenario.tasks():
-        images, labels, batches = task_data(task, generator)
+        images, labels, batches = task_data(task, generator, PER_CLASS, VIT["img_size"], BATCH)
         method.begin_task(task)
         initial_head = method.classifier.heads[-1].detach().clone()
         train_ours(method, experiment, task, batches)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from carecl.engine.optim import build_optimizer, build_scheduler
 
 
@@ -45,3 +47,30 @@ def train_ours(method, experiment, task, batches) -> list[float]:
             losses.append(loss.item())
         scheduler.step()
     return losses
+
+
+class ClassData:
+    """The PILOT-style data_manager.get_dataset for one class: (idx, image, label) items."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def get_dataset(self, classes, source, mode, ret_data=False):
+        keep = torch.isin(self.labels, torch.as_tensor(classes))
+        items = [(i, image, int(label)) for i, (image, label) in enumerate(zip(self.images[keep], self.labels[keep]))]
+        return None, None, items
+
+
+def task_data(task, generator, per_class: int, image_size: int, batch: int):
+    """`per_class` random images of each of the task's classes with a little class signal, and shuffled batches."""
+    labels = torch.arange(task.low, task.high).repeat_interleave(per_class)
+    images = torch.rand(len(labels), 3, image_size, image_size, generator=generator)
+    images += labels[:, None, None, None] * 0.05
+    order = torch.randperm(len(labels), generator=generator)
+    return images, labels, [(images[order[i:i + batch]], labels[order[i:i + batch]]) for i in range(0, len(labels), batch)]
+
+
+def adapter_diff(ours: nn.ModuleList, theirs) -> float:
+    """Largest difference between carecl's BottleneckAdapters and PILOT-style Adapters (down_proj / up_proj)."""
+    return max(max(max_diff(o.down.weight, t.down_proj.weight), max_diff(o.down.bias, t.down_proj.bias),
+                   max_diff(o.up.weight, t.up_proj.weight), max_diff(o.up.bias, t.up_proj.bias)) for o, t in zip(ours, theirs))
