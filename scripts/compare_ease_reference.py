@@ -27,9 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from carecl.engine import Experiment  # noqa: E402
 from helpers import TINY_VIT, tiny_config  # noqa: E402
+from reference_tools import load_pilot_vit  # noqa: E402
 
 N_TASKS = 3
 
@@ -49,16 +51,7 @@ def reference_vit(vit_ease, ours: torch.nn.Module, bottleneck: int) -> torch.nn.
                                         embed_dim=TINY_VIT["embed_dim"], depth=TINY_VIT["depth"],
                                         num_heads=TINY_VIT["num_heads"], num_classes=0, qkv_bias=True,
                                         tuning_config=config)
-    state, width = {}, TINY_VIT["embed_dim"]
-    for key, value in ours.state_dict().items():
-        if "qkv" in key:
-            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                state[key.replace("qkv", name)] = value[index * width:(index + 1) * width]
-        else:
-            state[key.replace("mlp.", "")] = value
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
-    return theirs.eval()
+    return load_pilot_vit(theirs, ours.state_dict(), TINY_VIT["embed_dim"]).eval()
 
 
 def copy_adapters(method, theirs) -> None:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from carecl.engine import Experiment  # noqa: E402
 from carecl.methods.base import TaskContext  # noqa: E402
 from helpers import TINY_VIT, tiny_config  # noqa: E402
-from reference_tools import ClassData, adapter_diff, bare_class, max_diff, task_data, train_ours  # noqa: E402
+from reference_tools import ClassData, adapter_diff, bare_class, load_pilot_vit, max_diff, task_data, train_ours  # noqa: E402
 
 BATCH, EPOCHS, LR, WEIGHT_DECAY, PER_CLASS = 4, 2, 0.05, 0.005, 10
 OPTIONS = {"name": "mos", "adapter": {"bottleneck": 4, "dropout": 0.0}, "alignment": {"epochs": 0}}
@@ -58,16 +58,9 @@ def reference_network(reference: Path, method) -> nn.Module:
     vit = vit_mos.VisionTransformer(img_size=TINY_VIT["img_size"], patch_size=TINY_VIT["patch_size"],
                                     embed_dim=TINY_VIT["embed_dim"], depth=TINY_VIT["depth"], num_heads=TINY_VIT["num_heads"],
                                     num_classes=method.head.out_features, qkv_bias=True, tuning_config=config)
-    state, width = {}, TINY_VIT["embed_dim"]
-    for key, value in method.backbone.state_dict().items():
-        if "qkv" in key:
-            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                state[key.replace("qkv", name)] = value[index * width:(index + 1) * width]
-        elif not key.startswith("head"):
-            state[key.replace("mlp.", "")] = value
-    state["head.weight"], state["head.bias"] = method.head.weight.data.clone(), method.head.bias.data.clone()
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
+    width = TINY_VIT["embed_dim"]
+    load_pilot_vit(vit, method.backbone.state_dict(), width,
+                   {"head.weight": method.head.weight.data.clone(), "head.bias": method.head.bias.data.clone()})
     for name, parameter in vit.named_parameters():  # their vit_base_patch16_224_mos freezes all but these
         parameter.requires_grad = "head" in name or "adapter" in name
     for ours, theirs in zip(method.working.adapters, vit.cur_adapter):

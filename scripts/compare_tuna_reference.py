@@ -42,7 +42,7 @@ from carecl.alignment import decay_scales  # noqa: E402
 from carecl.engine import Experiment  # noqa: E402
 from carecl.methods.base import TaskContext  # noqa: E402
 from helpers import tiny_config  # noqa: E402
-from reference_tools import ClassData, adapter_diff, bare_class, max_diff, task_data, train_ours  # noqa: E402
+from reference_tools import ClassData, adapter_diff, bare_class, load_pilot_vit, max_diff, task_data, train_ours  # noqa: E402
 
 VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 12, "num_heads": 2}
 BATCH, EPOCHS, LR, WEIGHT_DECAY, PER_CLASS, SCALE, MARGIN, REG = 4, 2, 0.05, 5e-4, 8, 20.0, 0.1, 0.5
@@ -66,15 +66,8 @@ def their_network(reference: Path, method):
     vit = vit_tuna.VisionTransformer(img_size=VIT["img_size"], patch_size=VIT["patch_size"], embed_dim=VIT["embed_dim"],
                                      depth=VIT["depth"], num_heads=VIT["num_heads"], num_classes=0, qkv_bias=True,
                                      tuning_config=config)
-    state, width = {}, VIT["embed_dim"]
-    for key, value in method.backbone.state_dict().items():
-        if "qkv" in key:
-            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                state[key.replace("qkv", name)] = value[index * width:(index + 1) * width]
-        else:
-            state[key.replace("mlp.", "")] = value
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
+    width = VIT["embed_dim"]
+    load_pilot_vit(vit, method.backbone.state_dict(), width)
     for name, parameter in vit.named_parameters():  # their vit_base_patch16_224_in21k_adapter freezes all but these
         parameter.requires_grad = "head" in name or "adapter" in name
     for ours, theirs in zip(method.working.adapters, vit.cur_adapter):

@@ -74,3 +74,19 @@ def adapter_diff(ours: nn.ModuleList, theirs) -> float:
     """Largest difference between carecl's BottleneckAdapters and PILOT-style Adapters (down_proj / up_proj)."""
     return max(max(max_diff(o.down.weight, t.down_proj.weight), max_diff(o.down.bias, t.down_proj.bias),
                    max_diff(o.up.weight, t.up_proj.weight), max_diff(o.up.bias, t.up_proj.bias)) for o, t in zip(ours, theirs))
+
+
+def load_pilot_vit(vit: nn.Module, timm_state: dict, width: int, extra: dict | None = None) -> nn.Module:
+    """Load a timm ViT's weights into a PILOT-style ViT (q/k/v as three projections, `mlp.` dropped; the timm head
+    left out), plus `extra` entries; only its adapters may stay unloaded."""
+    state = {}
+    for key, value in timm_state.items():
+        if "qkv" in key:
+            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                state[key.replace("qkv", name)] = value[index * width:(index + 1) * width]
+        elif not key.startswith("head"):
+            state[key.replace("mlp.", "")] = value
+    state.update(extra or {})
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
+    return vit
