@@ -67,6 +67,8 @@ EQUIVALENT = {
     "simplecil": {"name": "simplecil"},  # frozen features
     "ease": {"name": "ease", "adapter": {"bottleneck": 4}},  # an adapter set added per task
     "l2p": {"name": "l2p", "pool_size": 4, "top_k": 2, "prompt_length": 2},  # prompts
+    "min": {"name": "min", "noise": {"hidden": 8}, "buffer_size": 32, "fit_batch_size": 16, "later_epochs": 1},  # analytic
+    "tuna": {"name": "tuna", "adapter": {"bottleneck": 4}, "alignment": {"epochs": 1, "samples_per_class": 4}},  # task sets
 }
 
 
