@@ -143,13 +143,14 @@ class MiN(Method):
     def begin_phase(self, phase: Phase, context: TaskContext) -> None:
         self.prepare_task(context)
 
+    @torch.no_grad()
     def prepare_task(self, context: TaskContext) -> None:
         """Later tasks: the analytic fit on the augmented images with the noise as it stands, then the new mixture."""
         task = context.task
         if task.index == 0 or int(self.prefitted_task) == task.index:
             return
         self.eval()
-        self.fit_augmented(context, first_pass=1)
+        self.fit_augmented(context)
         self.noise.mixture = mixture_weights(self.prototypes, task.index + 1).to(self.noise.mixture)
         self.prefitted_task.fill_(task.index)
 
@@ -169,7 +170,7 @@ class MiN(Method):
         self.eval()
         self.prototypes = torch.cat([self.prototypes, self.task_prototype(context)[None]])
         if task.index == 0:
-            self.fit_augmented(context, first_pass=1)
+            self.fit_augmented(context)
         features, labels = context.embed_task_images(self.backbone, "min refits its analytic classifier")
         self.fit(features, labels, task)
 
@@ -183,10 +184,10 @@ class MiN(Method):
             count += len(features)
         return total / max(count, 1)
 
-    def fit_augmented(self, context: TaskContext, first_pass: int) -> None:
-        """`fit_epochs` analytic fits over the task's augmented images (their fit_fc)."""
+    def fit_augmented(self, context: TaskContext) -> None:
+        """`fit_epochs` analytic fits over the task's augmented images (their fit_fc), each pass in its own order."""
         task, options = context.task, self.options
-        for number in range(first_pass, first_pass + options.fit_epochs):
+        for number in range(1, options.fit_epochs + 1):
             batches = context.training_batches(options.fit_batch_size, number, "min fits its analytic classifier")
             for images, labels in tqdm(batches, desc=f"task {task.index + 1} analytic fit", leave=False,
                                        disable=not context.progress):
@@ -203,7 +204,6 @@ class MiN(Method):
         return self.analytic(self.expand(self.backbone(images)), self.n_seen_classes)
 
     def load_state_tensors(self, tensors: dict[str, Tensor], grow: bool = False) -> None:
-        for name in ("prototypes",):  # one row per finished task: its length comes from the saved state
-            if name in tensors:
-                setattr(self, name, torch.empty_like(tensors[name], device=getattr(self, name).device))
+        if "prototypes" in tensors:  # one row per finished task: its length comes from the saved state
+            self.prototypes = torch.empty_like(tensors["prototypes"], device=self.prototypes.device)
         super().load_state_tensors(tensors, grow)
