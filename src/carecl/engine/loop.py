@@ -28,7 +28,7 @@ from carecl.engine.optim import PER_STEP_SCHEDULES, build_optimizer, build_sched
 from carecl.engine.precision import Precision, forward_precision, wrap_training_step
 from carecl.errors import CareclError
 from carecl.formatting import format_clock
-from carecl.methods.base import Phase, StepOutput
+from carecl.methods.base import ParameterGroup, Phase, StepOutput
 from carecl.metrics import RunSummary, TaskEvaluation
 from carecl.runs import checkpoints as ckpt
 from carecl.runs.training_state import load_optimizer_state, optimizer_state
@@ -78,16 +78,16 @@ class TaskTraining:
     logger: RunLogger = field(default_factory=RunLogger)
 
 
-def fit_phase(training: TaskTraining, phase: Phase, phase_index: int = 0, resume: MidTaskState | None = None,
-              save: SaveMidTask | None = None, every: int = 0) -> None:
-    """Train the method's parameter groups for one phase: fresh optimiser, per-epoch cosine.
+def fit_phase(training: TaskTraining, phase: Phase, groups: list[ParameterGroup], phase_index: int = 0,
+              resume: MidTaskState | None = None, save: SaveMidTask | None = None, every: int = 0) -> None:
+    """Train the method's parameter `groups` for one phase: fresh optimiser, per-epoch cosine.
 
     With `resume` (mid-phase), optimiser, schedule and gradient scaler continue from their state
     after `resume.epoch` epochs; `save` writes a mid-task checkpoint every `every` epochs.
     """
     experiment, task, loader = training.experiment, training.task, training.loader
     method, train = experiment.method, experiment.config.train
-    optimizer = build_optimizer(train, method.parameter_groups(phase), phase.lr, phase.optimizer)
+    optimizer = build_optimizer(train, groups, phase.lr, phase.optimizer)
     scheduler = build_scheduler(optimizer, phase, len(loader))
     precision = Precision.build(train.precision, experiment.device)
     first_epoch = 0
@@ -236,7 +236,7 @@ def learn_task(experiment: Experiment, task: Task, resume: MidTaskState | None =
             trained.update(trainable_parameter_ids(groups))
             doing(f"task {task.index + 1}, training phase '{phase.name}'", "train.batch_size")
             if any(group.parameters for group in groups):  # else nothing to train: skipped
-                fit_phase(training, phase, index, phase_resume, save, every)
+                fit_phase(training, phase, groups, index, phase_resume, save, every)
             doing(f"task {task.index + 1}, the end of phase '{phase.name}' (class statistics, alignment)",
                   ALIGNMENT_MEMORY)
             try:
