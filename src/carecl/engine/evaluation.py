@@ -3,6 +3,8 @@ task, each in its own label space (task-incremental, MTIL)."""
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -15,21 +17,25 @@ from carecl.metrics import TaskEvaluation, accuracy, correct_predictions
 from carecl.scenario import Task
 
 
+def scored_batches(predict: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
+                   watch: Stopwatch, progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(scores, labels) of each batch of `loader`; `watch` times the `predict` calls alone and counts their images."""
+    for images, labels in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        with watch:
+            predicted = predict(images)
+        watch.count(len(images))
+        yield predicted.float().cpu().numpy(), labels.numpy()
+
+
 @torch.no_grad()
 def collect_scores(method: Method, loader: DataLoader, device: torch.device, progress: bool = False,
                    watch: Stopwatch | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class scores and targets over a loader, with the learner in eval mode (unreadable images skipped);
     `watch` times the predict calls alone."""
     method.eval()
-    watch = watch or Stopwatch(device)
-    scores, targets = [], []
-    for images, labels in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
-        images = images.to(device, non_blocking=True)
-        with watch:
-            predicted = method.predict(images)
-        watch.count(len(images))
-        scores.append(predicted.float().cpu().numpy())
-        targets.append(labels.numpy())
+    batches = list(scored_batches(method.predict, loader, device, watch or Stopwatch(device), progress))
+    scores, targets = [b[0] for b in batches], [b[1] for b in batches]
     if not scores:  # every image skipped: accuracies come out NaN rather than crashing
         return np.zeros((0, method.n_seen_classes), dtype=np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(scores), np.concatenate(targets)
@@ -52,14 +58,9 @@ def task_correct(method: Method, task: Task, loader: DataLoader, device: torch.d
     """Per-sample (top-1, top-k) correctness of `predict_in_task` on one task's test images, gathered over ranks."""
     method.eval()
     top1, in_topk = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=bool)]
-    watch = watch or Stopwatch(device)
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        with watch:
-            predicted = method.predict_in_task(images, task)
-        watch.count(len(images))
-        scores = predicted.float().cpu().numpy()
-        correct = correct_predictions(scores, labels.numpy() - task.low, topk)
+    for scores, labels in scored_batches(lambda images: method.predict_in_task(images, task), loader, device,
+                                         watch or Stopwatch(device)):
+        correct = correct_predictions(scores, labels - task.low, topk)
         top1.append(correct[0])
         in_topk.append(correct[1])
     shards = distributed.all_gather_objects((np.concatenate(top1), np.concatenate(in_topk)))
