@@ -299,6 +299,10 @@ def method_inference_section(data: dict | None) -> list[str]:
     return lines
 
 
+def other_machine(row: dict, machine: dict) -> bool:
+    return "machine" in row and row["machine"]["cpu"] != machine["cpu"]
+
+
 def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
     lines = section_intro(
         "Real data: every method on one real stream", "realdata/run.py", data is not None,
@@ -314,7 +318,8 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
                   f"{machine['python']}. Stream: {data['stream']}.", ""]
         rows = [[f"`{row['name']}`", row["label"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
                  "–" if row["forgetting"] is None or math.isnan(row["forgetting"]) else f"{row['forgetting']:.2f}",
-                 f"{row['wall_time_s'] / 60:.1f} min" + (" †" if row.get("tasks_only") else "")] for row in data["rows"]]
+                 f"{row['wall_time_s'] / 60:.1f} min" + (" †" if row.get("tasks_only") else "")
+                 + (" ‡" if other_machine(row, machine) else "")] for row in data["rows"]]
         lines += table(["config", "what", "A_last", "Ā", "forgetting", "wall time"], rows)
         total = sum(row["wall_time_s"] for row in data["rows"]) / 60
         lines += [f"Rows ran one after another ({total:.0f} min for all rows above), each as the only training job; "
@@ -322,6 +327,10 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
                   "time includes building the model, loading images and evaluating after every task; † marks a run "
                   "kept from an interrupted batch (`--reuse-finished`), whose time is the sum of its tasks' times "
                   "only.", ""]
+        others = sorted({row["machine"]["cpu"] for row in data["rows"] if other_machine(row, machine)})
+        if others:
+            lines += [f"‡ ran on another 2-core machine ({', '.join(others)}); its time is not comparable with the "
+                      "others'.", ""]
         lines += ["Top-1 accuracy (%) on all classes seen so far, after each task:", ""]
         width = max(len(row["top1_curve"]) for row in data["rows"])
         lines += table(["config", *[str(t + 1) for t in range(width)]],
@@ -417,7 +426,25 @@ def demo_defaults_section(data: dict | None) -> list[str]:
              f"A_last {row['a_last']:.2f}" if row["exit"] == 0 else f"refused: {row.get('message')}"]
             for row in data["rows"]]
     lines += table(["method", "wall time", "result"], rows)
+    lines += ["`linear_probe` is not a continual learner: each task's fit sees that task's classes alone, so it "
+              "forgets by design (the real-data benchmark runs it as one joint task, its upper bound).", ""]
     return lines
+
+
+def recheck_section(data: dict | None) -> list[str]:
+    lines = section_intro(
+        "Real-data rows re-run after the closed-form heads changed", "realdata/recheck.py fecam acil ranpac moal",
+        data is not None,
+        "the committed rows of the heads that issue 31 rewrote (one SVD for every ridge, Cholesky solves, in-place "
+        "recursive least squares), re-run with the current code; the curve is compared task by task with the table above.")
+    if data is None:
+        return lines
+    rows = [[f"`{row['name']}`", f"{row['committed_a_last']:.2f}", f"{row['rerun_a_last']:.2f}",
+             f"{row['max_curve_difference']:.4f}", "yes" if row["same_as_printed"] else "no",
+             f"{row['committed_wall_time_s'] / 60:.1f} → {row['rerun_wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
+    lines += table(["config", "A_last committed", "A_last re-run", "largest curve difference (points)",
+                    "same to two decimals", "wall time"], rows)
+    return lines + [f"Re-run on {data['machine']['cpu']}; the committed times may come from another machine.", ""]
 
 
 def precision_section(data: dict | None) -> list[str]:
@@ -427,6 +454,9 @@ def precision_section(data: dict | None) -> list[str]:
         "fp32: bf16 autocast covers training, class statistics and evaluation; classifier alignment trains in fp32.")
     if data is None:
         return lines
+    machine, threads = data["machine"], data.get("threads") or "carecl's default"
+    lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads: {threads}; torch "
+              f"{machine['torch']}.", ""]
     rows = [[row["precision"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
              f"{row['wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
     lines += table(["precision", "A_last", "Ā", "wall time"], rows)
@@ -461,6 +491,7 @@ def render() -> str:
     method_inference = common.load("method_inference")
     body = (realdata_tuned_section(common.load("realdata_tuned"), realdata) + realdata_section(realdata, profile)
             + precision_section(common.load("realdata_precision")) + analytic_heads_section(common.load("analytic_heads"))
+            + recheck_section(common.load("realdata_recheck"))
             + demo_defaults_section(common.load("demo_defaults")) + inference_section(inference, targets)
             + method_inference_section(method_inference) + training_section(training, targets)
             + iterative_section(iterative) + alignment_section(alignment, training, targets)

