@@ -422,6 +422,7 @@ def demo_defaults_section(data: dict | None) -> list[str]:
         return lines
     machine = data["machine"]
     lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}.", ""]
+    lines += [data["note"], ""] if "note" in data else []
     rows = [[f"`{row['method']}`", f"{row['seconds'] / 60:.1f} min",
              f"A_last {row['a_last']:.2f}" if row["exit"] == 0 else f"refused: {row.get('message')}"]
             for row in data["rows"]]

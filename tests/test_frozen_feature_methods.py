@@ -229,6 +229,22 @@ def test_every_ridge_comes_from_one_factorisation_and_matches_its_own_solve(rows
     assert select_ridge(h, y, RidgeClassifier.RIDGES[6:]) == RidgeClassifier.RIDGES[6:][int(np.argmin(losses))]
 
 
+def test_a_ridge_too_small_for_cholesky_is_solved_as_the_authors_do():
+    from carecl.classifiers import ridge_solve
+
+    # Few rows through a wide projection (RanPAC on the demo): roundoff leaves the Gram matrix's null space
+    # eigenvalues just below zero, here made explicit, and G + 1e-8 I is indefinite.
+    generator = torch.Generator().manual_seed(5)
+    h = torch.randn(30, 200, generator=generator, dtype=torch.float64)
+    gram = h.T @ h - 1e-6 * torch.eye(200, dtype=torch.float64)
+    right = torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    shifted = gram + 1e-8 * torch.eye(200, dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(shifted).info) != 0
+    assert torch.equal(ridge_solve(gram, 1e-8, right), torch.linalg.solve(shifted, right))
+    well_posed = ridge_solve(gram, 10.0, right)  # and a ridge that keeps G + λI positive definite goes through Cholesky
+    torch.testing.assert_close(well_posed, torch.linalg.solve(gram + 10.0 * torch.eye(200, dtype=torch.float64), right))
+
+
 def test_the_woodbury_update_in_place_is_the_inverse_of_the_grown_gram_matrix():
     from carecl.classifiers import woodbury_update_
 

@@ -131,10 +131,15 @@ class RidgeClassifier(nn.Module):
 
 
 def ridge_solve(gram: Tensor, ridge: float, right: Tensor) -> Tensor:
-    """(G + λI)⁻¹ R through one Cholesky factor, the ridge added to a copy's diagonal (no identity matrix built)."""
+    """(G + λI)⁻¹ R through one Cholesky factor, the ridge added to a copy's diagonal (no identity matrix built).
+
+    A tiny λ on a rank-deficient G (few images, a wide projection) can leave G + λI numerically indefinite:
+    Cholesky then fails and the LU solve the authors' code uses gives the answer instead."""
     shifted = gram.clone()
     shifted.diagonal().add_(ridge)
-    factor = torch.linalg.cholesky(shifted)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:
+        return torch.linalg.solve(shifted, right.to(shifted.dtype))
     del shifted
     return torch.cholesky_solve(right.to(factor.dtype), factor)
 
