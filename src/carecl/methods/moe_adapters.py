@@ -102,7 +102,8 @@ class MoEAdapters(Method):
     def __init__(self, config: ExperimentConfig, backbone: nn.Module, scenario: Scenario) -> None:
         super().__init__(config, backbone, scenario)
         if not hasattr(backbone, "encode_text"):
-            raise ConfigError("backbone.family: moe_adapters needs a CLIP backbone: set backbone.family: open_clip")
+            raise ConfigError("backbone.family: moe_adapters needs a CLIP backbone: set backbone.family: open_clip "
+                              "(its classifier is the text tower; configs/moe_adapters/ has CLIP configs)")
         self.clip = backbone
         options = self.options
         unknown = sorted(set(options.domain_lr or {}) - set(scenario.task_names))
