@@ -459,11 +459,13 @@ def precision_section(data: dict | None) -> list[str]:
     lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads: {threads}; torch "
               f"{machine['torch']}.", ""]
     rows = [[row["precision"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
-             f"{row['wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
+             f"{row['wall_time_s'] / 60:.1f} min" + (" †" if row.get("tasks_only") else "")] for row in data["rows"]]
     lines += table(["precision", "A_last", "Ā", "wall time"], rows)
     times = {row["precision"]: row["wall_time_s"] for row in data["rows"]}
     if {"fp32", "bf16"} <= set(times):
         lines += [f"bf16 takes {times['bf16'] / times['fp32']:.2f}x the time of fp32.", ""]
+    if any(row.get("tasks_only") for row in data["rows"]):
+        lines += ["† kept from an interrupted batch: the sum of its tasks' times only.", ""]
     return lines
 
 
