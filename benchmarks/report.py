@@ -401,8 +401,8 @@ def analytic_heads_section(data: dict | None) -> list[str]:
     machine = data["machine"]
     lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch thread(s); torch "
               f"{machine['torch']}.", ""]
-    rows = []
     lines += [data["note"], ""] if "note" in data else []
+    rows = []
     for row in data["rows"]:
         before = next((r for r in data["rows"] if r["variant"] == "before" and r["head"] == row["head"]
                        and r["shape"] == row["shape"]), None)

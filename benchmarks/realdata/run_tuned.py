@@ -110,7 +110,8 @@ def main() -> int:
     parser.add_argument("--reuse-finished", action="store_true")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
-    seeded = {*SEEDED, *([best_prompt()] if best_prompt() else [])}
+    prompt = best_prompt()
+    seeded = {*SEEDED, *([prompt] if prompt else [])}
     path = RESULTS / "realdata_tuned.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     rows = {entry["name"]: entry for entry in previous.get("rows", [])}
