@@ -343,6 +343,15 @@ def build(cache: Path) -> tuple[Path, Path]:
     return weights, images
 
 
+def data_overrides(config: Path, cache: Path, weights: Path, data_root: Path) -> list[str]:
+    """`--set` values that point a benchmark config at this machine's assets (CLIP methods: the CLIP-shaped model
+    and the class names to prompt with)."""
+    if "family: open_clip" in config.read_text():
+        return [f"data.root={data_root}", f"backbone.weights={cache / CLIP_SHAPED_NAME}",
+                f"data.class_names_file={cache / NAMES_FILE}"]
+    return [f"data.root={data_root}", f"backbone.weights={weights}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=default_cache())

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -23,27 +20,21 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
-from run import finished, machine, thread_overrides  # noqa: E402
-from tune import data_overrides  # noqa: E402
+from run import finished, machine, train  # noqa: E402
 
 CONFIG = HERE / "tuned" / "care.yaml"
 
 
-def run_precision(precision: str, cache: Path, sets: list[str], threads: int | None, reuse: bool) -> dict:
+def run_precision(precision: str, cache: Path, overrides: list[str], threads: int | None, reuse: bool) -> dict:
     output = cache / "runs_precision" / precision
     if reuse and finished(output):  # an interrupted batch: its tasks' own times are the honest lower bound
-        metrics = json.loads((output / "metrics.json").read_text())
-        wall, tasks_only = sum(metrics["wall_time_s"]), True
+        wall, tasks_only = None, True
     else:
-        if output.exists():
-            shutil.rmtree(output)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "carecl", "train", "--config", str(CONFIG), *sets,
-                        "--set", f"train.precision={precision}", "--set", "train.progress=false",
-                        *thread_overrides(threads), "--output", str(output)], check=True)
-        wall, tasks_only = time.perf_counter() - started, False
-        metrics = json.loads((output / "metrics.json").read_text())
-    return {"precision": precision, "a_last": metrics["summary"]["a_last"], "wall_time_s": wall,
+        wall = train(CONFIG, output, [*overrides, f"train.precision={precision}"], threads=threads, tag="precision")
+        tasks_only = False
+    metrics = json.loads((output / "metrics.json").read_text())
+    return {"precision": precision, "a_last": metrics["summary"]["a_last"],
+            "wall_time_s": sum(metrics["wall_time_s"]) if wall is None else wall,
             "average_accuracy": metrics["summary"]["average_accuracy"], "task_wall_time_s": metrics["wall_time_s"],
             "tasks_only": tasks_only}
 
@@ -56,10 +47,10 @@ def main() -> int:
     args = parser.parse_args()
     cache = assets.default_cache()
     weights, data_root = assets.build(cache)
-    sets = [item for entry in data_overrides(CONFIG, cache, weights, data_root) for item in ("--set", entry)]
+    overrides = assets.data_overrides(CONFIG, cache, weights, data_root)
     rows = []
     for precision in ("fp32", "bf16"):
-        rows.append(run_precision(precision, cache, sets, args.threads, args.reuse_finished))
+        rows.append(run_precision(precision, cache, overrides, args.threads, args.reuse_finished))
         print(f"[precision] {precision}: A_last {rows[-1]['a_last']:.2f}, {rows[-1]['wall_time_s'] / 60:.1f} min",
               file=sys.stderr)
         document = {"machine": machine(), "threads": args.threads, "config": str(CONFIG.relative_to(ROOT)),

@@ -105,25 +105,28 @@ def thread_overrides(threads: int | None) -> list[str]:
     return [] if threads is None else ["--set", f"train.threads={threads}"]
 
 
+def train(config: Path, output: Path, overrides: list[str], arguments: tuple[str, ...] = (), threads: int | None = None,
+          tag: str = "realdata") -> float:
+    """`carecl train` of a benchmark config into a fresh `output`, on this machine's assets; returns the wall time."""
+    if output.exists():
+        shutil.rmtree(output)
+    sets = [item for entry in [*overrides, "train.progress=false"] for item in ("--set", entry)]
+    command = [sys.executable, "-m", "carecl", "train", "--config", str(config), *sets, *arguments,
+               *thread_overrides(threads), "--output", str(output)]
+    print(f"[{tag}] {config.stem}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
 def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False,
                runs: str = "runs", threads: int | None = None) -> dict:
     output = cache / runs / name
     if reuse_finished and finished(output):
         return reuse_run(name, output)
-    if output.exists():
-        shutil.rmtree(output)
     config = HERE / f"{name}.yaml"
-    extra = []
-    if "family: open_clip" in config.read_text():  # the CLIP methods: the CLIP-shaped model, and names to prompt with
-        weights = cache / assets.CLIP_SHAPED_NAME
-        extra = ["--set", f"data.class_names_file={cache / assets.NAMES_FILE}"]
-    command = [sys.executable, "-m", "carecl", "train", "--config", str(config),
-               "--set", f"data.root={data_root}", "--set", f"backbone.weights={weights}", *extra,
-               "--set", "train.progress=false", *thread_overrides(threads), "--output", str(output)]
-    print(f"[realdata] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return row_from_run(name, output, time.perf_counter() - started)
+    wall = train(config, output, assets.data_overrides(config, cache, weights, data_root), threads=threads)
+    return row_from_run(name, output, wall)
 
 
 def write_rows(rows: dict, previous_machine: dict | None) -> dict:
@@ -135,16 +138,16 @@ def write_rows(rows: dict, previous_machine: dict | None) -> dict:
     return document
 
 
-def write_report(runs: list[str]) -> None:
-    """`carecl report` over every row's run, into results/realdata/."""
+def write_report(runs: list[str], into: Path = FIGURES) -> None:
+    """`carecl report` over every row's run, into `into` (results/realdata/ by default)."""
     missing = [run for run in runs if not Path(run).is_dir()]
     if missing:  # a report over some rows would replace the one over all of them
-        print(f"[realdata] {len(missing)} rows' run directories are not on this machine: results/realdata/ "
+        print(f"[realdata] {len(missing)} rows' run directories are not on this machine: {into.relative_to(ROOT)}/ "
               "(the report over every run) left as it was", file=sys.stderr)
         return
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(FIGURES)], check=True)
-    for svg in FIGURES.glob("*.svg"):
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(into)], check=True)
+    for svg in into.glob("*.svg"):
         svg.unlink()  # PNGs are enough in the repository
 
 

@@ -17,10 +17,7 @@ import argparse
 import csv
 import json
 import math
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,8 +27,8 @@ FIGURES = RESULTS / "realdata_tuned"
 sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
-from run import machine  # noqa: E402
-from tune import METHODS, TUNED, data_overrides  # noqa: E402
+from run import machine, train, write_report  # noqa: E402
+from tune import METHODS, TUNED  # noqa: E402
 
 SEEDS = (1993, 1994, 1995)
 SEEDED = ("simplecil", "care", "ranpac", "fecam", "acil", "mos", "hide_prompt", "norga", "moal")
@@ -66,20 +63,18 @@ def finished_group(output: Path, seeds: tuple[int, ...]) -> bool:
 def run(name: str, seeds: tuple[int, ...], cache: Path, weights: Path, data_root: Path, reuse: bool) -> dict:
     output = cache / "runs_tuned" / name
     config = config_of(name)
-    started = time.perf_counter()
+    wall = None
     if not (reuse and finished_group(output, seeds)):
-        if output.exists():
-            shutil.rmtree(output)
-        sets = [item for entry in data_overrides(config, cache, weights, data_root) for item in ("--set", entry)]
-        seed = ["--seeds", ",".join(map(str, seeds))] if len(seeds) > 1 else ["--set", f"seed={seeds[0]}"]
-        command = [sys.executable, "-m", "carecl", "train", "--config", str(config), *sets, *seed,
-                   "--set", "train.progress=false", "--output", str(output)]
-        print(f"[realdata-tuned] {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-        subprocess.run(command, check=True)
-    return row(name, seeds, output, time.perf_counter() - started)
+        overrides = assets.data_overrides(config, cache, weights, data_root)
+        if len(seeds) > 1:
+            wall = train(config, output, overrides, ("--seeds", ",".join(map(str, seeds))), tag="realdata-tuned")
+        else:
+            wall = train(config, output, [*overrides, f"seed={seeds[0]}"], tag="realdata-tuned")
+    return row(name, seeds, output, wall)
 
 
-def row(name: str, seeds: tuple[int, ...], output: Path, wall: float) -> dict:
+def row(name: str, seeds: tuple[int, ...], output: Path, wall: float | None) -> dict:
+    """`wall` None: a reused run, whose start-up time is unknown (its tasks' own times are summed)."""
     runs = [output / f"seed-{seed}" for seed in seeds] if len(seeds) > 1 else [output]
     per_seed = []
     for seed, path in zip(seeds, runs):
@@ -89,12 +84,13 @@ def row(name: str, seeds: tuple[int, ...], output: Path, wall: float) -> dict:
                          "forgetting": summary["forgetting"], "top1_curve": summary["top1_curve"],
                          "wall_time_s": sum(metrics["wall_time_s"])})
     return {"name": name, "config": str(config_of(name).relative_to(ROOT)), "seeds": list(seeds),
-            "run_dirs": [str(path) for path in runs], "per_seed": per_seed, "wall_time_s": wall,
+            "run_dirs": [str(path) for path in runs], "per_seed": per_seed,
+            "wall_time_s": sum(entry["wall_time_s"] for entry in per_seed) if wall is None else wall,
+            "tasks_only": wall is None,
             **{key: mean_std([entry[key] for entry in per_seed]) for key in ("a_last", "average_accuracy", "forgetting")}}
 
 
 def mean_std(values: list) -> dict:
-    
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return {"mean": None, "std": None}
@@ -125,12 +121,7 @@ def main() -> int:
         document = {"machine": machine(), "protocol": "tuned on validation (tune.py), seeds as listed",
                     "rows": [rows[n] for n in ORDER if n in rows]}
         path.write_text(json.dumps(document, indent=1))
-    runs = [r["run_dirs"][0] for r in rows.values() if Path(r["run_dirs"][0]).is_dir()]
-    if runs:
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(FIGURES)], check=True)
-        for svg in FIGURES.glob("*.svg"):
-            svg.unlink()
+    write_report([entry["run_dirs"][0] for entry in rows.values()], FIGURES)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report
 

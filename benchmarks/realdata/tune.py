@@ -44,15 +44,6 @@ METHODS = {
 }
 
 
-def data_overrides(config: Path, cache: Path, weights: Path, data_root: Path) -> list[str]:
-    """Where this machine keeps the assets (the CLIP methods: the CLIP-shaped model and the class names)."""
-    overrides = [f"data.root={data_root}", f"backbone.weights={weights}"]
-    if "family: open_clip" in config.read_text():
-        overrides = [f"data.root={data_root}", f"backbone.weights={cache / assets.CLIP_SHAPED_NAME}",
-                     f"data.class_names_file={cache / assets.NAMES_FILE}"]
-    return overrides
-
-
 def copy_outputs(method: str, directory: Path, cache: Path, data_root: Path) -> None:
     """best.yaml, tune.md, trials.csv and the plots into tuned/, with portable asset paths and links."""
     TUNED.mkdir(exist_ok=True)
@@ -89,7 +80,7 @@ def tune(method: str, cache: Path, weights: Path, data_root: Path, jobs: int) ->
     else:
         if directory.exists():
             shutil.rmtree(directory)
-        sets = [*data_overrides(config, cache, weights, data_root), "tune.protocol=first-task", f"tune.tasks={TASKS}",
+        sets = [*assets.data_overrides(config, cache, weights, data_root), "tune.protocol=first-task", f"tune.tasks={TASKS}",
                 f"tune.trials={TRIALS}", "tune.sampler=grid", "tune.validation_fraction=0.2", "train.progress=false"]
         command = ["--config", str(config), "--space", str(SPACES / f"{method}.yaml"), "--output", str(directory),
                    "--jobs", str(jobs), *[item for entry in sets for item in ("--set", entry)]]
