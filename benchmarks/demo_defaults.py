@@ -2,6 +2,7 @@
 
     python benchmarks/demo_defaults.py             # every method (minutes each on 2 CPU cores)
     python benchmarks/demo_defaults.py --only moal ranpac
+    python benchmarks/demo_defaults.py --note "a training run shared the cores"   # conditions, beside the table
 
 Each run is `carecl train --config configs/demo.yaml --set method.name=NAME` (the demo's data, backbone and training
 settings, the method's own defaults), in a fresh process, timed from start to exit. A method that cannot run on
@@ -52,16 +53,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+")
     parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--note", help="what else the machine ran meanwhile, printed beside the table (an --only "
+                                       "re-run keeps the previous note unless given a new one)")
     args = parser.parse_args()
     path = common.RESULTS / "demo_defaults.json"
-    previous = {row["method"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    previous = {row["method"]: row for row in old.get("rows", [])}
+    note = args.note or (old.get("note") if args.only else None)
     with tempfile.TemporaryDirectory(prefix="carecl-demo-defaults-") as work:
         for name in args.only or names():
             previous[name] = run(name, Path(work))
             row = previous[name]
             result = (f"A_last {row['a_last']:.2f}" if row["exit"] == 0 else row.get("message"))
             print(f"[demo-defaults] {name:18s} {row['seconds']:7.1f} s  {result}", file=sys.stderr, flush=True)
-            document = {"machine": common.machine("cpu"), "rows": [previous[n] for n in sorted(previous)]}
+            document = {"machine": common.machine("cpu"), "rows": [previous[n] for n in sorted(previous)],
+                        **({"note": note} if note else {})}
             common.save("demo_defaults", document)
     if not args.no_report:
         import report
