@@ -459,12 +459,25 @@ def precision_section(data: dict | None) -> list[str]:
     machine, threads = data["machine"], data.get("threads") or "carecl's default"
     lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads: {threads}; torch "
               f"{machine['torch']}.", ""]
+    lines += [data["note"], ""] if "note" in data else []
     rows = [[row["precision"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
              f"{row['wall_time_s'] / 60:.1f} min" + (" †" if row.get("tasks_only") else "")] for row in data["rows"]]
     lines += table(["precision", "A_last", "Ā", "wall time"], rows)
     times = {row["precision"]: row["wall_time_s"] for row in data["rows"]}
     if {"fp32", "bf16"} <= set(times):
-        lines += [f"bf16 takes {times['bf16'] / times['fp32']:.2f}x the time of fp32.", ""]
+        a_last = {row["precision"]: row["a_last"] for row in data["rows"]}
+        tasks = {row["precision"]: row["task_wall_time_s"] for row in data["rows"]}
+        lines += [f"bf16 takes {times['bf16'] / times['fp32']:.2f}x the time of fp32 (task 1, mostly training: "
+                  f"{tasks['bf16'][0] / tasks['fp32'][0]:.2f}x; task {len(tasks['fp32'])}, mostly statistics and "
+                  f"evaluation over every seen class: {tasks['bf16'][-1] / tasks['fp32'][-1]:.2f}x); its A_last differs "
+                  f"by {a_last['bf16'] - a_last['fp32']:+.2f} points (the bound set for bf16: within 0.5).", ""]
+        if all("train_phase_s" in row for row in data["rows"]):
+            phases = {row["precision"]: row for row in data["rows"]}
+            train = sum(phases["bf16"]["train_phase_s"]) / sum(phases["fp32"]["train_phase_s"])
+            evaluation = (sum(phases["bf16"]["inference_ms_per_image"])
+                          / sum(phases["fp32"]["inference_ms_per_image"]))
+            lines += [f"By part: the training phases take {train:.2f}x the time of fp32 (summed over tasks), the "
+                      f"evaluation after each task {evaluation:.2f}x per test image.", ""]
     if any(row.get("tasks_only") for row in data["rows"]):
         lines += ["† kept from an interrupted batch: the sum of its tasks' times only.", ""]
     return lines

@@ -13,7 +13,7 @@ from carecl.compat.reference_layout import ReferenceCheckpointError
 from carecl.data import DatasetError, build_dataset
 from carecl.predict import Predictor
 from carecl.engine import Experiment, run_experiment
-from carecl.engine.experiment import evaluation_transform
+from carecl.preprocessing import evaluation_transform
 from carecl.engine.checkpointing import grow_and_load
 from carecl.runs.directory import CLASSES_FILE, RunClasses, RunDirectory, RunDirectoryError
 

@@ -36,7 +36,13 @@ def run_precision(precision: str, cache: Path, overrides: list[str], threads: in
     return {"precision": precision, "a_last": metrics["summary"]["a_last"],
             "wall_time_s": sum(metrics["wall_time_s"]) if wall is None else wall,
             "average_accuracy": metrics["summary"]["average_accuracy"], "task_wall_time_s": metrics["wall_time_s"],
-            "tasks_only": tasks_only}
+            **phase_times(metrics), "tasks_only": tasks_only}
+
+
+def phase_times(metrics: dict) -> dict:
+    """Per task: seconds in the method's training phases, and the task-end evaluation's cost per test image."""
+    return {"train_phase_s": [sum(cost["phase_seconds"].values()) for cost in metrics["costs"]],
+            "inference_ms_per_image": [cost["inference_ms_per_image"] for cost in metrics["costs"]]}
 
 
 def main() -> int:
@@ -44,6 +50,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: carecl's choice, the cores)")
     parser.add_argument("--reuse-finished", action="store_true",
                         help="keep a precision's run if it already finished in <cache>/runs_precision")
+    parser.add_argument("--note", help="what else the machine ran meanwhile, printed beside the table")
     args = parser.parse_args()
     cache = assets.default_cache()
     weights, data_root = assets.build(cache)
@@ -54,7 +61,7 @@ def main() -> int:
         print(f"[precision] {precision}: A_last {rows[-1]['a_last']:.2f}, {rows[-1]['wall_time_s'] / 60:.1f} min",
               file=sys.stderr)
         document = {"machine": machine(), "threads": args.threads, "config": str(CONFIG.relative_to(ROOT)),
-                    "rows": rows}
+                    "rows": rows, **({"note": args.note} if args.note else {})}
         (ROOT / "benchmarks" / "results" / "realdata_precision.json").write_text(json.dumps(document, indent=1))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report

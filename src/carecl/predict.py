@@ -216,7 +216,7 @@ def predict_images(experiment: Experiment, images: ImageInput | Sequence[ImageIn
 
 
 def _predict_batch(experiment: Experiment, items: list[ImageInput], start: int, topk: int) -> list[ImagePrediction]:
-    from carecl.engine.experiment import input_size
+    from carecl.preprocessing import input_size
 
     names, order = experiment.class_names, experiment.scenario.order
     transform, image_size = experiment.test_transform, input_size(experiment.config)

@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from carecl.backbones import backbone_preprocessing, create_backbone
 from carecl.config import ConfigError, ExperimentConfig
-from carecl.data import BenchmarkData, build_dataset, resolve_preprocessing, transforms_for
-from carecl.data.base import canonical_dataset
+from carecl.data import BenchmarkData, build_dataset
 from carecl.data.base import SkippedImages, SkippingDataLoader, TaskDataset, Transform, single_class_batches
 from carecl.data.validation import evaluate_on_validation, hold_out_validation
 from carecl.distributed import Distributed, DistributedError, ShardSampler
@@ -22,6 +21,7 @@ from carecl.distributed import current as current_distributed
 from carecl.engine.incremental_eval import IncrementalEvaluator
 from carecl.methods.base import build_method
 from carecl.methods.base import Method, TaskContext
+from carecl.preprocessing import evaluation_transform, input_size
 from carecl.runs.directory import RunClasses
 from carecl.scenario import Scenario, Task, addition_task_sizes
 
@@ -86,16 +86,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def evaluation_transform(config: ExperimentConfig) -> Transform:
-    """The test transform the config's dataset is built with (what evaluation applies), without building the dataset."""
-    return transforms_for(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).test
-
-
-def input_size(config: ExperimentConfig) -> int:
-    """The side of the model's input images under `config` (the data's resolved image size)."""
-    return resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).image_size
 
 
 def evaluation_splits(config: ExperimentConfig, data: BenchmarkData) -> BenchmarkData:

@@ -22,7 +22,8 @@ from carecl.config import (AdditionConfig, ConfigError, ExperimentConfig, apply_
                            config_to_dict, save_config)
 from carecl.data.additions import AdditionImages, refuse_known_classes, scan_addition
 from carecl.data.base import DatasetError, load_rgb_image
-from carecl.engine.experiment import Experiment, input_size
+from carecl.engine.experiment import Experiment
+from carecl.preprocessing import input_size
 from carecl.engine.run import resume_experiment
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary

@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carecl.backbones import backbone_preprocessing
 from carecl.clip_backbone import tokenize
 from carecl.config import ConfigError, ExperimentConfig, MethodConfig, require
-from carecl.data import TransformPair, resolve_preprocessing, transforms_for
-from carecl.data.base import canonical_dataset
 from carecl.methods.base import Method, ParameterGroup, Phase, StepOutput, TaskContext, register_method
 from carecl.methods.ddas import DDAS_PHASE, DDASConfig, DistributionSelector, build_features
+from carecl.preprocessing import input_size, run_transforms
 from carecl.scenario import Scenario, Task
 from carecl.tuners.moe_adapter import MoEAdapterConfig, MoEAdapterInjector
 
@@ -82,12 +80,6 @@ class MoEAdaptersConfig(MethodConfig):
                 "is needed with routers: per_task (it picks each test batch's router)")
 
 
-def data_transforms(config: ExperimentConfig) -> tuple[TransformPair, int]:
-    """The run's (train, test) transforms and input side, as its dataset is built with them."""
-    name, backbone = canonical_dataset(config.data), backbone_preprocessing(config.backbone)
-    return transforms_for(name, config.data, backbone), resolve_preprocessing(name, config.data, backbone).image_size
-
-
 def text_tower(clip: nn.Module) -> nn.Module:
     """The module holding the text transformer: open_clip's CLIP itself, or CustomTextCLIP's `text`."""
     return clip.text if hasattr(clip, "text") else clip
@@ -115,7 +107,7 @@ class MoEAdapters(Method):
         self.selector = None
         if options.ddas is not None:
             features = build_features(options.ddas, backbone, self.image_moe)
-            self.selector = DistributionSelector(options.ddas, features, data_transforms(config)[1])
+            self.selector = DistributionSelector(options.ddas, features, input_size(config))
         # Which phase the training steps belong to (0: DDAS autoencoder, 1: experts), saved for a mid-phase resume.
         self.register_buffer("phase_index", torch.ones((), dtype=torch.long))
         self._text_cache: dict[tuple, Tensor] = {}
@@ -165,7 +157,7 @@ class MoEAdapters(Method):
         self.phase_index.fill_(0 if phase.name == DDAS_PHASE else 1)
         if phase.name == DDAS_PHASE:
             config = self.experiment
-            self.selector.begin_phase(context, data_transforms(config)[0].train, config.train.batch_size, config.seed)
+            self.selector.begin_phase(context, run_transforms(config).train, config.train.batch_size, config.seed)
 
     def training_loss(self, images: Tensor, targets: Tensor, task: Task) -> StepOutput:
         if int(self.phase_index) == 0:
