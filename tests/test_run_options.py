@@ -40,6 +40,22 @@ def test_bf16_autocasts_the_training_forward_and_trains(tmp_path):
     assert all(0.0 <= a <= 100.0 for a in summary.top1_curve)
 
 
+def attention_kernels(precision: Precision) -> set[str]:
+    """The attention operators a training forward and backward under `precision` dispatch to."""
+    query = torch.randn(1, 2, 16, 8, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        with precision.training():
+            output = torch.nn.functional.scaled_dot_product_attention(query, query, query)
+        output.float().sum().backward()
+    return {event.key for event in profile.key_averages() if "attention" in event.key}
+
+
+def test_bf16_training_on_cpu_avoids_the_fused_attention_kernel():
+    # Its bf16 backward is several times slower than fp32's on CPU; fp32 keeps the fused kernel.
+    assert not any("flash" in name for name in attention_kernels(Precision.build("bf16", torch.device("cpu"))))
+    assert any("flash" in name for name in attention_kernels(Precision.build("fp32", torch.device("cpu"))))
+
+
 def test_fp16_scaler_skips_a_step_whose_gradients_overflowed():
     precision = Precision.build("fp16", torch.device("cpu"))
     parameter = torch.nn.Parameter(torch.ones(3))

@@ -149,7 +149,7 @@ def fit_epoch(training: TaskTraining, phase: Phase, phase_index: int, epoch: int
         ckpt.kill_point(f"{label}/epoch{epoch}/batch{batch}")
         images = images.to(experiment.device, non_blocking=True)
         targets = targets.to(experiment.device, non_blocking=True)
-        with precision.autocast():
+        with precision.training():
             loss, logs = training.step(images, targets, task)
         if not torch.isfinite(loss):
             raise TrainingError(f"task {task.index + 1} {phase.name}, epoch {epoch + 1}/{phase.epochs}, batch {batch + 1}: "
