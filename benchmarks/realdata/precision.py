@@ -3,6 +3,7 @@ forward: training, class statistics, evaluation).
 
     python benchmarks/realdata/precision.py
     python benchmarks/realdata/precision.py --reuse-finished   # after an interruption: keep a finished run
+    python benchmarks/realdata/precision.py --only bf16        # one precision again, the other's row kept
 
 The config is tuned/care.yaml (the settings chosen on validation images); seed 1993. Results go to
 results/realdata_precision.json and a section of BENCHMARKS.md.
@@ -23,6 +24,8 @@ import assets  # noqa: E402
 from run import finished, machine, train  # noqa: E402
 
 CONFIG = HERE / "tuned" / "care.yaml"
+RESULT = ROOT / "benchmarks" / "results" / "realdata_precision.json"
+PRECISIONS = ("fp32", "bf16")
 
 
 def run_precision(precision: str, cache: Path, overrides: list[str], threads: int | None, reuse: bool) -> dict:
@@ -51,18 +54,21 @@ def main() -> int:
     parser.add_argument("--reuse-finished", action="store_true",
                         help="keep a precision's run if it already finished in <cache>/runs_precision")
     parser.add_argument("--note", help="what else the machine ran meanwhile, printed beside the table")
+    parser.add_argument("--only", choices=PRECISIONS, help="run this precision alone, keeping the other's row")
     args = parser.parse_args()
     cache = assets.default_cache()
     weights, data_root = assets.build(cache)
     overrides = assets.data_overrides(CONFIG, cache, weights, data_root)
-    rows = []
-    for precision in ("fp32", "bf16"):
-        rows.append(run_precision(precision, cache, overrides, args.threads, args.reuse_finished))
-        print(f"[precision] {precision}: A_last {rows[-1]['a_last']:.2f}, {rows[-1]['wall_time_s'] / 60:.1f} min",
-              file=sys.stderr)
+    previous = json.loads(RESULT.read_text()) if args.only and RESULT.is_file() else {}
+    rows = {row["precision"]: row for row in previous.get("rows", [])}
+    note = args.note or previous.get("note")
+    for precision in [args.only] if args.only else PRECISIONS:
+        rows[precision] = run_precision(precision, cache, overrides, args.threads, args.reuse_finished)
+        print(f"[precision] {precision}: A_last {rows[precision]['a_last']:.2f}, "
+              f"{rows[precision]['wall_time_s'] / 60:.1f} min", file=sys.stderr)
         document = {"machine": machine(), "threads": args.threads, "config": str(CONFIG.relative_to(ROOT)),
-                    "rows": rows, **({"note": args.note} if args.note else {})}
-        (ROOT / "benchmarks" / "results" / "realdata_precision.json").write_text(json.dumps(document, indent=1))
+                    "rows": [rows[p] for p in PRECISIONS if p in rows], **({"note": note} if note else {})}
+        RESULT.write_text(json.dumps(document, indent=1))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report
 
