@@ -23,10 +23,10 @@ from carecl.config import (AdditionConfig, ConfigError, ExperimentConfig, apply_
 from carecl.data.additions import AdditionImages, refuse_known_classes, scan_addition
 from carecl.data.base import DatasetError, load_rgb_image
 from carecl.engine.experiment import Experiment
-from carecl.preprocessing import input_size
 from carecl.engine.run import resume_experiment
 from carecl.errors import CareclError
 from carecl.metrics import RunSummary
+from carecl.preprocessing import input_size
 from carecl.registry import METHODS
 from carecl.runs.directory import (CONFIG_FILE, RUN_PREFIX, RunClasses, RunDirectory, RunDirectoryError,
                                    resolve_run_paths)
