@@ -446,7 +446,8 @@ def recheck_section(data: dict | None) -> list[str]:
              f"{row['committed_wall_time_s'] / 60:.1f} → {row['rerun_wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
     lines += table(["config", "A_last committed", "A_last re-run", "largest curve difference (points)",
                     "same to two decimals", "wall time"], rows)
-    return lines + [f"Re-run on {data['machine']['cpu']}; the committed times may come from another machine.", ""]
+    lines += [f"- `{row['name']}`'s re-run: {row['note']}" for row in data["rows"] if row.get("note")]
+    return lines + ["", f"Re-run on {data['machine']['cpu']}; the committed times may come from another machine.", ""]
 
 
 def precision_section(data: dict | None) -> list[str]:

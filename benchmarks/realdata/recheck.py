@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("names", nargs="+", choices=sorted(CONFIGS))
     parser.add_argument("--cache", type=Path, default=assets.default_cache())
     parser.add_argument("--threads", type=int, help="torch threads per run (default: carecl's choice, the cores)")
+    parser.add_argument("--note", help="what else the machine ran meanwhile, kept with these configs' rows")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
     committed = {row["name"]: row for row in json.loads((RESULTS / "realdata.json").read_text())["rows"]}
@@ -44,7 +45,7 @@ def main() -> int:
     rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
     for name in args.names:
         rerun = run_config(name, args.cache, weights, data_root, runs="runs_recheck", threads=args.threads)
-        rows[name] = compare(committed[name], rerun)
+        rows[name] = {**compare(committed[name], rerun), **({"note": args.note} if args.note else {})}
         print(f"[recheck] {name}: A_last {rows[name]['committed_a_last']:.2f} -> {rows[name]['rerun_a_last']:.2f}, "
               f"largest curve difference {rows[name]['max_curve_difference']:.4f}", file=sys.stderr, flush=True)
         path.write_text(json.dumps({"machine": machine(), "threads": args.threads, "rows": [rows[n] for n in sorted(rows)]}, indent=1))
