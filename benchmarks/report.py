@@ -379,6 +379,11 @@ def realdata_tuned_section(tuned: dict | None, published: dict | None) -> list[s
                      f"{old['a_last']:.2f}" if old else "–"])
     lines += table(["method", "chosen on validation", "seeds", "A_last", "Ā", "forgetting",
                     "A_last, published settings"], rows)
+    waiting = sorted({path.stem for path in (common.ROOT / "benchmarks" / "realdata" / "tuned").glob("*.yaml")}
+                     - {row["name"] for row in tuned["rows"]})
+    if waiting:
+        lines += [f"Tuned, not run yet: {', '.join(f'`{name}`' for name in waiting)} (the table is being filled; "
+                  "docs/realdata.md section 6 says what is left).", ""]
     lines += ["Top-1 accuracy (%) after each task, seed 1993:", ""]
     lines += table(["method", *[str(t + 1) for t in range(10)]],
                    [[f"`{row['name']}`", *[f"{a:.1f}" for a in row["per_seed"][0]["top1_curve"]]] for row in tuned["rows"]])
