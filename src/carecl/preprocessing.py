@@ -21,4 +21,5 @@ def evaluation_transform(config: ExperimentConfig) -> Transform:
 
 def input_size(config: ExperimentConfig) -> int:
     """The side of the model's input images (the data's resolved image size)."""
-    return resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone)).image_size
+    resolved = resolve_preprocessing(canonical_dataset(config.data), config.data, backbone_preprocessing(config.backbone))
+    return resolved.image_size
