@@ -451,8 +451,9 @@ def recheck_section(data: dict | None) -> list[str]:
              f"{row['committed_wall_time_s'] / 60:.1f} → {row['rerun_wall_time_s'] / 60:.1f} min"] for row in data["rows"]]
     lines += table(["config", "A_last committed", "A_last re-run", "largest curve difference (points)",
                     "same to two decimals", "wall time"], rows)
-    lines += [f"- `{row['name']}`'s re-run: {row['note']}" for row in data["rows"] if row.get("note")]
-    return lines + ["", f"Re-run on {data['machine']['cpu']}; the committed times may come from another machine.", ""]
+    notes = [f"- `{row['name']}`'s re-run: {row['note']}" for row in data["rows"] if row.get("note")]
+    lines += [*notes, ""] if notes else []
+    return lines + [f"Re-run on {data['machine']['cpu']}; the committed times may come from another machine.", ""]
 
 
 def precision_section(data: dict | None) -> list[str]:
@@ -469,24 +470,28 @@ def precision_section(data: dict | None) -> list[str]:
     rows = [[row["precision"], f"{row['a_last']:.2f}", f"{row['average_accuracy']:.2f}",
              f"{row['wall_time_s'] / 60:.1f} min" + (" †" if row.get("tasks_only") else "")] for row in data["rows"]]
     lines += table(["precision", "A_last", "Ā", "wall time"], rows)
-    times = {row["precision"]: row["wall_time_s"] for row in data["rows"]}
-    if {"fp32", "bf16"} <= set(times):
-        a_last = {row["precision"]: row["a_last"] for row in data["rows"]}
-        tasks = {row["precision"]: row["task_wall_time_s"] for row in data["rows"]}
-        lines += [f"bf16 takes {times['bf16'] / times['fp32']:.2f}x the time of fp32 (task 1, mostly training: "
-                  f"{tasks['bf16'][0] / tasks['fp32'][0]:.2f}x; task {len(tasks['fp32'])}, mostly statistics and "
-                  f"evaluation over every seen class: {tasks['bf16'][-1] / tasks['fp32'][-1]:.2f}x); its A_last differs "
-                  f"by {a_last['bf16'] - a_last['fp32']:+.2f} points (the bound set for bf16: within 0.5).", ""]
-        if all("train_phase_s" in row for row in data["rows"]):
-            phases = {row["precision"]: row for row in data["rows"]}
-            train = sum(phases["bf16"]["train_phase_s"]) / sum(phases["fp32"]["train_phase_s"])
-            evaluation = (sum(phases["bf16"]["inference_ms_per_image"])
-                          / sum(phases["fp32"]["inference_ms_per_image"]))
-            lines += [f"By part: the training phases (with the class statistics and the classifier alignment that ends "
-                      f"each, which trains in fp32) take {train:.2f}x the time of fp32, summed over tasks; the "
-                      f"evaluation after each task {evaluation:.2f}x per test image.", ""]
+    by = {row["precision"]: row for row in data["rows"]}
+    if {"fp32", "bf16"} <= set(by):
+        lines += precision_ratio_lines(by["fp32"], by["bf16"])
     if any(row.get("tasks_only") for row in data["rows"]):
         lines += ["† kept from an interrupted batch: the sum of its tasks' times only.", ""]
+    return lines
+
+
+def precision_ratio_lines(fp32: dict, bf16: dict) -> list[str]:
+    """bf16's time as a multiple of fp32's (whole run, first and last task, and by part) and its A_last difference."""
+    def ratio(key: str, index: int | None = None) -> float:
+        low, full = bf16[key], fp32[key]
+        return low[index] / full[index] if index is not None else sum(low) / sum(full)
+
+    lines = [f"bf16 takes {bf16['wall_time_s'] / fp32['wall_time_s']:.2f}x the time of fp32 (task 1, mostly training: "
+             f"{ratio('task_wall_time_s', 0):.2f}x; task {len(fp32['task_wall_time_s'])}, mostly statistics and "
+             f"evaluation over every seen class: {ratio('task_wall_time_s', -1):.2f}x); its A_last differs by "
+             f"{bf16['a_last'] - fp32['a_last']:+.2f} points (the bound set for bf16: within 0.5).", ""]
+    if "train_phase_s" in fp32 and "train_phase_s" in bf16:
+        lines += [f"By part: the training phases (with the class statistics and the classifier alignment that ends "
+                  f"each, which trains in fp32) take {ratio('train_phase_s'):.2f}x the time of fp32, summed over "
+                  f"tasks; the evaluation after each task {ratio('inference_ms_per_image'):.2f}x per test image.", ""]
     return lines
 
 
