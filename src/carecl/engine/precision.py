@@ -75,7 +75,7 @@ class Precision:
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """Autocast for a training forward. bf16 on CPU also takes attention's math kernel: the fused CPU kernel's
-        bf16 backward is ~6x slower than its fp32 one (torch 2.14; CaRE's real-data step: 3.4 s vs 2.4 s)."""
+        bf16 backward is several times slower than its fp32 one (torch 2.14; BENCHMARKS.md's bf16/fp32 section)."""
         kernels = sdpa_kernel([SDPBackend.MATH]) if self.slow_fused_backward else contextlib.nullcontext()
         with self.autocast(), kernels:
             yield
