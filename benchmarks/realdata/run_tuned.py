@@ -4,6 +4,8 @@
     python benchmarks/realdata/run_tuned.py                   # every tuned method (hours on 2 CPU cores)
     python benchmarks/realdata/run_tuned.py --only care mos   # some rows, keeping the others
     python benchmarks/realdata/run_tuned.py --reuse-finished  # keep runs and seed groups that finished
+    python benchmarks/realdata/run_tuned.py --threads 1 --only fecam acil &   # two at a time on 2 cores: each
+    python benchmarks/realdata/run_tuned.py --threads 1 --only ranpac &       # row is merged into the latest file
 
 SimpleCIL has nothing to tune (class means of frozen features) and runs its own YAML. Seeds 1993, 1994 and 1995 for
 SEEDED and the best-tuned of L2P, DualPrompt and CODA-Prompt (by the validation value its tune chose); 1993 for the
@@ -24,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = RESULTS / "realdata_tuned"
+RESULTS_FILE = RESULTS / "realdata_tuned.json"
 sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
@@ -34,6 +37,12 @@ SEEDS = (1993, 1994, 1995)
 SEEDED = ("simplecil", "care", "ranpac", "fecam", "acil", "mos", "hide_prompt", "norga", "moal")
 PROMPTS = ("l2p", "dualprompt", "coda_prompt")
 ORDER = ("simplecil", *METHODS)
+
+
+def saved_rows() -> dict:
+    """The rows in the results file as it is now (read again before each write: another runner may have added one)."""
+    previous = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
+    return {entry["name"]: entry for entry in previous.get("rows", [])}
 
 
 def best_prompt() -> str | None:
@@ -59,16 +68,17 @@ def finished_group(output: Path, seeds: tuple[int, ...]) -> bool:
     return group.is_file() and sorted(json.loads(group.read_text()).get("finished", [])) == sorted(seeds)
 
 
-def run(name: str, seeds: tuple[int, ...], cache: Path, weights: Path, data_root: Path, reuse: bool) -> dict:
+def run(name: str, seeds: tuple[int, ...], cache: Path, weights: Path, data_root: Path, reuse: bool,
+        threads: int | None) -> dict:
     output = cache / "runs_tuned" / name
     config = config_of(name)
     wall = None
     if not (reuse and finished_group(output, seeds)):
         overrides = assets.data_overrides(config, cache, weights, data_root)
         if len(seeds) > 1:
-            wall = train(config, output, overrides, ("--seeds", ",".join(map(str, seeds))), tag="realdata-tuned")
+            wall = train(config, output, overrides, ("--seeds", ",".join(map(str, seeds))), threads, "realdata-tuned")
         else:
-            wall = train(config, output, [*overrides, f"seed={seeds[0]}"], tag="realdata-tuned")
+            wall = train(config, output, [*overrides, f"seed={seeds[0]}"], threads=threads, tag="realdata-tuned")
     return row(name, seeds, output, wall)
 
 
@@ -103,24 +113,23 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=assets.default_cache())
     parser.add_argument("--only", nargs="+", choices=ORDER)
     parser.add_argument("--reuse-finished", action="store_true")
+    parser.add_argument("--threads", type=int, help="train.threads of each run (1 when two runners share 2 cores)")
     args = parser.parse_args()
     weights, data_root = assets.build(args.cache)
     prompt = best_prompt()
     seeded = {*SEEDED, *([prompt] if prompt else [])}
-    path = RESULTS / "realdata_tuned.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    rows = {entry["name"]: entry for entry in previous.get("rows", [])}
     for name in args.only or ORDER:
         if not config_of(name).is_file():
             print(f"[realdata-tuned] {name}: no {config_of(name).relative_to(ROOT)} yet (run tune.py); skipped",
                   file=sys.stderr)
             continue
-        rows[name] = run(name, SEEDS if name in seeded else SEEDS[:1], args.cache, weights, data_root,
-                         args.reuse_finished)
+        entry = run(name, SEEDS if name in seeded else SEEDS[:1], args.cache, weights, data_root,
+                    args.reuse_finished, args.threads)
+        rows = {**saved_rows(), name: entry}
         document = {"machine": machine(), "protocol": "tuned on validation (tune.py), seeds as listed",
                     "rows": [rows[n] for n in ORDER if n in rows]}
-        path.write_text(json.dumps(document, indent=1))
-    write_report([entry["run_dirs"][0] for entry in rows.values()], FIGURES)
+        RESULTS_FILE.write_text(json.dumps(document, indent=1))
+    write_report([entry["run_dirs"][0] for entry in saved_rows().values()], FIGURES)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report
 
