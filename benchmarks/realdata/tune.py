@@ -6,7 +6,7 @@
 
 Protocol, identical for every method: `first-task` over the first TASKS tasks of the stream (seed 1993), scored on
 a validation split of 20 % of each class's training images, grid sampler, TRIALS trials. The space of each method
-(spaces/<method>.yaml): the learning rate on a log grid spanning its published value (8 values), or 4 such values
+(configs/spaces/<method>.yaml): the learning rate on a log grid spanning its published value (8 values), or 4 such values
 crossed with 2 values of the one method key that acts within those tasks; a method that does not train by gradient
 descent spends its trials on its own key. Each tune starts from the method's published settings
 (<method>.yaml here, or care_release.yaml for CaRE) and writes:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TUNED = HERE / "tuned"
-SPACES = HERE / "spaces"
+SPACES = HERE.parents[1] / "configs" / "spaces"
 sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
