@@ -119,6 +119,14 @@ def train(config: Path, output: Path, overrides: list[str], arguments: tuple[str
     return time.perf_counter() - started
 
 
+def resume(output: Path, threads: int | None = None, tag: str = "realdata") -> None:
+    """`carecl train --resume` of an interrupted run or seed group: its finished tasks and seeds are kept."""
+    command = [sys.executable, "-m", "carecl", "train", "--resume", str(output), "--set", "train.progress=false",
+               *thread_overrides(threads)]
+    print(f"[{tag}] {output.name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+
+
 def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False,
                runs: str = "runs", threads: int | None = None) -> dict:
     output = cache / runs / name

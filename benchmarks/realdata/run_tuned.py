@@ -3,7 +3,7 @@
 
     python benchmarks/realdata/run_tuned.py                   # every tuned method (hours on 2 CPU cores)
     python benchmarks/realdata/run_tuned.py --only care mos   # some rows, keeping the others
-    python benchmarks/realdata/run_tuned.py --reuse-finished  # keep runs and seed groups that finished
+    python benchmarks/realdata/run_tuned.py --reuse-finished  # keep finished runs and groups, resume interrupted ones
     python benchmarks/realdata/run_tuned.py --threads 1 --only fecam acil &   # two at a time on 2 cores: each
     python benchmarks/realdata/run_tuned.py --threads 1 --only ranpac &       # row is merged into the latest file
 
@@ -30,7 +30,7 @@ RESULTS_FILE = RESULTS / "realdata_tuned.json"
 sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
-from run import finished, machine, train, write_report  # noqa: E402
+from run import finished, machine, resume, train, write_report  # noqa: E402
 from tune import METHODS, TUNED  # noqa: E402
 
 SEEDS = (1993, 1994, 1995)
@@ -73,7 +73,9 @@ def run(name: str, seeds: tuple[int, ...], cache: Path, weights: Path, data_root
     output = cache / "runs_tuned" / name
     config = config_of(name)
     wall = None
-    if not (reuse and finished_group(output, seeds)):
+    if reuse and (output / "config.yaml").is_file() and not finished_group(output, seeds):
+        resume(output, threads, "realdata-tuned")  # an interrupted run or group: its finished tasks and seeds stay
+    elif not (reuse and finished_group(output, seeds)):
         overrides = assets.data_overrides(config, cache, weights, data_root)
         if len(seeds) > 1:
             wall = train(config, output, overrides, ("--seeds", ",".join(map(str, seeds))), threads, "realdata-tuned")
