@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -170,4 +171,4 @@ def test_every_shipped_search_space_fits_its_config():
     # The real-data benchmark gives every method the same budget: 8 grid points.
     for space in methods:
         grid = SearchSpace.read(space).grid()
-        assert len(grid) <= 2 and __import__("math").prod(len(values) for values in grid.values()) == 8, space
+        assert len(grid) <= 2 and math.prod(len(values) for values in grid.values()) == 8, space
