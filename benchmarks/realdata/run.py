@@ -110,21 +110,24 @@ def train(config: Path, output: Path, overrides: list[str], arguments: tuple[str
     """`carecl train` of a benchmark config into a fresh `output`, on this machine's assets; returns the wall time."""
     if output.exists():
         shutil.rmtree(output)
-    sets = [item for entry in [*overrides, "train.progress=false"] for item in ("--set", entry)]
-    command = [sys.executable, "-m", "carecl", "train", "--config", str(config), *sets, *arguments,
-               *thread_overrides(threads), "--output", str(output)]
-    print(f"[{tag}] {config.stem}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return time.perf_counter() - started
+    sets = [item for entry in overrides for item in ("--set", entry)]
+    return carecl_train(["--config", str(config), *sets, *arguments, "--output", str(output)], threads,
+                        f"[{tag}] {config.stem}")
 
 
 def resume(output: Path, threads: int | None = None, tag: str = "realdata") -> None:
     """`carecl train --resume` of an interrupted run or seed group: its finished tasks and seeds are kept."""
-    command = [sys.executable, "-m", "carecl", "train", "--resume", str(output), "--set", "train.progress=false",
+    carecl_train(["--resume", str(output)], threads, f"[{tag}] {output.name}")
+
+
+def carecl_train(arguments: list[str], threads: int | None, label: str) -> float:
+    """Run `carecl train` without progress bars (and with `threads` when given), logged as `label`; the wall time."""
+    command = [sys.executable, "-m", "carecl", "train", *arguments, "--set", "train.progress=false",
                *thread_overrides(threads)]
-    print(f"[{tag}] {output.name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    print(f"{label}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     subprocess.run(command, check=True)
+    return time.perf_counter() - started
 
 
 def run_config(name: str, cache: Path, weights: Path, data_root: Path, reuse_finished: bool = False,

@@ -71,17 +71,23 @@ def finished_group(output: Path, seeds: tuple[int, ...]) -> bool:
 def run(name: str, seeds: tuple[int, ...], cache: Path, weights: Path, data_root: Path, reuse: bool,
         threads: int | None) -> dict:
     output = cache / "runs_tuned" / name
-    config = config_of(name)
     wall = None
-    if reuse and (output / "config.yaml").is_file() and not finished_group(output, seeds):
-        resume(output, threads, "realdata-tuned")  # an interrupted run or group: its finished tasks and seeds stay
-    elif not (reuse and finished_group(output, seeds)):
-        overrides = assets.data_overrides(config, cache, weights, data_root)
-        if len(seeds) > 1:
-            wall = train(config, output, overrides, ("--seeds", ",".join(map(str, seeds))), threads, "realdata-tuned")
+    if not (reuse and finished_group(output, seeds)):
+        if reuse and (output / "config.yaml").is_file():
+            resume(output, threads, "realdata-tuned")  # an interrupted run or group: its finished tasks and seeds stay
         else:
-            wall = train(config, output, [*overrides, f"seed={seeds[0]}"], threads=threads, tag="realdata-tuned")
+            wall = start(name, seeds, output, cache, weights, data_root, threads)
     return row(name, seeds, output, wall)
+
+
+def start(name: str, seeds: tuple[int, ...], output: Path, cache: Path, weights: Path, data_root: Path,
+          threads: int | None) -> float:
+    """A fresh run (one seed) or seed group of the method's tuned config; returns its wall time."""
+    config = config_of(name)
+    overrides = assets.data_overrides(config, cache, weights, data_root)
+    if len(seeds) > 1:
+        return train(config, output, overrides, ("--seeds", ",".join(map(str, seeds))), threads, "realdata-tuned")
+    return train(config, output, [*overrides, f"seed={seeds[0]}"], threads=threads, tag="realdata-tuned")
 
 
 def row(name: str, seeds: tuple[int, ...], output: Path, wall: float | None) -> dict:
