@@ -11,8 +11,6 @@ from pathlib import Path
 
 import common
 
-ROOT = Path(__file__).resolve().parents[1]
-
 OUTPUT = common.ROOT / "BENCHMARKS.md"
 # Targets of issue 5.
 INFERENCE_TARGET = 1.3  # task-free forward at T=300 / plain frozen ViT forward, batch 32
@@ -345,7 +343,7 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
 
 def chosen_values(config: str) -> str:
     """The `# chosen: ...` line tune.py's best.yaml carries (empty for a config that was not tuned)."""
-    path = ROOT / config
+    path = common.ROOT / config
     for line in path.read_text().splitlines() if path.is_file() else []:
         if line.startswith("# chosen:"):
             return line.removeprefix("# chosen:").strip().replace("train.", "").replace("method.", "")
