@@ -125,16 +125,30 @@ def finished(study) -> list:
 
 
 def requeue_interrupted(study) -> int:
-    """Trials left running by a killed process: marked failed and queued again with their parameters, their run
-    directory to be resumed. Only for a tune no other process is working on."""
+    """Trials a stopped process left unfinished, queued again with their values and their run directory (to be
+    resumed): those still marked running (killed) and those marked failed (Ctrl-C, an error) whose values no other
+    trial has finished or holds; a failed grid point would otherwise count as visited and never run. Only for a tune
+    no other process is working on."""
     from optuna.trial import TrialState
 
-    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in interrupted:
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    settled = {values_of(trial) for trial in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING))}
+    requeued = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if values_of(trial) in settled:
+            continue
+        settled.add(values_of(trial))
         study.enqueue_trial(trial.params, user_attrs={RUN_DIR_ATTR: trial.user_attrs.get(RUN_DIR_ATTR)},
                             skip_if_exists=False)
-    return len(interrupted)
+        requeued += 1
+    return requeued
+
+
+def values_of(trial) -> tuple:
+    """A trial's values; a queued trial has none yet, only the ones it was queued with."""
+    return tuple(sorted((trial.params or trial.system_attrs.get("fixed_params", {})).items()))
 
 
 class Objective:
