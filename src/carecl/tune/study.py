@@ -137,9 +137,10 @@ def requeue_interrupted(study) -> int:
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING))}
     requeued = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if values_of(trial) in settled:
+        values = values_of(trial)
+        if values in settled:
             continue
-        settled.add(values_of(trial))
+        settled.add(values)
         study.enqueue_trial(trial.params, user_attrs={RUN_DIR_ATTR: trial.user_attrs.get(RUN_DIR_ATTR)},
                             skip_if_exists=False)
         requeued += 1
