@@ -235,3 +235,21 @@ def test_a_tie_goes_to_the_values_nearest_the_configs_own():
         study.add_trial(optuna.trial.create_trial(params={"train.lr": lr}, distributions={"train.lr": lrs}, value=value))
     assert best_trial(study, {"train": {"lr": 0.05}}).params == {"train.lr": 0.03}
     assert best_trial(study, {"train": {"lr": 0.002}}).params == {"train.lr": 0.003}
+
+
+def test_a_tolerance_widens_the_tie_towards_the_configs_own_values():
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from carecl.tune.outputs import best_trial
+
+    study = optuna.create_study(direction="maximize")
+    lrs = CategoricalDistribution(LRS)
+    for lr, value in ((0.1, 93.75), (0.01, 93.12), (0.003, 91.0)):
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": lr}, distributions={"train.lr": lrs}, value=value))
+    config = {"train": {"lr": 0.004}}
+    assert best_trial(study, config).params == {"train.lr": 0.1}
+    assert best_trial(study, config, tolerance=1.0).params == {"train.lr": 0.01}
+    assert best_trial(study, config, tolerance=3.0).params == {"train.lr": 0.003}
+    with pytest.raises(ConfigError, match=r"tune.tolerance must be >= 0"):
+        tiny_config(tune={"tolerance": -1})

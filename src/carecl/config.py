@@ -320,10 +320,14 @@ class TuneConfig:
     validation_fraction: float = 0.2
     # stream protocol: stop a trial whose validation accuracy after a task falls below the median of earlier trials'.
     prune: bool = True
+    # Trials scoring within this many points of the best count as tied with it (the tie goes to the values nearest
+    # the config's own): on a small validation split, a difference of an image or two is noise.
+    tolerance: float = 0.0
 
     def validate(self) -> None:
         require(self.tasks > 0, "tasks", f"must be positive, got {self.tasks}")
         require(self.trials > 0, "trials", f"must be positive, got {self.trials}")
+        require(self.tolerance >= 0, "tolerance", f"must be >= 0 (accuracy points), got {self.tolerance}")
         require(0.0 < self.validation_fraction < 1.0, "validation_fraction",
                 f"must be in (0, 1), got {self.validation_fraction}")
         require(self.protocol != "two-stream" or bool(self.stream), "stream",

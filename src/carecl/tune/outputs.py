@@ -35,7 +35,7 @@ PROTOCOLS = {
 
 def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any] | None = None) -> Path:
     """best.yaml, trials.csv, plots and tune.md for the study's best trial; returns best.yaml's path."""
-    best = best_trial(study, setup.config)
+    best = best_trial(study, setup.config, setup.tune.tolerance)
     config = chosen_config(setup.config, best.params)
     header = (f"# carecl tune {directory}: the best of {len(completed(study))} trial(s), trial {best.number}, "
               f"{metric_name(setup)} {best.value:.2f}\n# chosen: "
@@ -60,14 +60,15 @@ def completed(study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def best_trial(study, config: dict[str, Any] | None = None):
-    """The trial of the highest value; among equal values, the one whose values lie nearest the config's own (the
-    published ones), on a log scale for positive numbers: a tie is no evidence for moving away from them."""
+def best_trial(study, config: dict[str, Any] | None = None, tolerance: float = 0.0):
+    """The trial of the highest value; among the trials within `tolerance` of it, the one whose values lie nearest
+    the config's own (the published ones), on a log scale for positive numbers: a tie is no evidence for moving
+    away from them."""
     trials = [t for t in completed(study) if t.value is not None]
     if not trials:
         raise TuneError("no trial finished: nothing to choose (see the trials' log.txt under trials/)")
     top = max(t.value for t in trials)
-    tied = [t for t in trials if t.value == top]
+    tied = [t for t in trials if t.value >= top - tolerance]
     return min(tied, key=lambda t: (distance(t.params, config or {}), t.number))
 
 
@@ -138,7 +139,8 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
              f"- {len(finished)} of {budget(setup)} trials finished ({tune.sampler} sampler, seed {tune.seed}); the test set "
              "was never read by a trial (`eval.test_set: false`).",
              f"- best: trial {best.number}, {metric_name(setup)} **{best.value:.2f}** with "
-             + ", ".join(f"`{k}` = {format_value(v)}" for k, v in best.params.items()) + f" → [{BEST_FILE}]({BEST_FILE})",
+             + ", ".join(f"`{k}` = {format_value(v)}" for k, v in best.params.items()) + f" → [{BEST_FILE}]({BEST_FILE})"
+             + (f" (trials within {tune.tolerance:g} points of the top value counted as tied)" if tune.tolerance else ""),
              ""]
     if final is not None:
         lines += [f"Evaluation stream, chosen values, test set ([{FINAL_DIR}/]({FINAL_DIR})): A_last "
@@ -163,7 +165,7 @@ def run_final(setup: TuneSetup, directory: Path, study) -> dict[str, Any]:
     """two-stream: the chosen values run once on the evaluation stream (this config's, with its test set)."""
     from carecl.engine import resume_experiment, run_experiment
 
-    config = chosen_config(setup.config, best_trial(study, setup.config).params)
+    config = chosen_config(setup.config, best_trial(study, setup.config, setup.tune.tolerance).params)
     final = directory / FINAL_DIR
     summary_ = resume_experiment(final) if (final / "config.yaml").is_file() else run_experiment(config, final)
     return {"a_last": summary_.a_last, "average_accuracy": summary_.average_accuracy}
