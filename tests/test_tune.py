@@ -223,30 +223,30 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
     assert len({t["run_dir"] for t in trials}) == 4
 
 
-def test_a_tie_goes_to_the_values_nearest_the_configs_own():
+def scored_study(scores: dict[float, float]):
+    """A study whose finished trials scored `scores` (lr → value), in that order."""
     import optuna
     from optuna.distributions import CategoricalDistribution
 
-    from carecl.tune.outputs import best_trial
-
     study = optuna.create_study(direction="maximize")
     lrs = CategoricalDistribution(LRS)
-    for lr, value in ((0.003, 100.0), (0.1, 100.0), (0.03, 100.0), (0.01, 90.0)):
+    for lr, value in scores.items():
         study.add_trial(optuna.trial.create_trial(params={"train.lr": lr}, distributions={"train.lr": lrs}, value=value))
+    return study
+
+
+def test_a_tie_goes_to_the_values_nearest_the_configs_own():
+    from carecl.tune.outputs import best_trial
+
+    study = scored_study({0.003: 100.0, 0.1: 100.0, 0.03: 100.0, 0.01: 90.0})
     assert best_trial(study, {"train": {"lr": 0.05}}).params == {"train.lr": 0.03}
     assert best_trial(study, {"train": {"lr": 0.002}}).params == {"train.lr": 0.003}
 
 
 def test_a_tolerance_widens_the_tie_towards_the_configs_own_values():
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-
     from carecl.tune.outputs import best_trial
 
-    study = optuna.create_study(direction="maximize")
-    lrs = CategoricalDistribution(LRS)
-    for lr, value in ((0.1, 93.75), (0.01, 93.12), (0.003, 91.0)):
-        study.add_trial(optuna.trial.create_trial(params={"train.lr": lr}, distributions={"train.lr": lrs}, value=value))
+    study = scored_study({0.1: 93.75, 0.01: 93.12, 0.003: 91.0})
     config = {"train": {"lr": 0.004}}
     assert best_trial(study, config).params == {"train.lr": 0.1}
     assert best_trial(study, config, tolerance=1.0).params == {"train.lr": 0.01}

@@ -35,7 +35,7 @@ PROTOCOLS = {
 
 def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any] | None = None) -> Path:
     """best.yaml, trials.csv, plots and tune.md for the study's best trial; returns best.yaml's path."""
-    best = best_trial(study, setup.config, setup.tune.tolerance)
+    best = chosen_trial(setup, study)
     config = chosen_config(setup.config, best.params)
     header = (f"# carecl tune {directory}: the best of {len(completed(study))} trial(s), trial {best.number}, "
               f"{metric_name(setup)} {best.value:.2f}\n# chosen: "
@@ -58,6 +58,11 @@ def completed(study) -> list:
     from optuna.trial import TrialState
 
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def chosen_trial(setup: TuneSetup, study):
+    """The trial the tune chooses: one rule for best.yaml and the two-stream final run, so they cannot disagree."""
+    return best_trial(study, setup.config, setup.tune.tolerance)
 
 
 def best_trial(study, config: dict[str, Any] | None = None, tolerance: float = 0.0):
@@ -165,7 +170,7 @@ def run_final(setup: TuneSetup, directory: Path, study) -> dict[str, Any]:
     """two-stream: the chosen values run once on the evaluation stream (this config's, with its test set)."""
     from carecl.engine import resume_experiment, run_experiment
 
-    config = chosen_config(setup.config, best_trial(study, setup.config, setup.tune.tolerance).params)
+    config = chosen_config(setup.config, chosen_trial(setup, study).params)
     final = directory / FINAL_DIR
     summary_ = resume_experiment(final) if (final / "config.yaml").is_file() else run_experiment(config, final)
     return {"a_last": summary_.a_last, "average_accuracy": summary_.average_accuracy}
