@@ -372,11 +372,16 @@ def realdata_tuned_section(tuned: dict | None, published: dict | None) -> list[s
     rows = []
     for row in tuned["rows"]:
         old = before.get(row["name"]) or (before.get("care_release") if row["name"] == "care" else None)
-        rows.append([f"`{row['name']}`", chosen_values(row["config"]), str(len(row["seeds"])), plus_minus(row["a_last"]),
-                     plus_minus(row["average_accuracy"]), plus_minus(row["forgetting"]),
+        reused = " ‡" if row.get("published_run") else ""
+        rows.append([f"`{row['name']}`", chosen_values(row["config"]), f"{len(row['seeds'])}{reused}",
+                     plus_minus(row["a_last"]), plus_minus(row["average_accuracy"]), plus_minus(row["forgetting"]),
                      f"{old['a_last']:.2f}" if old else "–"])
     lines += table(["method", "chosen on validation", "seeds", "A_last", "Ā", "forgetting",
                     "A_last, published settings"], rows)
+    if any(row.get("published_run") for row in tuned["rows"]):
+        lines += ["‡ the tune chose the published values, so the tuned config trains exactly what the published-settings "
+                  "run trained (`run_tuned.py --reuse-published` compares the two configs, `tune`, threads and progress "
+                  "bars aside): that run is the row.", ""]
     waiting = sorted({path.stem for path in (common.ROOT / "benchmarks" / "realdata" / "tuned").glob("*.yaml")}
                      - {row["name"] for row in tuned["rows"]})
     if waiting:
