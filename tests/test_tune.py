@@ -236,7 +236,7 @@ def scored_study(scores: dict[float, float]):
 
 
 def test_a_tie_goes_to_the_values_nearest_the_configs_own():
-    from carecl.tune.outputs import best_trial
+    from carecl.tune.choice import best_trial
 
     study = scored_study({0.003: 100.0, 0.1: 100.0, 0.03: 100.0, 0.01: 90.0})
     assert best_trial(study, {"train": {"lr": 0.05}}).params == {"train.lr": 0.03}
@@ -244,7 +244,7 @@ def test_a_tie_goes_to_the_values_nearest_the_configs_own():
 
 
 def test_a_tolerance_widens_the_tie_towards_the_configs_own_values():
-    from carecl.tune.outputs import best_trial
+    from carecl.tune.choice import best_trial
 
     study = scored_study({0.1: 93.75, 0.01: 93.12, 0.003: 91.0})
     config = {"train": {"lr": 0.004}}
@@ -253,3 +253,14 @@ def test_a_tolerance_widens_the_tie_towards_the_configs_own_values():
     assert best_trial(study, config, tolerance=3.0).params == {"train.lr": 0.003}
     with pytest.raises(ConfigError, match=r"tune.tolerance must be >= 0"):
         tiny_config(tune={"tolerance": -1})
+
+
+def test_the_progress_line_names_the_trial_best_yaml_would_take(caplog):
+    from carecl.tune.study import ProgressLine, TuneSetup
+
+    study = scored_study({0.1: 93.75, 0.01: 93.12})
+    config = config_to_dict(tiny_config(train={"lr": 0.004}, tune={"tolerance": 1.0}))
+    setup = TuneSetup(config=config, space={"train.lr": LRS}, space_source="space.yaml", storage="", study_name="s")
+    with caplog.at_level("INFO", logger="carecl"):
+        ProgressLine(setup)(study, study.trials[-1])
+    assert "best 93.12 (trial 1)" in caplog.text  # Optuna's own best is trial 0 (93.75)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import yaml
 
 from carecl.config import config_to_dict
 from carecl.runs.files import atomic_write_bytes
+from carecl.tune.choice import best_trial, completed
 from carecl.tune.overrides import chosen_config
 from carecl.tune.study import RUN_DIR_ATTR, STOPPED_ATTR, TuneSetup, TuneError, budget, format_value
 
@@ -54,41 +54,12 @@ def metric_name(setup: TuneSetup) -> str:
     return f"validation {'A_last' if tune.metric == 'a_last' else 'Ā'}"
 
 
-def completed(study) -> list:
-    from optuna.trial import TrialState
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
 def chosen_trial(setup: TuneSetup, study):
-    """The trial the tune chooses: one rule for best.yaml and the two-stream final run, so they cannot disagree."""
-    return best_trial(study, setup.config, setup.tune.tolerance)
-
-
-def best_trial(study, config: dict[str, Any] | None = None, tolerance: float = 0.0):
-    """The trial of the highest value; among the trials within `tolerance` of it, the one whose values lie nearest
-    the config's own (the published ones), on a log scale for positive numbers: a tie is no evidence for moving
-    away from them."""
-    trials = [t for t in completed(study) if t.value is not None]
-    if not trials:
+    """The trial the tune chooses (choice.py's rule, with the config's values and `tune.tolerance`)."""
+    trial = best_trial(study, setup.config, setup.tune.tolerance)
+    if trial is None:
         raise TuneError("no trial finished: nothing to choose (see the trials' log.txt under trials/)")
-    top = max(t.value for t in trials)
-    tied = [t for t in trials if t.value >= top - tolerance]
-    return min(tied, key=lambda t: (distance(t.params, config or {}), t.number))
-
-
-def distance(values: dict[str, Any], config: dict[str, Any]) -> float:
-    """How far a trial's values are from the config's: summed |log ratio| of numbers, 1 for any other difference."""
-    total = 0.0
-    for key, value in values.items():
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(value, (int, float)) and isinstance(node, (int, float)) and value > 0 and node > 0:
-            total += abs(math.log(value / node))
-        elif value != node:
-            total += 1.0
-    return total
+    return trial
 
 
 def trials_csv(study, setup: TuneSetup) -> str:

@@ -32,6 +32,7 @@ from carecl.config import ConfigError, TuneConfig, config_from_dict
 from carecl.errors import CareclError
 from carecl.formatting import format_clock
 from carecl.runs.files import atomic_write_bytes
+from carecl.tune.choice import best_trial
 from carecl.tune.overrides import trial_config
 from carecl.tune.space import SearchSpace
 
@@ -229,11 +230,12 @@ def console_quiet() -> Iterator[None]:
 
 
 class ProgressLine:
-    """One log line per finished trial: its value and values, the best so far, and an ETA."""
+    """One log line per finished trial: its value and values, the trial best.yaml would take so far, and an ETA."""
 
-    def __init__(self, total: int, jobs: int) -> None:
-        self.total, self.jobs, self.started = total, jobs, time.perf_counter()
-        self.seen = 0
+    def __init__(self, setup: TuneSetup) -> None:
+        self.config, self.tolerance = setup.config, setup.tune.tolerance
+        self.total, self.jobs = budget(setup), setup.jobs
+        self.started, self.seen = time.perf_counter(), 0
 
     def __call__(self, study, trial) -> None:
         done = len(finished(study))
@@ -243,10 +245,8 @@ class ProgressLine:
         values = "  ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
         value = "pruned" if trial.value is None else f"{trial.value:.2f}"
         stopped = f" ({trial.user_attrs[STOPPED_ATTR]})" if STOPPED_ATTR in trial.user_attrs else ""
-        try:
-            best = f"best {study.best_value:.2f} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no finished trial yet"
+        chosen = best_trial(study, self.config, self.tolerance)
+        best = "no finished trial yet" if chosen is None else f"best {chosen.value:.2f} (trial {chosen.number})"
         log.info("trial %d (%d/%d)  %s%s  %s  %s  ETA %s", trial.number, done, self.total, value, stopped, values,
                  best, format_clock(eta))
 
@@ -261,7 +261,7 @@ def work(setup: TuneSetup, directory: Path, threads: int | None = None) -> None:
     from optuna.trial import TrialState
 
     study = open_study(setup, create=False)
-    total, objective, line = budget(setup), Objective(setup, directory, threads), ProgressLine(budget(setup), setup.jobs)
+    total, objective, line = budget(setup), Objective(setup, directory, threads), ProgressLine(setup)
     while True:
         taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
