@@ -122,6 +122,8 @@ def test_a_stream_tune_scores_the_whole_stream_on_validation_and_prunes(tmp_path
         if trial["state"] == "complete":
             assert float(trial["value"]) == pytest.approx(metrics["summary"]["average_accuracy"])
             assert len(metrics["tasks"]) == 3
+            per_task = [float(v) for v in trial["per_task"].split()]
+            assert per_task == pytest.approx(metrics["tasks"][-1]["group_accuracy"], abs=0.005)
 
 
 def test_a_two_stream_tune_searches_one_stream_then_runs_the_choice_on_the_other(tmp_path):
@@ -253,6 +255,29 @@ def test_a_tolerance_widens_the_tie_towards_the_configs_own_values():
     assert best_trial(study, config, tolerance=3.0).params == {"train.lr": 0.003}
     with pytest.raises(ConfigError, match=r"tune.tolerance must be >= 0"):
         tiny_config(tune={"tolerance": -1})
+
+
+def test_a_chosen_trial_that_already_loses_a_task_is_warned_about():
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from carecl.tune.outputs import summary, weak_task_warning
+    from carecl.tune.study import PER_TASK_ATTR, TuneSetup
+
+    def trial(per_task):
+        lrs = {"train.lr": CategoricalDistribution(LRS)}
+        return optuna.trial.create_trial(params={"train.lr": 0.01}, distributions=lrs,
+                                         value=sum(per_task) / len(per_task), user_attrs={PER_TASK_ATTR: per_task})
+
+    assert weak_task_warning(trial([94.0, 98.75])) is None
+    warning = weak_task_warning(trial([65.0, 38.75]))
+    assert "38.75 % on task 2's validation images after learning 2 task(s)" in warning
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial([65.0, 38.75]))
+    setup = TuneSetup(config=config_to_dict(tiny_config()), space={"train.lr": LRS}, space_source="space.yaml",
+                      storage="", study_name="s")
+    text = summary(setup, Path("."), study, study.trials[0], [], None)
+    assert "per task at the end: 65.00 38.75" in text and f"**warning**: {warning}" in text
 
 
 def test_the_progress_line_names_the_trial_best_yaml_would_take(caplog):

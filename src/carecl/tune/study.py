@@ -43,6 +43,7 @@ STUDY_FILE = "study.db"
 TRIALS_DIR = "trials"
 RUN_DIR_ATTR = "run_dir"
 STOPPED_ATTR = "stopped"
+PER_TASK_ATTR = "validation_per_task"
 
 
 class TuneError(CareclError):
@@ -185,6 +186,7 @@ class Objective:
         except TrainingError as error:  # a diverged loss is an outcome of these values, the worst one
             trial.set_user_attr(STOPPED_ATTR, str(error).splitlines()[0])
             return 0.0
+        trial.set_user_attr(PER_TASK_ATTR, per_task_accuracy(summary))
         return self.score(summary)
 
     @staticmethod
@@ -213,6 +215,14 @@ class Objective:
                 raise optuna.TrialPruned(f"validation accuracy {latest.top1:.2f} after task {latest.task + 1}")
 
         return report
+
+
+def per_task_accuracy(summary) -> list[float]:
+    """Each learned task's validation accuracy at the trial's last evaluation: a task already lost shows here."""
+    if not summary.matrix:
+        return []
+    learned = summary.matrix[-1][:summary.evaluated_tasks[-1] + 1]
+    return [round(float(value), 2) for value in learned if math.isfinite(value)]
 
 
 @contextlib.contextmanager
