@@ -270,8 +270,9 @@ def test_a_chosen_trial_that_already_loses_a_task_is_warned_about():
                                          value=sum(per_task) / len(per_task), user_attrs={PER_TASK_ATTR: per_task})
 
     assert weak_task_warning(trial([94.0, 98.75])) is None
+    assert weak_task_warning(trial([64.0])) is None  # one task: nothing left behind yet
     warning = weak_task_warning(trial([65.0, 38.75]))
-    assert "38.75 % on task 2's validation images after learning 2 task(s)" in warning
+    assert "38.75 % on task 2's validation images after learning 2 tasks" in warning
     study = optuna.create_study(direction="maximize")
     study.add_trial(trial([65.0, 38.75]))
     setup = TuneSetup(config=config_to_dict(tiny_config()), space={"train.lr": LRS}, space_source="space.yaml",

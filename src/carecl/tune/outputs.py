@@ -54,14 +54,14 @@ def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any
 
 
 def weak_task_warning(trial) -> str | None:
-    """Said when the chosen trial already scores a task below WEAK_TASK on validation."""
+    """Said when the chosen trial learned two tasks or more and already scores one below WEAK_TASK on validation."""
     per_task = trial.user_attrs.get(PER_TASK_ATTR) or []
-    if not per_task or min(per_task) >= WEAK_TASK:
+    if len(per_task) < 2 or min(per_task) >= WEAK_TASK:
         return None
     weakest = min(range(len(per_task)), key=per_task.__getitem__)
     return (f"the chosen trial scores {per_task[weakest]:.2f} % on task {weakest + 1}'s validation images after "
-            f"learning {len(per_task)} task(s) (below {WEAK_TASK:g} %): the best values of this space "
-            "already lose a task, and over a longer stream the method is likely to lose more (docs/tuning.md)")
+            f"learning {len(per_task)} tasks (below {WEAK_TASK:g} %): the best values of this space already leave a "
+            "task behind, and over a longer stream the method is likely to leave more (docs/tuning.md)")
 
 
 def metric_name(setup: TuneSetup) -> str:
