@@ -67,6 +67,21 @@ def test_a_space_reads_choices_and_ranges_and_names_the_key_at_fault(tmp_path):
             SearchSpace.from_mapping(bad, "s")
 
 
+def test_the_auto_sampler_is_a_grid_only_for_choices_that_fit_in_the_trials():
+    space = SearchSpace.from_mapping({"train.lr": LRS, "train.epochs": [1, 2, 3, 4, 5]}, "space.yaml")
+    assert space.sampler_for(20) == "grid" and space.sampler_for(19) == "tpe"
+    assert SearchSpace.from_mapping({"train.lr": {"low": 1e-3, "high": 0.1}}, "s").sampler_for(100) == "tpe"
+
+
+def test_a_tune_on_a_list_of_choices_runs_each_once_by_default(tmp_path):
+    config, space = tiny_files(tmp_path)  # 4 choices, tune.trials 16: TPE would draw them again and again
+    output = tmp_path / "tune"
+    assert main(["tune", "--config", str(config), "--space", str(space), "--output", str(output)]) == 0
+    assert sorted(float(t["train.lr"]) for t in rows(output) if t["state"] == "complete") == sorted(LRS)
+    assert "(grid sampler, seed 0)" in (output / "tune.md").read_text()
+    assert load_config(output / "best.yaml").tune.sampler == "grid"
+
+
 def test_a_trial_evaluates_validation_images_only_and_best_yaml_is_the_plain_config():
     base = config_to_dict(tiny_config())
     config = trial_config(base, {"train.lr": 0.01}, max_tasks=1)

@@ -310,8 +310,9 @@ class TuneConfig:
     tasks: int = 1
     trials: int = 16
     metric: Literal["a_last", "average"] = "a_last"
-    # tpe: Optuna's TPE sampler seeded by `seed`; grid: every combination of the space's choices (at most `trials`).
-    sampler: Literal["tpe", "grid"] = "tpe"
+    # tpe: Optuna's TPE sampler seeded by `seed`; grid: every combination of the space's choices (at most `trials`);
+    # auto: grid when every key is a list of choices and their combinations fit in `trials`, else tpe.
+    sampler: Literal["auto", "tpe", "grid"] = "auto"
     seed: int = 0
     # two-stream: the overrides (key=value, as --set takes them) that turn this config's stream into the tuning
     # stream, e.g. ["data.class_order=[...]"] or another dataset.

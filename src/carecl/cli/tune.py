@@ -22,7 +22,9 @@ def add_command(subparsers: Any) -> None:
                         help="dotted config keys -> a list of choices or {low, high[, log][, step]}")
     parser.add_argument("--protocol", choices=PROTOCOLS, help="tune.protocol (default: first-task)")
     parser.add_argument("--trials", type=int, metavar="N", help="tune.trials: trials to finish (default 16)")
-    parser.add_argument("--sampler", choices=("tpe", "grid"), help="tune.sampler (default tpe)")
+    parser.add_argument("--sampler", choices=("auto", "tpe", "grid"),
+                        help="tune.sampler (default auto: grid when every key is a list of choices whose combinations "
+                             "fit in the trials, else tpe)")
     parser.add_argument("--output", type=Path, metavar="DIR", help="the tune directory (created)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue a stopped tune; finished trials are kept")
     parser.add_argument("--jobs", type=int, metavar="N", help="trials run in parallel, one process each (default 1)")
@@ -82,7 +84,10 @@ def new_setup(args: argparse.Namespace):
 
         raise CareclError(f"seed is a list {config.seed}: a tune searches with one seed (set seed: N)")
     space = SearchSpace.read(args.space)
-    setup = TuneSetup(config=config_to_dict(config), space={p.key: parameter_document(p) for p in space.parameters},
+    document = config_to_dict(config)
+    if config.tune.sampler == "auto":  # resolved once: tune.json, tune.md and best.yaml name the sampler that ran
+        document["tune"]["sampler"] = space.sampler_for(config.tune.trials)
+    setup = TuneSetup(config=document, space={p.key: parameter_document(p) for p in space.parameters},
                       space_source=str(args.space), storage=args.storage or sqlite_storage(args.output),
                       study_name=args.study or args.output.resolve().name, jobs=args.jobs or 1)
     check_setup(setup)

@@ -11,6 +11,7 @@ or a value the config refuses is an error naming SPACE.yaml and the key before a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,13 @@ class SearchSpace:
             raise ConfigError(f"{self.source}: the grid sampler needs a list of choices for every key; "
                               f"{', '.join(ranges)} {'is a range' if len(ranges) == 1 else 'are ranges'}")
         return {p.key: list(p.choices) for p in self.parameters}
+
+    def sampler_for(self, trials: int) -> str:
+        """tune.sampler `auto`: every combination once when they all fit in the budget (TPE would draw the same
+        choices again and again), else TPE."""
+        if any(p.choices is None for p in self.parameters):
+            return "tpe"
+        return "grid" if math.prod(len(p.choices) for p in self.parameters) <= trials else "tpe"
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         return {p.key: p.suggest(trial) for p in self.parameters}
