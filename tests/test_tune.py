@@ -296,6 +296,27 @@ def test_a_chosen_trial_that_already_loses_a_task_is_warned_about():
     assert "per task at the end: 65.00 38.75" in text and f"**warning**: {warning}" in text
 
 
+def test_a_chosen_value_at_the_end_of_its_space_is_warned_about():
+    from carecl.tune.outputs import summary
+    from carecl.tune.study import TuneSetup
+
+    space = SearchSpace.from_mapping({"train.lr": LRS, "train.epochs": [1, 2],
+                                      "method.alignment.lr": {"low": 1e-4, "high": 0.1, "log": True}}, "s")
+    assert space.ends_reached({"train.lr": 0.003, "train.epochs": 1, "method.alignment.lr": 0.095}) == [
+        "train.lr = 0.003 is the lowest of its choices", "method.alignment.lr = 0.095 is at the high end of its range"]
+    assert space.ends_reached({"train.lr": 0.1, "train.epochs": 2, "method.alignment.lr": 0.0001}) == [
+        "train.lr = 0.1 is the highest of its choices", "method.alignment.lr = 0.0001 is at the low end of its range"]
+    # Inside the space (two choices have no inside; 0.003 is mid-range on the log scale): nothing to say.
+    assert space.ends_reached({"train.lr": 0.01, "train.epochs": 2, "method.alignment.lr": 0.003}) == []
+    setup = TuneSetup(config=config_to_dict(tiny_config()), space={"train.lr": LRS}, space_source="space.yaml",
+                      storage="", study_name="s")
+    for lr, warned in ((0.003, True), (0.03, False)):
+        study = scored_study({lr: 90.0})
+        text = summary(setup, Path("."), study, study.trials[0], [], None)
+        assert (f"**warning**: the chosen train.lr = {lr} is the lowest of its choices: values beyond it were not "
+                "tried" in text) == warned, text
+
+
 def test_the_progress_line_names_the_trial_best_yaml_would_take(caplog):
     from carecl.tune.study import ProgressLine, TuneSetup
 

@@ -15,7 +15,8 @@ from carecl.config import config_to_dict
 from carecl.runs.files import atomic_write_bytes
 from carecl.tune.choice import best_trial, completed
 from carecl.tune.overrides import chosen_config
-from carecl.tune.study import PER_TASK_ATTR, RUN_DIR_ATTR, STOPPED_ATTR, TuneSetup, TuneError, budget, format_value
+from carecl.tune.space import format_value
+from carecl.tune.study import PER_TASK_ATTR, RUN_DIR_ATTR, STOPPED_ATTR, TuneSetup, TuneError, budget
 
 log = logging.getLogger("carecl")
 
@@ -47,8 +48,7 @@ def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any
     atomic_write_bytes(directory / TRIALS_CSV, trials_csv(study, setup).encode())
     plots = write_plots(study, directory / PLOTS_DIR, setup.search_space().keys)
     atomic_write_bytes(directory / SUMMARY_FILE, summary(setup, directory, study, best, plots, final).encode())
-    warning = weak_task_warning(best)
-    if warning:
+    for warning in filter(None, (weak_task_warning(best), edge_warning(setup, best))):
         log.warning("tune: %s", warning)
     return directory / BEST_FILE
 
@@ -62,6 +62,15 @@ def weak_task_warning(trial) -> str | None:
     return (f"the chosen trial scores {per_task[weakest]:.2f} % on task {weakest + 1}'s validation images after "
             f"learning {len(per_task)} tasks (below {WEAK_TASK:g} %): the best values of this space already leave a "
             "task behind, and over a longer stream the method is likely to leave more (docs/tuning.md)")
+
+
+def edge_warning(setup: TuneSetup, trial) -> str | None:
+    """Said when a chosen value is the end of its space: values beyond it were never tried."""
+    ends = setup.search_space().ends_reached(trial.params)
+    if not ends:
+        return None
+    return (f"the chosen {'; '.join(ends)}: values beyond {'it' if len(ends) == 1 else 'them'} were not tried, and a "
+            "space reaching further may do better (docs/tuning.md)")
 
 
 def metric_name(setup: TuneSetup) -> str:
@@ -139,7 +148,7 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
              f"- best: trial {best.number}, {metric_name(setup)} **{best.value:.2f}** with "
              + ", ".join(f"`{k}` = {format_value(v)}" for k, v in best.params.items()) + f" → [{BEST_FILE}]({BEST_FILE})"
              + (f" (trials within {tune.tolerance:g} points of the top value counted as tied)" if tune.tolerance else ""),
-             *chosen_trial_lines(best), ""]
+             *chosen_trial_lines(setup, best), ""]
     if final is not None:
         lines += [f"Evaluation stream, chosen values, test set ([{FINAL_DIR}/]({FINAL_DIR})): A_last "
                   f"{final['a_last']:.2f}, Ā {final['average_accuracy']:.2f}.", ""]
@@ -160,10 +169,10 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
     return "\n".join(lines) + "\n"
 
 
-def chosen_trial_lines(best) -> list[str]:
-    per_task, warning = per_task_text(best), weak_task_warning(best)
-    return ([f"- its validation accuracy per task at the end: {per_task}"] if per_task else []) + (
-        [f"- **warning**: {warning}."] if warning else [])
+def chosen_trial_lines(setup: TuneSetup, best) -> list[str]:
+    per_task, warnings = per_task_text(best), filter(None, (weak_task_warning(best), edge_warning(setup, best)))
+    return ([f"- its validation accuracy per task at the end: {per_task}"] if per_task else []) + [
+        f"- **warning**: {warning}." for warning in warnings]
 
 
 def run_final(setup: TuneSetup, directory: Path, study) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from carecl.config import ConfigError, ConfigLoader, config_from_dict
 from carecl.tune.overrides import with_values
 
 RANGE_KEYS = {"low", "high", "log", "step"}
+# A chosen value this close to a range's bound (as a fraction of its width) counts as at the end of the range.
+EDGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,18 @@ class Parameter:
         """The values whose config must build: every choice, or both bounds."""
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
+    def end_reached(self, value: Any) -> str | None:
+        """"low" or "high" when `value` is the end of this numeric parameter's space (the lowest or highest of three
+        or more choices, or within EDGE of a range's bound; log ranges measured on the log scale), else None."""
+        if self.choices is not None:
+            numbers = sorted({c for c in self.choices if is_number(c)})
+            if len(numbers) < 3 or len(numbers) != len(self.choices) or not is_number(value):
+                return None
+            return "low" if value == numbers[0] else "high" if value == numbers[-1] else None
+        scale = math.log if self.log else float
+        position = (scale(value) - scale(self.low)) / (scale(self.high) - scale(self.low))
+        return "low" if position <= EDGE else "high" if position >= 1 - EDGE else None
+
     def suggest(self, trial: Any) -> Any:
         """This parameter's value for an Optuna trial."""
         if self.choices is not None:
@@ -49,6 +63,14 @@ class Parameter:
         if self.is_int:
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,17 @@ class SearchSpace:
             raise ConfigError(f"{self.source}: the grid sampler needs a list of choices for every key; "
                               f"{', '.join(ranges)} {'is a range' if len(ranges) == 1 else 'are ranges'}")
         return {p.key: list(p.choices) for p in self.parameters}
+
+    def ends_reached(self, params: dict[str, Any]) -> list[str]:
+        """For each chosen value at the end of its space: `key = value is the lowest/highest ...` (values beyond it
+        were never tried, so the best one may lie there)."""
+        said = []
+        for p in self.parameters:
+            end = p.end_reached(params[p.key]) if p.key in params else None
+            if end is not None:
+                where = (f"the {end}est of its choices" if p.choices else f"at the {end} end of its range")
+                said.append(f"{p.key} = {format_value(params[p.key])} is {where}")
+        return said
 
     def sampler_for(self, trials: int) -> str:
         """tune.sampler `auto`: every combination once when they all fit in the budget (TPE would draw the same

@@ -34,7 +34,7 @@ from carecl.formatting import format_clock
 from carecl.runs.files import atomic_write_bytes
 from carecl.tune.choice import best_trial
 from carecl.tune.overrides import trial_config
-from carecl.tune.space import SearchSpace
+from carecl.tune.space import SearchSpace, format_value
 
 log = logging.getLogger("carecl")
 
@@ -259,10 +259,6 @@ class ProgressLine:
         best = "no finished trial yet" if chosen is None else f"best {chosen.value:.2f} (trial {chosen.number})"
         log.info("trial %d (%d/%d)  %s%s  %s  %s  ETA %s", trial.number, done, self.total, value, stopped, values,
                  best, format_clock(eta))
-
-
-def format_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def work(setup: TuneSetup, directory: Path, threads: int | None = None) -> None:
