@@ -82,6 +82,24 @@ def test_a_tune_on_a_list_of_choices_runs_each_once_by_default(tmp_path):
     assert load_config(output / "best.yaml").tune.sampler == "grid"
 
 
+def test_a_tpe_trial_that_draws_finished_values_again_takes_their_score_without_training(tmp_path):
+    config, space = tiny_files(tmp_path)
+    write(space, {"train.lr": [0.01, 0.03]})  # 4 TPE trials on 2 choices: repeats are certain
+    output = tmp_path / "tune"
+    assert main(["tune", "--config", str(config), "--space", str(space), "--sampler", "tpe", "--trials", "4",
+                 "--output", str(output)]) == 0
+    trials = [t for t in rows(output) if t["state"] == "complete"]
+    firsts = {t["train.lr"]: t for t in trials if not t["repeat_of"]}
+    repeats = [t for t in trials if t["repeat_of"]]
+    assert len(trials) == 4 and len(firsts) == len({t["train.lr"] for t in trials}) and repeats
+    for t in repeats:
+        first = firsts[t["train.lr"]]
+        assert t["repeat_of"] == first["trial"] and (t["value"], t["run_dir"]) == (first["value"], first["run_dir"])
+    assert sorted(path.name for path in (output / "trials").iterdir()) == sorted(
+        Path(t["run_dir"]).name for t in firsts.values())  # nothing trained twice
+    assert f"repeats trial {repeats[0]['repeat_of']}: not trained again" in (output / "tune.md").read_text()
+
+
 def test_a_trial_evaluates_validation_images_only_and_best_yaml_is_the_plain_config():
     base = config_to_dict(tiny_config())
     config = trial_config(base, {"train.lr": 0.01}, max_tasks=1)

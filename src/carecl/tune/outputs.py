@@ -16,7 +16,7 @@ from carecl.runs.files import atomic_write_bytes
 from carecl.tune.choice import best_trial, completed
 from carecl.tune.overrides import chosen_config
 from carecl.tune.space import format_value
-from carecl.tune.study import PER_TASK_ATTR, RUN_DIR_ATTR, STOPPED_ATTR, TuneSetup, TuneError, budget
+from carecl.tune.study import PER_TASK_ATTR, REPEAT_ATTR, RUN_DIR_ATTR, STOPPED_ATTR, TuneSetup, TuneError, budget
 
 log = logging.getLogger("carecl")
 
@@ -92,14 +92,15 @@ def trials_csv(study, setup: TuneSetup) -> str:
     keys = setup.search_space().keys
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial", "state", "value", *keys, "per_task", "seconds", "stopped", RUN_DIR_ATTR])
+    writer.writerow(["trial", "state", "value", *keys, "per_task", "seconds", "stopped", REPEAT_ATTR, RUN_DIR_ATTR])
     for trial in study.get_trials(deepcopy=False):
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else ""
         writer.writerow([trial.number, trial.state.name.lower(), "" if trial.value is None else f"{trial.value:.4f}",
                          *(trial.params.get(k, "") for k in keys), per_task_text(trial),
                          f"{seconds:.1f}" if seconds != "" else "",
-                         trial.user_attrs.get(STOPPED_ATTR, ""), trial.user_attrs.get(RUN_DIR_ATTR, "")])
+                         trial.user_attrs.get(STOPPED_ATTR, ""), trial.user_attrs.get(REPEAT_ATTR, ""),
+                         trial.user_attrs.get(RUN_DIR_ATTR, "")])
     return buffer.getvalue()
 
 
@@ -157,7 +158,7 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
               "|---:|---|---:|" + "---|" * len(keys) + "---|"]
     for trial in study.get_trials(deepcopy=False):
         value = "" if trial.value is None else f"{trial.value:.2f}"
-        note = f" ({trial.user_attrs[STOPPED_ATTR]})" if STOPPED_ATTR in trial.user_attrs else ""
+        note = "".join(f" ({text})" for text in trial_notes(trial))
         values = " | ".join(format_value(trial.params.get(k, "")) for k in keys)
         state = f"{trial.state.name.lower()}{note}"
         lines.append(f"| {trial.number} | {state} | {value} | {values} | {per_task_text(trial)} |")
@@ -167,6 +168,12 @@ def summary(setup: TuneSetup, directory: Path, study, best, plots: list[Path], f
     lines += ["", *(f"![{path.stem}]({path.relative_to(directory).as_posix()})" for path in plots),
               "", f"Trials: [{TRIALS_CSV}]({TRIALS_CSV}); each trial's run directory is listed there."]
     return "\n".join(lines) + "\n"
+
+
+def trial_notes(trial) -> list[str]:
+    attrs = trial.user_attrs
+    return ([f"repeats trial {attrs[REPEAT_ATTR]}: not trained again"] if REPEAT_ATTR in attrs else []) + (
+        [attrs[STOPPED_ATTR]] if STOPPED_ATTR in attrs else [])
 
 
 def chosen_trial_lines(setup: TuneSetup, best) -> list[str]:

@@ -44,6 +44,7 @@ TRIALS_DIR = "trials"
 RUN_DIR_ATTR = "run_dir"
 STOPPED_ATTR = "stopped"
 PER_TASK_ATTR = "validation_per_task"
+REPEAT_ATTR = "repeat_of"
 
 
 class TuneError(CareclError):
@@ -175,6 +176,9 @@ class Objective:
         from carecl.engine.loop import TrainingError
 
         values = self.space.suggest(trial)
+        twin = finished_twin(trial, values)
+        if twin is not None:  # the same values, seed and protocol would train the same run again
+            return repeat(trial, twin)
         config = self.config(values)
         earlier = trial.user_attrs.get(RUN_DIR_ATTR)
         run_dir = Path(earlier) if earlier else self.directory / TRIALS_DIR / f"trial-{trial.number:04d}"
@@ -215,6 +219,23 @@ class Objective:
                 raise optuna.TrialPruned(f"validation accuracy {latest.top1:.2f} after task {latest.task + 1}")
 
         return report
+
+
+def finished_twin(trial, values: dict[str, Any]):
+    """A completed trial of the study that had exactly these values (TPE may draw a list's choices again)."""
+    from optuna.trial import TrialState
+
+    twins = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params == values]
+    return twins[0] if twins else None
+
+
+def repeat(trial, twin) -> float:
+    """The trial takes its twin's score, run directory and per-task accuracies instead of training again."""
+    for key in (RUN_DIR_ATTR, PER_TASK_ATTR, STOPPED_ATTR):
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    trial.set_user_attr(REPEAT_ATTR, twin.number)
+    return twin.value
 
 
 def per_task_accuracy(summary) -> list[float]:
