@@ -124,7 +124,7 @@ def test_a_first_task_tune_on_the_demo_picks_the_lr_a_direct_evaluation_finds_be
     demo, space = ROOT / "configs" / "demo.yaml", write(tmp_path / "space.yaml", {"train.lr": LRS})
     output = tmp_path / "tune"
     assert main(["tune", "--config", str(demo), "--space", str(space), "--sampler", "grid", "--set", "train.epochs=2",
-                 "--output", str(output)]) == 0
+                 "--set", "tune.tasks=1", "--output", str(output)]) == 0
     direct = {lr: validation_accuracy_of_first_task(demo, lr) for lr in LRS}
     assert len(set(direct.values())) > 1, "the learning rates should give different accuracies on the demo"
     best_lr = max(LRS, key=lambda lr: (direct[lr], -LRS.index(lr)))

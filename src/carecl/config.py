@@ -307,7 +307,8 @@ class TuneConfig:
     # whole stream, scored by validation `metric`, pruned on per-task validation accuracy; two-stream: trials run on
     # the tuning stream `stream`, then the chosen values run once on this config's stream, with its test set.
     protocol: Literal["first-task", "stream", "two-stream"] = "first-task"
-    tasks: int = 1
+    # Two: the fewest tasks in which a trial can already leave one behind (what outputs.weak_task_warning looks for).
+    tasks: int = 2
     trials: int = 16
     metric: Literal["a_last", "average"] = "a_last"
     # tpe: Optuna's TPE sampler seeded by `seed`; grid: every combination of the space's choices (at most `trials`);
