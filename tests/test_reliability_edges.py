@@ -4,8 +4,6 @@ real source of a value and commands that work, output other tools can parse."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
