@@ -48,7 +48,7 @@ def write_outputs(setup: TuneSetup, directory: Path, study, final: dict[str, Any
     atomic_write_bytes(directory / TRIALS_CSV, trials_csv(study, setup).encode())
     plots = write_plots(study, directory / PLOTS_DIR, setup.search_space().keys)
     atomic_write_bytes(directory / SUMMARY_FILE, summary(setup, directory, study, best, plots, final).encode())
-    for warning in filter(None, (weak_task_warning(best), edge_warning(setup, best))):
+    for warning in chosen_warnings(setup, best):
         log.warning("tune: %s", warning)
     return directory / BEST_FILE
 
@@ -62,6 +62,11 @@ def weak_task_warning(trial) -> str | None:
     return (f"the chosen trial scores {per_task[weakest]:.2f} % on task {weakest + 1}'s validation images after "
             f"learning {len(per_task)} tasks (below {WEAK_TASK:g} %): the best values of this space already leave a "
             "task behind, and over a longer stream the method is likely to leave more (docs/tuning.md)")
+
+
+def chosen_warnings(setup: TuneSetup, trial) -> list[str]:
+    """What the console and tune.md say about the chosen trial before the long run."""
+    return [warning for warning in (weak_task_warning(trial), edge_warning(setup, trial)) if warning]
 
 
 def edge_warning(setup: TuneSetup, trial) -> str | None:
@@ -177,9 +182,9 @@ def trial_notes(trial) -> list[str]:
 
 
 def chosen_trial_lines(setup: TuneSetup, best) -> list[str]:
-    per_task, warnings = per_task_text(best), filter(None, (weak_task_warning(best), edge_warning(setup, best)))
+    per_task = per_task_text(best)
     return ([f"- its validation accuracy per task at the end: {per_task}"] if per_task else []) + [
-        f"- **warning**: {warning}." for warning in warnings]
+        f"- **warning**: {warning}." for warning in chosen_warnings(setup, best)]
 
 
 def run_final(setup: TuneSetup, directory: Path, study) -> dict[str, Any]:

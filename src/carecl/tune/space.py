@@ -45,8 +45,8 @@ class Parameter:
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
     def end_reached(self, value: Any) -> str | None:
-        """"low" or "high" when `value` is the end of this numeric parameter's space (the lowest or highest of three
-        or more choices, or within EDGE of a range's bound; log ranges measured on the log scale), else None."""
+        """Which end of this numeric parameter's space `value` is, "low" or "high" (the lowest or highest of three or
+        more choices, or within EDGE of a range's bound; log ranges measured on the log scale); None inside it."""
         if self.choices is not None:
             numbers = sorted({c for c in self.choices if is_number(c)})
             if len(numbers) < 3 or len(numbers) != len(self.choices) or not is_number(value):
@@ -108,6 +108,10 @@ class SearchSpace:
                               f"{', '.join(ranges)} {'is a range' if len(ranges) == 1 else 'are ranges'}")
         return {p.key: list(p.choices) for p in self.parameters}
 
+    def grid_size(self) -> int:
+        """How many combinations the grid sampler has (an error naming the ranges, as grid(), if some key is one)."""
+        return math.prod(len(values) for values in self.grid().values())
+
     def ends_reached(self, params: dict[str, Any]) -> list[str]:
         """For each chosen value at the end of its space: `key = value is the lowest/highest ...` (values beyond it
         were never tried, so the best one may lie there)."""
@@ -124,7 +128,7 @@ class SearchSpace:
         choices again and again), else TPE."""
         if any(p.choices is None for p in self.parameters):
             return "tpe"
-        return "grid" if math.prod(len(p.choices) for p in self.parameters) <= trials else "tpe"
+        return "grid" if self.grid_size() <= trials else "tpe"
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         return {p.key: p.suggest(trial) for p in self.parameters}

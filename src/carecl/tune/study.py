@@ -117,7 +117,7 @@ def budget(setup: TuneSetup) -> int:
     """Trials to finish: tune.trials, or the grid's size when that is smaller."""
     trials = setup.tune.trials
     if setup.tune.sampler == "grid":
-        trials = min(trials, math.prod(len(values) for values in setup.search_space().grid().values()))
+        trials = min(trials, setup.search_space().grid_size())
     return trials
 
 
